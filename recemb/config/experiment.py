@@ -1,0 +1,189 @@
+"""Experiment configs: model, embedding, train and cluster blocks over a dataset.
+
+An experiment YAML names a ``dataset_id`` (resolved to ``configs/datasets/<id>.yaml``)
+and may name a ``base`` YAML it overrides; command-line ``key.sub=value`` overrides
+come last. Variant- and model-specific settings live in ``params`` mappings that
+are checked against the variant's or model's own dataclass when it is built.
+
+Example:
+    >>> cfg = load_experiment("configs/experiments/deepfm_synthetic_ctr.yaml",
+    ...                       ["train.epochs=2"])                    # doctest: +SKIP
+    >>> cfg.expid                                                    # doctest: +SKIP
+    'deepfm_synthetic_ctr'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from recemb.config.loader import deep_merge, from_dict, parse_overrides, read_yaml, to_dict
+from recemb.data.schema import DatasetConfig, dataset_from_dict
+from recemb.errors import ConfigError
+
+ShardingType = Literal["auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
+SparseOptimizer = Literal["exact_rowwise_adagrad", "exact_adagrad", "exact_sgd", "adam"]
+
+
+@dataclass
+class EmbeddingGroup:
+    """A per-feature-group override of the embedding block (e.g. huge id fields)."""
+
+    features: list[str]
+    kind: str | None = None
+    dim: int | None = None
+    budget: float | None = None
+    sharding: ShardingType | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingConfig:
+    """Which embedding variant the sparse features use, and how it is trained.
+
+    ``budget`` is a fraction of the full tables' bytes (<= 1) or absolute bytes
+    (> 1); ``params`` are the variant's own settings; ``groups`` override all of
+    this for named features.
+    """
+
+    kind: str = "full"
+    dim: int = 16
+    budget: float | None = None
+    sharding: ShardingType = "auto"
+    optimizer: SparseOptimizer = "exact_rowwise_adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    init_std: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    groups: list[EmbeddingGroup] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ValueError("embedding dim must be >= 1")
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError("embedding budget must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """The interaction architecture by name (``lr``, ``fm``, ``deepfm``, ``dcnv2``,
+    ``dlrm``, ``wdl``) and its own ``params`` (checked against the model's dataclass)."""
+
+    name: str = "deepfm"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Training loop settings. ``monitor`` weights metrics for early stopping
+    (``{auc: 1, logloss: -1}`` means higher AUC and lower logloss are better)."""
+
+    epochs: int = 1
+    batch_size: int = 4096
+    eval_batch_size: int = 16384
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.0
+    clip_grad_norm: float = 0.0
+    eval_every_steps: int = 0
+    monitor: dict[str, float] = field(default_factory=lambda: {"auc": 1.0})
+    patience: int = 2
+    max_steps: int = 0
+    shuffle_rows: int = 1 << 18
+    seed: int = 0
+    output_dir: str = "runs"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+
+
+@dataclass
+class ClusterConfig:
+    """Where training runs: Ray address (empty = local), workers, tracking store."""
+
+    workers: int = 1
+    cpus_per_worker: float = 0.5
+    address: str = ""
+    storage_path: str = ""
+    mlflow_uri: str = ""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    max_failures: int = 1
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: dataset, model, embedding, train, cluster."""
+
+    dataset_id: str
+    dataset: DatasetConfig | None = None
+    data_dir: str = ""
+    expid: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if not self.expid:
+            suffix = "" if self.embedding.kind == "full" else f"_{self.embedding.kind}"
+            self.expid = f"{self.model.name}_{self.dataset_id}{suffix}"
+        if not self.data_dir and self.dataset is not None:
+            self.data_dir = self.dataset.output
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the resolved config saved next to every output)."""
+        return to_dict(self)
+
+
+def _configs_root(path: Path) -> Path:
+    """The ``configs/`` folder an experiment file lives under (for dataset lookup)."""
+    for parent in path.resolve().parents:
+        if parent.name == "configs":
+            return parent
+    return Path("configs").resolve()
+
+
+def _read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' expects a path string")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    return deep_merge(_read_with_base(base_path, (*seen, path.resolve())), data)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment YAML with its ``base`` chain, dataset block and overrides.
+
+    The dataset block comes from ``configs/datasets/<dataset_id>.yaml`` unless the
+    experiment has an inline ``dataset`` mapping; the experiment's ``dataset`` keys
+    override the file's.
+    """
+    path = Path(path)
+    data = _read_with_base(path)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    where = str(path)
+    dataset_id = data.get("dataset_id")
+    if not isinstance(dataset_id, str):
+        raise ConfigError(f"{where}: missing 'dataset_id' (a name under configs/datasets/)")
+    ds_file = _configs_root(path) / "datasets" / f"{dataset_id}.yaml"
+    ds_data: dict[str, Any] = read_yaml(ds_file) if ds_file.is_file() else {}
+    inline = data.pop("dataset", None) or {}
+    if not isinstance(inline, dict):
+        raise ConfigError(f"{where}: 'dataset' expects a mapping")
+    ds_data = deep_merge(ds_data, inline)
+    if ds_data:
+        ds_data.setdefault("dataset_id", dataset_id)
+        data["dataset"] = dataset_from_dict(ds_data, where=str(ds_file) if ds_file.is_file() else where)
+    elif not data.get("data_dir"):
+        raise ConfigError(f"{where}: no dataset file {ds_file} and no 'data_dir' given")
+    return from_dict(ExperimentConfig, data, where=where)

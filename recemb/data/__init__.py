@@ -1,0 +1,1 @@
+"""Data layer: schema, readers, preparation, synthetic generators, batches."""

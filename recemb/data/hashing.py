@@ -1,0 +1,119 @@
+"""Seeded, vectorised 64-bit hashing of strings and row indices (never Python's ``hash()``).
+
+Hashed features, the per-row split draw and the vocabulary lookup all use these
+functions, so ids are identical across processes, machines and Python versions.
+The exact formulas are part of the prepared-data contract (serving re-applies them).
+
+Example:
+    >>> import pyarrow as pa
+    >>> hash_buckets(pa.array(["a", None]), seed=0, buckets=10).tolist()[1]
+    0
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_LEN_SALT = 0x5851F42D4C957F2D
+_ROW_SALT = 0x2545F4914F6CDD1D
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser of a uint64 array (wrapping arithmetic, a bijection).
+
+    Example:
+        >>> int(mix64(np.array([0], dtype=np.uint64))[0]) == 0xE220A8397B1DCDAF
+        True
+    """
+    with np.errstate(over="ignore"):
+        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def _seed_key(seed: int, salt: int) -> np.uint64:
+    return np.uint64(int(mix64(np.array([(seed ^ salt) & _MASK64], dtype=np.uint64))[0]))
+
+
+def _string_buffers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (int64, length n+1) and the data bytes of a string/binary array."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type):
+        off_type = np.int64
+    elif pa.types.is_string(values.type) or pa.types.is_binary(values.type):
+        off_type = np.int32
+    else:
+        raise TypeError(f"hash_strings expects a string or binary array, got {values.type}")
+    bufs = values.buffers()
+    n = len(values)
+    offsets = np.frombuffer(bufs[1], dtype=off_type)[values.offset : values.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data
+
+
+def hash_strings(values: pa.Array, seed: int) -> np.ndarray:
+    """64-bit seeded hash of each UTF-8 string (``uint64``; null hashes like ``""``).
+
+    Each byte ``b`` at position ``i`` contributes ``mix64((i << 8 | b) ^ key)``; the sum
+    (mod 2**64) is mixed again with the length. Vectorised over all bytes at once.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> h = hash_strings(pa.array(["x", "x"]), seed=1)
+        >>> bool(h[0] == h[1])
+        True
+    """
+    offsets, data = _string_buffers(values)
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    key = _seed_key(seed, 0)
+    sums = np.zeros(n, dtype=np.uint64)
+    nonempty = np.flatnonzero(lengths > 0)
+    if len(nonempty):
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        flat = data[lo:hi].astype(np.uint64)
+        starts = offsets[:-1] - lo
+        pos = np.arange(hi - lo, dtype=np.int64) - np.repeat(starts, lengths)
+        terms = mix64(((pos.astype(np.uint64) << np.uint64(8)) | flat) ^ key)
+        sums[nonempty] = np.add.reduceat(terms, starts[nonempty])
+    len_key = _seed_key(seed, _LEN_SALT)
+    return mix64(sums ^ mix64(lengths.astype(np.uint64) ^ len_key))
+
+
+def hash_buckets(values: pa.Array, seed: int, buckets: int) -> np.ndarray:
+    """Ids of hashed values in ``[0, buckets)``: null -> 0, a value -> ``1 + h % (buckets - 1)``.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> ids = hash_buckets(pa.array(["a", "b", None]), seed=0, buckets=1000)
+        >>> ids.dtype, int(ids[2])
+        (dtype('int64'), 0)
+    """
+    if buckets < 2:
+        raise ValueError(f"hash_buckets must be >= 2 (id 0 is kept for missing), got {buckets}")
+    h = hash_strings(values, seed)
+    ids = (h % np.uint64(buckets - 1)).astype(np.int64) + 1
+    if values.null_count:
+        ids[np.asarray(values.is_null())] = 0
+    return ids
+
+
+def row_uniform(file_index: int, lines: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform in ``[0, 1)`` per row, from a seeded hash of (file index, line number).
+
+    Example:
+        >>> u = row_uniform(0, np.array([1, 2, 3]), seed=7)
+        >>> bool(((u >= 0) & (u < 1)).all())
+        True
+    """
+    key = _seed_key(seed, _ROW_SALT)
+    x = (np.uint64(file_index) << np.uint64(40)) | np.asarray(lines, dtype=np.uint64)
+    h = mix64(mix64(x ^ key))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

@@ -1,0 +1,259 @@
+"""Feature specs, dataset configs and the ``feature_map.json`` contract.
+
+``DatasetConfig`` (from a dataset YAML) says how to read and transform raw files;
+``FeatureMap`` (written by ``recemb prepare``) says what the prepared Parquet holds.
+Training reads only the feature map, never the raw-data config.
+
+Example:
+    >>> spec = FeatureSpec(name="C1", kind="sparse", min_count=5)
+    >>> spec.source
+    'C1'
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from recemb.config.loader import from_dict, read_yaml, to_dict
+from recemb.errors import ConfigError, DataError
+from recemb.io import write_json_atomic
+
+FEATURE_MAP_VERSION = 1
+FeatureKind = Literal["dense", "sparse", "multihot"]
+SourceFormat = Literal["criteo", "avazu", "csv", "parquet", "events"]
+
+
+@dataclass
+class FeatureSpec:
+    """How one input column becomes one model feature.
+
+    Sparse and multi-hot features get a vocabulary (values seen fewer than
+    ``min_count`` times in the training split share the OOV id 0) or, with
+    ``hash_buckets > 0``, a seeded hash into that many buckets. Dense features are
+    filled, optionally log-transformed (``log(1 + max(x, 0))``) and standardised,
+    or with ``bucketize > 0`` turned into a categorical of that many quantile bins.
+    """
+
+    name: str
+    kind: FeatureKind
+    column: str | None = None
+    min_count: int = 1
+    hash_buckets: int = 0
+    separator: str = "|"
+    max_len: int = 0
+    fill: float = 0.0
+    log: bool = False
+    standardize: bool = False
+    bucketize: int = 0
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1:
+            raise ValueError(f"feature '{self.name}': min_count must be >= 1")
+        if self.hash_buckets < 0 or self.bucketize < 0 or self.max_len < 0:
+            raise ValueError(f"feature '{self.name}': hash_buckets, bucketize, max_len must be >= 0")
+        if self.kind == "dense" and self.hash_buckets:
+            raise ValueError(f"feature '{self.name}': hash_buckets applies to sparse features only")
+
+    @property
+    def source(self) -> str:
+        """Input column this feature is read from."""
+        return self.column or self.name
+
+    @property
+    def is_categorical(self) -> bool:
+        """True when the prepared feature is ids (sparse, multi-hot, or bucketised dense)."""
+        return self.kind != "dense" or self.bucketize > 0
+
+
+@dataclass
+class SplitSpec:
+    """Train/validation/test split by ratio (seeded per row) or by a time column."""
+
+    train: float = 0.8
+    valid: float = 0.1
+    test: float = 0.1
+    time_column: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        parts = (self.train, self.valid, self.test)
+        if min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
+            raise ValueError(f"split ratios must be >= 0 and sum to 1, got {parts}")
+
+
+@dataclass
+class DatasetConfig:
+    """A raw dataset: where its files are, how to parse them, which features to make.
+
+    ``paths`` are files or glob patterns, relative to the current directory.
+    ``column_names`` names the columns of a CSV without header (Criteo's are fixed).
+    For ``events``, ``count_column`` holds how many times each row occurred.
+    """
+
+    dataset_id: str
+    format: SourceFormat
+    paths: list[str]
+    features: list[FeatureSpec]
+    label: str | None = "label"
+    delimiter: str = ","
+    header: bool = True
+    column_names: list[str] | None = None
+    count_column: str | None = None
+    split: SplitSpec = field(default_factory=SplitSpec)
+    output: str = ""
+    shard_rows: int = 262_144
+    block_bytes: int = 16 << 20
+    max_reject_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate feature name '{dupes[0]}'")
+        if not self.features:
+            raise ValueError("a dataset needs at least one feature")
+        if self.shard_rows < 1 or self.block_bytes < 1024:
+            raise ValueError("shard_rows must be >= 1 and block_bytes >= 1024")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError("max_reject_fraction must be in [0, 1]")
+        if not self.output:
+            self.output = f"data/{self.dataset_id}"
+
+
+def _expand_features(raw: list[Any], where: str) -> list[Any]:
+    """Expand entries with ``names: [a, b, ...]`` into one entry per name."""
+    out: list[Any] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, dict) and "names" in item:
+            if "name" in item:
+                raise ConfigError(f"{where}: features[{i}] has both 'name' and 'names'")
+            names = item["names"]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"{where}: features[{i}].names expects a list of str")
+            rest = {k: v for k, v in item.items() if k != "names"}
+            out.extend({"name": n, **rest} for n in names)
+        else:
+            out.append(item)
+    return out
+
+
+def dataset_from_dict(data: dict[str, Any], where: str = "<dataset>") -> DatasetConfig:
+    """Build a ``DatasetConfig`` from plain data (``names:`` lists expanded)."""
+    data = dict(data)
+    if isinstance(data.get("features"), list):
+        data["features"] = _expand_features(data["features"], where)
+    return from_dict(DatasetConfig, data, where=where)
+
+
+def load_dataset_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DatasetConfig:
+    """Read a dataset YAML (optionally merged with overrides) into a ``DatasetConfig``."""
+    from recemb.config.loader import deep_merge
+
+    data = read_yaml(path)
+    if overrides:
+        data = deep_merge(data, overrides)
+    return dataset_from_dict(data, where=str(path))
+
+
+@dataclass
+class FeatureInfo:
+    """One prepared feature as the feature map records it.
+
+    ``num_embeddings`` is the id range of a categorical feature (ids are in
+    ``[0, num_embeddings)``; id ``oov_id`` collects rare and unseen values).
+    Dense features keep their fitted ``mean``/``std`` and fill value;
+    bucketised ones their ``boundaries``.
+    """
+
+    name: str
+    kind: FeatureKind
+    source: str
+    num_embeddings: int = 0
+    oov_id: int = 0
+    hash_buckets: int = 0
+    hash_seed: int = 0
+    min_count: int = 1
+    vocab_file: str | None = None
+    max_len: int = 0
+    separator: str = "|"
+    fill: float = 0.0
+    log: bool = False
+    mean: float = 0.0
+    std: float = 1.0
+    boundaries: list[float] | None = None
+    group: str | None = None
+    cardinality: int = 0
+
+    @property
+    def is_categorical(self) -> bool:
+        """True when the prepared column holds ids."""
+        return self.num_embeddings > 0
+
+
+@dataclass
+class FeatureMap:
+    """The contract between ``prepare`` and ``train``: what each Parquet column means.
+
+    ``dense_features`` and ``sparse_features`` give the column order used for
+    ``Batch.dense`` and the keys of ``Batch.sparse``. ``shards`` maps each split to
+    its Parquet files (relative to the feature map's folder); ``rows`` to its row count.
+
+    Example:
+        >>> fm = FeatureMap.load("data/synthetic_ctr/feature_map.json")  # doctest: +SKIP
+        >>> fm.sparse_features[:2]                                        # doctest: +SKIP
+        ['C1', 'C2']
+    """
+
+    dataset_id: str
+    label: str | None
+    features: list[FeatureInfo]
+    shards: dict[str, list[str]] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    count_column: str | None = None
+    version: int = FEATURE_MAP_VERSION
+
+    @property
+    def dense_features(self) -> list[str]:
+        """Names of the float columns, in ``Batch.dense`` order."""
+        return [f.name for f in self.features if not f.is_categorical]
+
+    @property
+    def sparse_features(self) -> list[str]:
+        """Names of the id columns, in ``Batch.sparse`` key order."""
+        return [f.name for f in self.features if f.is_categorical]
+
+    def feature(self, name: str) -> FeatureInfo:
+        """The ``FeatureInfo`` called ``name`` (``KeyError`` naming the known ones)."""
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no feature '{name}' (known: {', '.join(f.name for f in self.features)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return to_dict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``feature_map.json`` atomically."""
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureMap:
+        """Read a feature map; refuses a newer format version than this code knows."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "feature_map.json"
+        if not path.is_file():
+            raise DataError(f"{path}: feature map not found (run `recemb prepare` first)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON: {exc}") from None
+        version = data.get("version", 0)
+        if version > FEATURE_MAP_VERSION:
+            raise DataError(f"{path}: feature map version {version} is newer than this recemb reads")
+        return from_dict(cls, data, where=str(path))

@@ -1,0 +1,1 @@
+"""Embedding layers: one interface (id transform, physical tables, combiner), one file per variant."""

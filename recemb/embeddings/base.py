@@ -1,0 +1,236 @@
+"""The one embedding-layer interface every variant implements.
+
+A variant is (1) an ``IdTransform`` from logical ids to ids in physical tables,
+(2) physical tables as torchrec ``EmbeddingBagConfig``s (so the planner shards them
+and FBGEMM runs them), (3) a ``Combiner`` from physical lookups to one pooled
+vector per logical feature. Variants that are not tables subclass
+``EmbeddingLayer`` directly and keep the same forward contract.
+
+Example:
+    >>> layer = build_embedding_layer(fm, EmbeddingConfig(kind="full", dim=16))  # doctest: +SKIP
+    >>> kt = layer(batch.sparse)          # KeyedTensor, one [B, d] block per feature
+    >>> layer.stack(kt).shape             # [B, F, d] when all dims agree
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+BYTES_PER_FLOAT = 4
+
+
+class IdTransform(nn.Module, abc.ABC):
+    """Pure, deterministic map from a KJT of logical ids to a KJT over physical tables.
+
+    Subclasses hold their parameters (seeds, moduli, remap arrays) as plain
+    attributes or buffers and describe them in ``to_manifest`` so an export can
+    reproduce the map without this code's training stack.
+    """
+
+    @abc.abstractmethod
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Return the physical-id KJT (keys are the physical tables' feature names)."""
+
+    @abc.abstractmethod
+    def to_manifest(self) -> dict[str, Any]:
+        """JSON-serialisable description (kind and parameters) of this transform."""
+
+
+class IdentityTransform(IdTransform):
+    """Logical ids are physical ids (the ``full`` variant)."""
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return kjt
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"kind": "identity"}
+
+
+class Combiner(nn.Module):
+    """From physical lookups to one vector per logical feature; identity by default."""
+
+    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+        return pooled
+
+
+def in_order(pooled: KeyedTensor, features: list[str]) -> KeyedTensor:
+    """``pooled`` with its keys in ``features`` order.
+
+    A sharded collection returns its features grouped by sharding (table-wise
+    tables of rank 0 first, ...), not in config order; models rely on the order.
+    """
+    if pooled.keys() == features:
+        return pooled
+    parts = pooled.to_dict()
+    return KeyedTensor.from_tensor_list(features, [parts[f] for f in features])
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Parameter bytes of a layer next to the full-table baseline at the same dims."""
+
+    achieved: int
+    full: int
+
+    @property
+    def ratio(self) -> float:
+        """achieved / full (1.0 for the full variant)."""
+        return self.achieved / self.full if self.full else float("nan")
+
+
+class EmbeddingLayer(nn.Module, abc.ABC):
+    """Sparse features in (KJT of logical ids), one pooled vector per feature out.
+
+    ``features`` is the logical feature order of the output; ``dims`` each
+    feature's output width. ``full_rows`` maps each feature to its logical id
+    range, the baseline for ``bytes()``.
+    """
+
+    features: list[str]
+    dims: dict[str, int]
+    full_rows: dict[str, int]
+
+    @abc.abstractmethod
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings keyed by logical feature, in ``self.features`` order."""
+
+    def parameter_bytes(self) -> int:
+        """Bytes of every parameter and buffer this layer holds (its storage)."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())
+        total += sum(b.numel() * b.element_size() for b in self.buffers())
+        return total
+
+    def full_bytes(self) -> int:
+        """Bytes of the uncompressed baseline: one fp32 row per logical id at ``dims``."""
+        return sum(self.full_rows[f] * self.dims[f] * BYTES_PER_FLOAT for f in self.features)
+
+    def bytes(self) -> LayerBytes:
+        """Achieved bytes and the full-table baseline."""
+        return LayerBytes(achieved=self.parameter_bytes(), full=self.full_bytes())
+
+    def stack(self, pooled: KeyedTensor) -> torch.Tensor:
+        """``[B, F, d]`` view of the output; all features must share one dim."""
+        dims = {self.dims[f] for f in self.features}
+        if len(dims) != 1:
+            raise ValueError(f"features have different dims {sorted(dims)}: ask the layer to project")
+        return pooled.values().view(-1, len(self.features), dims.pop())
+
+
+def table_parameter_bytes(tables: list[EmbeddingBagConfig]) -> int:
+    """fp32 bytes of a list of physical tables (works on meta/sharded modules too)."""
+    return sum(t.num_embeddings * t.embedding_dim * BYTES_PER_FLOAT for t in tables)
+
+
+class TableEmbeddingLayer(EmbeddingLayer):
+    """Transform -> torchrec ``EmbeddingBagCollection`` -> combiner.
+
+    This is the shape of every table-backed variant. The collection is an
+    ordinary torchrec module, so ``DistributedModelParallel`` shards it and swaps
+    in FBGEMM's fused kernels; the transform and combiner stay dense modules.
+    Bytes are computed from the table configs, so they are right on the meta
+    device and after sharding as well.
+    """
+
+    def __init__(
+        self,
+        features: list[str],
+        dims: dict[str, int],
+        full_rows: dict[str, int],
+        tables: list[EmbeddingBagConfig],
+        transform: IdTransform | None = None,
+        combiner: Combiner | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.features = list(features)
+        self.dims = dict(dims)
+        self.full_rows = dict(full_rows)
+        self.tables = list(tables)
+        self.transform = transform or IdentityTransform()
+        self.ebc = EmbeddingBagCollection(tables=self.tables, device=device)
+        self.combiner = combiner or Combiner()
+        self._identity = isinstance(self.transform, IdentityTransform)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
+        physical = kjt if self._identity else self.transform(kjt)
+        return in_order(self.combiner(self.ebc(physical)), self.features)
+
+    def parameter_bytes(self) -> int:
+        dense = sum(p.numel() * p.element_size() for p in self.combiner.parameters())
+        dense += sum(b.numel() * b.element_size() for b in self.transform.buffers())
+        return table_parameter_bytes(self.tables) + dense
+
+
+class ProjectedLayer(EmbeddingLayer):
+    """Wraps any layer and projects each feature whose dim differs to ``dim``.
+
+    Models that need one common dim (FM, DLRM's dot interaction) get it this way
+    from variants with per-feature dims; the projections count in ``bytes()``.
+
+    Example:
+        >>> layer = ProjectedLayer(mixed_dim_layer, dim=16)   # doctest: +SKIP
+    """
+
+    def __init__(self, inner: EmbeddingLayer, dim: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.features = list(inner.features)
+        self.dims = {f: dim for f in self.features}
+        self.full_rows = dict(inner.full_rows)
+        self.proj = nn.ModuleDict(
+            {f: nn.Linear(inner.dims[f], dim, bias=False) for f in self.features if inner.dims[f] != dim}
+        )
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = self.inner(kjt)
+        if not self.proj:
+            return pooled
+        parts = pooled.to_dict()
+        out = [self.proj[f](parts[f]) if f in self.proj else parts[f] for f in self.features]
+        return KeyedTensor.from_tensor_list(self.features, out)
+
+    def parameter_bytes(self) -> int:
+        return self.inner.parameter_bytes() + sum(p.numel() * p.element_size() for p in self.proj.parameters())
+
+    def full_bytes(self) -> int:
+        return self.inner.full_bytes()
+
+
+class GroupedEmbeddingLayer(EmbeddingLayer):
+    """Several layers, each over its own features (per-group variants), as one layer."""
+
+    def __init__(self, layers: dict[str, EmbeddingLayer], features: list[str]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict(layers)
+        self.features = list(features)
+        self.dims = {f: d for layer in layers.values() for f, d in layer.dims.items()}
+        self.full_rows = {f: r for layer in layers.values() for f, r in layer.full_rows.items()}
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
+        keys = kjt.keys()
+        index = {k: i for i, k in enumerate(keys)}
+        pooled: list[KeyedTensor] = []
+        for layer in self.layers.values():
+            sub = kjt.permute([index[f] for f in layer.features])
+            pooled.append(layer(sub))
+        values = torch.cat([p.values() for p in pooled], dim=1)
+        out = KeyedTensor(
+            keys=[k for p in pooled for k in p.keys()],
+            length_per_key=[n for p in pooled for n in p.length_per_key()],
+            values=values,
+        )
+        return in_order(out, self.features)
+
+    def parameter_bytes(self) -> int:
+        return sum(layer.parameter_bytes() for layer in self.layers.values())
+
+    def full_bytes(self) -> int:
+        return sum(layer.full_bytes() for layer in self.layers.values())

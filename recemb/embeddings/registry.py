@@ -1,0 +1,141 @@
+"""Variant registry (YAML ``embedding.kind`` -> builder) and the layer factory.
+
+Each variant file registers a builder and a params dataclass; ``build_embedding_layer``
+resolves per-group overrides, checks each group's ``params`` against its
+variant's dataclass (unknown keys are errors) and assembles one ``EmbeddingLayer``.
+
+Example:
+    >>> layer = build_embedding_layer(fm, EmbeddingConfig(kind="full", dim=8))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from recemb.config.experiment import EmbeddingConfig
+from recemb.config.loader import from_dict
+from recemb.data.schema import FeatureInfo, FeatureMap
+from recemb.embeddings.base import EmbeddingLayer, GroupedEmbeddingLayer, ProjectedLayer
+from recemb.errors import ConfigError
+
+
+@dataclass
+class VariantSpec:
+    """What a builder gets for one group: its features and resolved settings.
+
+    ``prefix`` makes physical table names unique across groups; ``sharding``
+    is recorded on the layer for the planner (see ``recemb.embeddings.sharding``).
+    """
+
+    features: list[FeatureInfo]
+    dim: int
+    budget: float | None
+    params: Any
+    init_std: float | None = None
+    sharding: str = "auto"
+    prefix: str = ""
+    device: torch.device | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Builder = Callable[[VariantSpec], EmbeddingLayer]
+_REGISTRY: dict[str, tuple[type, Builder]] = {}
+
+
+def register_variant(kind: str, params_cls: type) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder`` for ``embedding.kind == kind``."""
+
+    def wrap(builder: Builder) -> Builder:
+        _REGISTRY[kind] = (params_cls, builder)
+        return builder
+
+    return wrap
+
+
+def variant_kinds() -> list[str]:
+    """Registered variant names."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+@functools.cache
+def _load_builtin() -> None:
+    from recemb.embeddings import full  # noqa: F401  (registers itself)
+
+
+def init_fn(std: float | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Normal(0, std) initialiser for tables, or None for torchrec's default."""
+    if std is None:
+        return None
+    return functools.partial(torch.nn.init.normal_, mean=0.0, std=std)
+
+
+def _group_specs(
+    feature_map: FeatureMap, cfg: EmbeddingConfig, device: torch.device | None
+) -> list[tuple[str, str, VariantSpec]]:
+    sparse = feature_map.sparse_features
+    owner: dict[str, int] = {}
+    for gi, group in enumerate(cfg.groups):
+        for name in group.features:
+            if name not in sparse:
+                raise ConfigError(f"embedding.groups[{gi}]: unknown sparse feature '{name}'")
+            if name in owner:
+                raise ConfigError(f"embedding.groups[{gi}]: feature '{name}' is already in group {owner[name]}")
+            owner[name] = gi
+    out: list[tuple[str, str, VariantSpec]] = []
+    rest = [f for f in sparse if f not in owner]
+    blocks: list[tuple[str, list[str], str, int, float | None, str, dict[str, Any]]] = []
+    if rest:
+        blocks.append(("default", rest, cfg.kind, cfg.dim, cfg.budget, cfg.sharding, cfg.params))
+    for gi, group in enumerate(cfg.groups):
+        blocks.append((
+            f"g{gi}", group.features, group.kind or cfg.kind, group.dim or cfg.dim,
+            group.budget if group.budget is not None else cfg.budget,
+            group.sharding or cfg.sharding, group.params if group.params else cfg.params,
+        ))
+    _load_builtin()
+    for name, feats, kind, dim, budget, sharding, params in blocks:
+        if kind not in _REGISTRY:
+            raise ConfigError(f"embedding.kind '{kind}' is unknown (known: {', '.join(sorted(_REGISTRY))})")
+        params_cls, _ = _REGISTRY[kind]
+        where = "embedding.params" if name == "default" else f"embedding.groups[{name[1:]}].params"
+        typed = from_dict(params_cls, params, where=where)
+        spec = VariantSpec(
+            features=[feature_map.feature(f) for f in feats], dim=dim, budget=budget, params=typed,
+            init_std=cfg.init_std, sharding=sharding, prefix="" if name == "default" else f"{name}_",
+            device=device,
+        )
+        out.append((name, kind, spec))
+    return out
+
+
+def build_embedding_layer(
+    feature_map: FeatureMap,
+    cfg: EmbeddingConfig,
+    device: torch.device | None = None,
+    project_to: int | None = None,
+) -> EmbeddingLayer:
+    """Build the embedding layer for ``feature_map``'s sparse features from ``cfg``.
+
+    With ``project_to`` every feature comes out with that dim (projected where
+    the variant gives another). Pass ``device=torch.device("meta")`` to build
+    without allocating tables (DistributedModelParallel materialises the shards).
+    """
+    specs = _group_specs(feature_map, cfg, device)
+    layers = {name: _REGISTRY[kind][1](spec) for name, kind, spec in specs}
+    layer = next(iter(layers.values())) if len(layers) == 1 else GroupedEmbeddingLayer(
+        layers, feature_map.sparse_features
+    )
+    if project_to is not None and any(d != project_to for d in layer.dims.values()):
+        layer = ProjectedLayer(layer, project_to)
+    return layer
+
+
+def validate_embedding_config(feature_map: FeatureMap, cfg: EmbeddingConfig) -> None:
+    """Raise ``ConfigError`` now for what ``build_embedding_layer`` would refuse later."""
+    _group_specs(feature_map, cfg, torch.device("meta"))

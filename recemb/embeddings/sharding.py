@@ -1,0 +1,238 @@
+"""Sharding: torchrec planner constraints per table, the DMP wrap, fused optimizers.
+
+Tables of every variant are ordinary ``EmbeddingBagCollection``s, so one function
+shards a whole model. Row-wise kinds are offered by the stock sharder only on
+CUDA; ``CpuRowWiseSharder`` also offers them on CPU (they match unsharded exactly).
+All torchrec specifics of sharding live here, so a torchrec upgrade touches one file.
+
+Example:
+    >>> ensure_process_group()                                         # single process
+    >>> dmp, plan = shard_model(model, cfg.embedding, torch.device("cpu"))
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import optim as trec_optim
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from recemb.config.experiment import EmbeddingConfig
+from recemb.errors import ConfigError
+
+SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "exact_rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "exact_adagrad": trec_optim.Adagrad,
+    "exact_sgd": trec_optim.SGD,
+    "adam": trec_optim.Adam,
+}
+_ROW_WISE = [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
+
+
+class CpuRowWiseSharder(EmbeddingBagCollectionSharder):
+    """The stock sharder, plus row-wise and table-row-wise on CPU (gloo)."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = list(super().sharding_types(compute_device_type))
+        if compute_device_type == "cpu":
+            types += [t for t in _ROW_WISE if t not in types]
+        return types
+
+
+def ensure_process_group(backend: str = "gloo") -> dist.ProcessGroup:
+    """Return the default process group, starting a one-rank one if none exists.
+
+    A single-process run still goes through DistributedModelParallel (one rank)
+    so that FBGEMM's fused kernels and optimizers run the tables.
+    """
+    if not dist.is_initialized():
+        fd, path = tempfile.mkstemp(prefix="recemb-pg-")
+        os.close(fd)
+        os.unlink(path)
+        dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def check_sparse_optimizer(name: str, device: torch.device) -> None:
+    """Refuse a sparse optimizer that FBGEMM cannot fuse on ``device``."""
+    if name not in SPARSE_OPTIMIZERS:
+        raise ConfigError(f"embedding.optimizer '{name}' is unknown (known: {', '.join(SPARSE_OPTIMIZERS)})")
+    if name == "adam" and device.type == "cpu":
+        raise ConfigError(
+            "embedding.optimizer=adam: FBGEMM's fused Adam runs on GPU only; on CPU use "
+            "exact_rowwise_adagrad, exact_adagrad or exact_sgd"
+        )
+
+
+def apply_sparse_optimizer(model: nn.Module, cfg: EmbeddingConfig, device: torch.device) -> None:
+    """Attach the fused (in-backward) optimizer to every embedding table of ``model``."""
+    check_sparse_optimizer(cfg.optimizer, device)
+    kwargs: dict[str, Any] = {"lr": cfg.lr}
+    if cfg.optimizer != "exact_sgd":
+        kwargs["eps"] = cfg.eps
+    if cfg.weight_decay:
+        kwargs["weight_decay"] = cfg.weight_decay
+    params = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+    if params:
+        apply_optimizer_in_backward(SPARSE_OPTIMIZERS[cfg.optimizer], params, kwargs)
+
+
+def table_sharding(model: nn.Module) -> dict[str, str]:
+    """Requested sharding type per physical table, as the variants recorded it."""
+    out: dict[str, str] = {}
+    for module in model.modules():
+        requested = getattr(module, "sharding", None)
+        if isinstance(requested, dict):
+            out.update(requested)
+    return out
+
+
+def plan_constraints(requested: dict[str, str]) -> dict[str, ParameterConstraints]:
+    """Planner constraints: the asked-for sharding type and its kernel per table."""
+    constraints: dict[str, ParameterConstraints] = {}
+    for table, kind in requested.items():
+        if kind == "auto":
+            continue
+        kernel = EmbeddingComputeKernel.DENSE if kind == "data_parallel" else EmbeddingComputeKernel.FUSED
+        constraints[table] = ParameterConstraints(
+            sharding_types=[kind],
+            compute_kernels=[kernel.value],
+            min_partition=4 if kind == ShardingType.COLUMN_WISE.value else None,
+        )
+    return constraints
+
+
+def make_plan(
+    model: nn.Module,
+    device: torch.device,
+    pg: dist.ProcessGroup,
+    batch_size: int = 4096,
+    overrides: dict[str, str] | None = None,
+) -> ShardingPlan:
+    """Plan the sharding of ``model``'s tables over ``pg``'s ranks.
+
+    ``overrides`` (table -> sharding type) win over what the variants recorded.
+    """
+    requested = table_sharding(model)
+    requested.update(overrides or {})
+    world_size = dist.get_world_size(pg)
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device=device.type, local_world_size=world_size),
+        batch_size=batch_size,
+        constraints=plan_constraints(requested),
+        debug=False,
+    )
+    sharders = [CpuRowWiseSharder()]
+    if world_size > 1:
+        return planner.collective_plan(model, sharders, pg)
+    return planner.plan(model, sharders)
+
+
+@dataclass
+class ShardedModel:
+    """A model wrapped by DistributedModelParallel, with its plan."""
+
+    model: DistributedModelParallel
+    plan: ShardingPlan
+
+
+def shard_model(
+    model: nn.Module,
+    cfg: EmbeddingConfig,
+    device: torch.device,
+    pg: dist.ProcessGroup | None = None,
+    batch_size: int = 4096,
+    overrides: dict[str, str] | None = None,
+) -> ShardedModel:
+    """Attach fused optimizers, plan and wrap ``model`` in DistributedModelParallel.
+
+    Build ``model`` on ``torch.device("meta")`` to avoid allocating full tables on
+    every rank: DMP materialises only each rank's shards (with the tables'
+    ``init_fn``). To start from given weights, call ``load_full_state`` afterwards.
+    """
+    pg = pg or ensure_process_group()
+    apply_sparse_optimizer(model, cfg, device)
+    plan = make_plan(model, device, pg, batch_size=batch_size, overrides=overrides)
+    dmp = DistributedModelParallel(
+        module=model,
+        device=device,
+        env=ShardingEnv.from_process_group(pg),
+        plan=plan,
+        sharders=[CpuRowWiseSharder()],
+    )
+    return ShardedModel(model=dmp, plan=plan)
+
+
+def plan_to_dict(plan: ShardingPlan) -> dict[str, Any]:
+    """JSON view of a plan: per module and table, sharding type, kernel, ranks, shards."""
+    out: dict[str, Any] = {}
+    for module_path, module_plan in plan.plan.items():
+        tables: dict[str, Any] = {}
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            shards = None
+            if ps.sharding_spec is not None:
+                shards = [
+                    {"rank": s.placement.rank(), "offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes)}
+                    for s in ps.sharding_spec.shards  # type: ignore[union-attr]
+                ]
+            tables[table] = {
+                "sharding_type": ps.sharding_type,
+                "compute_kernel": ps.compute_kernel,
+                "ranks": ps.ranks,
+                "shards": shards,
+            }
+        out[module_path] = tables
+    return out
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full (unsharded) tensors into a possibly sharded model, shard by shard.
+
+    ``state`` is keyed like ``model.state_dict()``; each rank copies the slices
+    its local shards own (ShardedTensor offsets), and plain tensors whole. This is
+    how a sharded model starts from an unsharded model's weights, and how a
+    checkpoint written at one world size loads at another.
+    """
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for key, target in model.state_dict().items():
+            if key not in state:
+                continue
+            source = state[key]
+            if isinstance(target, ShardedTensor):
+                for shard in target.local_shards():
+                    offs = shard.metadata.shard_offsets
+                    sizes = shard.metadata.shard_sizes
+                    index = tuple(slice(o, o + s) for o, s in zip(offs, sizes, strict=True))
+                    shard.tensor.copy_(source[index])
+            elif isinstance(target, DTensor):
+                local = target.to_local()
+                full = source
+                # DTensor (e.g. column-wise in some torchrec versions): distribute then take the local part.
+                local.copy_(DTensor.from_local(full, target.device_mesh, [], run_check=False).to_local()
+                            if local.shape == full.shape else _dtensor_slice(target, full))
+            else:
+                target.copy_(source)
+
+
+def _dtensor_slice(target: Any, full: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
+    index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
+    return full[index]

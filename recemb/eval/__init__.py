@@ -1,0 +1,1 @@
+"""Evaluation of trained models: exact, distributed-safe metrics for binary CTR prediction."""

@@ -1,0 +1,1 @@
+"""Models over the embedding layer: CTR interaction architectures (``ctr``) and anomaly models (``anomaly``)."""

@@ -1,0 +1,56 @@
+"""DeepFM: an FM (first + second order) and an MLP sharing the same embeddings.
+
+The MLP reads the flattened embeddings concatenated with the dense features; its
+output is added to the FM logit. Embeddings must share one dim (for the FM part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from recemb.data.batch import Batch
+from recemb.embeddings.base import EmbeddingLayer
+from recemb.models.ctr.layers import MLP, FirstOrder, check_mlp, fm_second_order
+
+
+@dataclass
+class DeepFMParams:
+    """Hidden sizes of the deep part, its dropout and whether it uses batch norm."""
+
+    mlp: list[int] = field(default_factory=lambda: [400, 400, 400])
+    dropout: float = 0.0
+    batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        check_mlp("mlp", self.mlp, self.dropout)
+
+
+class DeepFM(nn.Module):
+    """``logit = FM(x) + MLP([e_1, ..., e_F, dense])``.
+
+    Example:
+        >>> model = DeepFM(embedding, linear_layer, num_dense=13, params=DeepFMParams(mlp=[64]))  # doctest: +SKIP
+        >>> model(batch).shape                                                                     # doctest: +SKIP
+        torch.Size([4096])
+    """
+
+    def __init__(
+        self, embedding: EmbeddingLayer, linear: EmbeddingLayer, num_dense: int, params: DeepFMParams
+    ) -> None:
+        super().__init__()
+        self.params = params
+        self.embedding = embedding
+        self.linear = linear
+        self.first_order = FirstOrder(num_dense)
+        in_dim = sum(embedding.dims.values()) + num_dense
+        self.mlp = MLP(in_dim, params.mlp, out_dim=1, dropout=params.dropout, batch_norm=params.batch_norm)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        pooled = self.embedding(batch.sparse)
+        first = self.first_order(self.linear(batch.sparse), batch.dense)
+        second = fm_second_order(self.embedding.stack(pooled))
+        deep = self.mlp(torch.cat([pooled.values(), batch.dense], dim=1)).squeeze(-1)
+        return first + second + deep
