@@ -49,6 +49,13 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(json.dumps(report.to_dict(), indent=2, default=str))
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from pipelines.train import run_train
+
+    result = run_train(args.config, overrides=args.overrides, resume=args.resume)
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=2))
+
+
 def _cmd_config_show(args: argparse.Namespace) -> None:
     from recemb.config.experiment import load_experiment
 
@@ -86,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-reject-fraction", type=float, help="fail when more rows than this are rejected")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the dataset YAML")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train an experiment (single process; sharded tables)")
+    p.add_argument("--config", required=True, type=Path, help="experiment YAML (configs/experiments/...)")
+    p.add_argument("--resume", type=Path, help="checkpoint folder, or a run folder (its last checkpoint)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=2")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("config", help="config tools")
     csub = p.add_subparsers(dest="config_verb", required=True)

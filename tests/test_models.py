@@ -8,6 +8,7 @@ variants, a meta-device build, and a small planted problem each model must learn
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from recemb.models.ctr import MODELS, build_model, embedding_layers, model_needs
 from recemb.models.ctr.dcnv2 import DCNv2
 from recemb.models.ctr.dlrm import DLRM, DotInteraction
 from recemb.models.ctr.layers import MLP, CrossLayer, fm_second_order
+from recemb.models.ctr.registry import LINEAR_DIM
 
 DIM = 8
 SMALL: dict[str, dict[str, object]] = {
@@ -115,10 +117,12 @@ def test_seeded_build_is_deterministic(name: str) -> None:
     assert not torch.equal(a(batch), c(batch))
 
 
-def test_first_order_layer_is_one_dim_full() -> None:
+def test_first_order_layer_is_narrow_full() -> None:
     emb = EmbeddingConfig(kind="full", dim=DIM, groups=[EmbeddingGroup(features=["c3"], dim=4)])
     model = build("deepfm", embedding=emb)
-    assert all(d == 1 for d in model.linear.dims.values())
+    # FBGEMM's fused kernels need widths divisible by 4: first-order tables are LINEAR_DIM wide.
+    assert all(d == LINEAR_DIM for d in model.linear.dims.values())
+    assert all(t.name.startswith("lin_") for t in model.linear.tables)
     # DeepFM needs one dim: the 4-dim group is projected to 8.
     assert set(model.embedding.dims.values()) == {DIM}
     wdl = build("wdl", embedding=emb)
@@ -253,6 +257,16 @@ def planted_batches(steps: int, batch_size: int) -> list[Batch]:
     return out
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and on a busy machine their spin-waits cost seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_models_learn_planted_problem() -> None:
     train = planted_batches(steps=200, batch_size=256)
     held_out = planted_batches(steps=2, batch_size=2048)[1]

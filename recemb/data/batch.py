@@ -21,13 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 from recemb.data.schema import FeatureMap
 from recemb.errors import DataError
 
 
 @dataclass
-class Batch:
+class Batch(Pipelineable):
     """One training batch.
 
     ``dense`` is ``[B, num_dense]`` float32, ``sparse`` a KJT keyed by the feature

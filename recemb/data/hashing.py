@@ -61,8 +61,9 @@ def _string_buffers(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def hash_strings(values: pa.Array, seed: int) -> np.ndarray:
     """64-bit seeded hash of each UTF-8 string (``uint64``; null hashes like ``""``).
 
-    Each byte ``b`` at position ``i`` contributes ``mix64((i << 8 | b) ^ key)``; the sum
-    (mod 2**64) is mixed again with the length. Vectorised over all bytes at once.
+    The bytes are read as little-endian 64-bit words (the last one zero-padded); word
+    ``j`` contributes ``mix64(w ^ key ^ (j + 1) * K)``; the sum (mod 2**64) is mixed with
+    the byte length. Vectorised over all words of all strings at once.
 
     Example:
         >>> import pyarrow as pa
@@ -73,16 +74,29 @@ def hash_strings(values: pa.Array, seed: int) -> np.ndarray:
     offsets, data = _string_buffers(values)
     n = len(offsets) - 1
     lengths = np.diff(offsets)
-    key = _seed_key(seed, 0)
+    nwords = (lengths + 7) >> 3
+    total = int(nwords.sum())
     sums = np.zeros(n, dtype=np.uint64)
-    nonempty = np.flatnonzero(lengths > 0)
-    if len(nonempty):
+    if total:
         lo, hi = int(offsets[0]), int(offsets[-1])
-        flat = data[lo:hi].astype(np.uint64)
-        starts = offsets[:-1] - lo
-        pos = np.arange(hi - lo, dtype=np.int64) - np.repeat(starts, lengths)
-        terms = mix64(((pos.astype(np.uint64) << np.uint64(8)) | flat) ^ key)
-        sums[nonempty] = np.add.reduceat(terms, starts[nonempty])
+        padded = np.zeros(hi - lo + 8, dtype=np.uint8)
+        padded[: hi - lo] = data[lo:hi]
+        windows = np.ndarray(shape=(hi - lo + 1,), dtype="<u8", buffer=padded, strides=(1,))
+        owner = np.repeat(np.arange(n), nwords)
+        first = np.cumsum(nwords) - nwords
+        j = np.arange(total, dtype=np.int64) - first[owner]
+        words = windows[(offsets[:-1] - lo)[owner] + 8 * j]
+        remaining = lengths[owner] - 8 * j
+        short = remaining < 8
+        if short.any():
+            shift = (8 * remaining[short]).astype(np.uint64)
+            words[short] &= (np.uint64(1) << shift) - np.uint64(1)
+        key = _seed_key(seed, 0)
+        with np.errstate(over="ignore"):
+            pos_key = (j + 1).astype(np.uint64) * _M2
+        terms = mix64(words ^ key ^ pos_key)
+        nonempty = np.flatnonzero(nwords > 0)
+        sums[nonempty] = np.add.reduceat(terms, first[nonempty])
     len_key = _seed_key(seed, _LEN_SALT)
     return mix64(sums ^ mix64(lengths.astype(np.uint64) ^ len_key))
 

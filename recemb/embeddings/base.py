@@ -61,11 +61,14 @@ class Combiner(nn.Module):
         return pooled
 
 
+@torch.fx.wrap
 def in_order(pooled: KeyedTensor, features: list[str]) -> KeyedTensor:
     """``pooled`` with its keys in ``features`` order.
 
     A sharded collection returns its features grouped by sharding (table-wise
     tables of rank 0 first, ...), not in config order; models rely on the order.
+    Wrapped for torch.fx: torchrec's train pipeline traces the model, and the key
+    check is data-independent but not traceable.
     """
     if pooled.keys() == features:
         return pooled

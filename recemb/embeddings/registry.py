@@ -76,7 +76,7 @@ def init_fn(std: float | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 
 def _group_specs(
-    feature_map: FeatureMap, cfg: EmbeddingConfig, device: torch.device | None
+    feature_map: FeatureMap, cfg: EmbeddingConfig, device: torch.device | None, name_prefix: str = ""
 ) -> list[tuple[str, str, VariantSpec]]:
     sparse = feature_map.sparse_features
     owner: dict[str, int] = {}
@@ -107,7 +107,7 @@ def _group_specs(
         typed = from_dict(params_cls, params, where=where)
         spec = VariantSpec(
             features=[feature_map.feature(f) for f in feats], dim=dim, budget=budget, params=typed,
-            init_std=cfg.init_std, sharding=sharding, prefix="" if name == "default" else f"{name}_",
+            init_std=cfg.init_std, sharding=sharding, prefix=name_prefix + ("" if name == "default" else f"{name}_"),
             device=device,
         )
         out.append((name, kind, spec))
@@ -119,14 +119,16 @@ def build_embedding_layer(
     cfg: EmbeddingConfig,
     device: torch.device | None = None,
     project_to: int | None = None,
+    name_prefix: str = "",
 ) -> EmbeddingLayer:
     """Build the embedding layer for ``feature_map``'s sparse features from ``cfg``.
 
     With ``project_to`` every feature comes out with that dim (projected where
-    the variant gives another). Pass ``device=torch.device("meta")`` to build
+    the variant gives another). ``name_prefix`` keeps physical table names
+    unique when a model has several layers (e.g. ``lin_`` for first-order tables). Pass ``device=torch.device("meta")`` to build
     without allocating tables (DistributedModelParallel materialises the shards).
     """
-    specs = _group_specs(feature_map, cfg, device)
+    specs = _group_specs(feature_map, cfg, device, name_prefix)
     layers = {name: _REGISTRY[kind][1](spec) for name, kind, spec in specs}
     layer = next(iter(layers.values())) if len(layers) == 1 else GroupedEmbeddingLayer(
         layers, feature_map.sparse_features

@@ -202,37 +202,39 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy full (unsharded) tensors into a possibly sharded model, shard by shard.
 
     ``state`` is keyed like ``model.state_dict()``; each rank copies the slices
-    its local shards own (ShardedTensor offsets), and plain tensors whole. This is
-    how a sharded model starts from an unsharded model's weights, and how a
-    checkpoint written at one world size loads at another.
+    its local shards own, and plain tensors whole. This is how a sharded model
+    starts from an unsharded model's weights, and how a checkpoint written at
+    one world size loads at another.
+    """
+    copy_full_into(model.state_dict(), state)
+
+
+def local_pieces(target: Any) -> list[tuple[list[int], torch.Tensor]]:
+    """(global offsets, local tensor) of each piece this rank holds of ``target``.
+
+    A plain tensor is one piece at offset zero; a ShardedTensor or DTensor gives
+    its local shards. The tensors are views: writing into them updates the model.
     """
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
 
+    if isinstance(target, ShardedTensor):
+        return [(list(s.metadata.shard_offsets), s.tensor) for s in target.local_shards()]
+    if isinstance(target, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        return [(list(offset), target.to_local())]
+    return [([0] * target.dim(), target)]
+
+
+def copy_full_into(targets: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Copy each full tensor of ``state`` into the local pieces of ``targets[key]``."""
     with torch.no_grad():
-        for key, target in model.state_dict().items():
-            if key not in state:
+        for key, target in targets.items():
+            if key not in state or not isinstance(target, torch.Tensor):
                 continue
             source = state[key]
-            if isinstance(target, ShardedTensor):
-                for shard in target.local_shards():
-                    offs = shard.metadata.shard_offsets
-                    sizes = shard.metadata.shard_sizes
-                    index = tuple(slice(o, o + s) for o, s in zip(offs, sizes, strict=True))
-                    shard.tensor.copy_(source[index])
-            elif isinstance(target, DTensor):
-                local = target.to_local()
-                full = source
-                # DTensor (e.g. column-wise in some torchrec versions): distribute then take the local part.
-                local.copy_(DTensor.from_local(full, target.device_mesh, [], run_check=False).to_local()
-                            if local.shape == full.shape else _dtensor_slice(target, full))
-            else:
-                target.copy_(source)
-
-
-def _dtensor_slice(target: Any, full: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
-    index = tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))
-    return full[index]
+            for offsets, local in local_pieces(target):
+                index = tuple(slice(o, o + s) for o, s in zip(offsets, local.shape, strict=True))
+                local.copy_(source[index] if index else source)

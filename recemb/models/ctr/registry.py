@@ -84,15 +84,22 @@ def model_needs(name: str) -> ModelNeeds:
     return _NEEDS[name]
 
 
+# FBGEMM's fused kernels need table widths divisible by 4, so the "1-dim" first-order
+# tables are 4 wide and FirstOrder sums the 4 columns (4 weights per id, same function class).
+LINEAR_DIM = 4
+
+
 def linear_embedding_config(embedding_cfg: EmbeddingConfig) -> EmbeddingConfig:
-    """The config of the 1-dim first-order tables derived from the main embedding config.
+    """The config of the first-order tables (``LINEAR_DIM`` wide) derived from the main embedding config.
 
     For now the linear part is always a plain ``full`` layer without groups or
     budget, whatever variant the main layer uses: it is ``1/dim`` of the main
     tables' bytes, and compressing it too is a later choice (it would keep
     ``kind``/``params`` here instead).
     """
-    return dataclasses.replace(embedding_cfg, kind="full", dim=1, budget=None, params={}, groups=[])
+    return dataclasses.replace(
+        embedding_cfg, kind="full", dim=LINEAR_DIM, budget=None, params={}, groups=[]
+    )
 
 
 def build_model(
@@ -115,7 +122,9 @@ def build_model(
         project_to = embedding_cfg.dim if needs.equal_dims else None
         kwargs["embedding"] = build_embedding_layer(feature_map, embedding_cfg, device=device, project_to=project_to)
     if needs.linear:
-        kwargs["linear"] = build_embedding_layer(feature_map, linear_embedding_config(embedding_cfg), device=device)
+        kwargs["linear"] = build_embedding_layer(
+            feature_map, linear_embedding_config(embedding_cfg), device=device, name_prefix="lin_"
+        )
     model = model_cls(**kwargs)
     if device is not None:
         model.to(device)

@@ -1,0 +1,1040 @@
+"""Raw blocks -> prepared Parquet shards, ``feature_map.json``, vocabularies and ``stats.json``.
+
+Preparation is fit-then-transform. ``fit_file`` turns one raw file into a mergeable
+``PartialStats`` (train-split counts, moments, quantile sketches; rejects quarantined)
+and spills the parsed rows; ``merge_stats`` folds partials in file order; ``finalize_features``
+fixes vocabularies and transforms; ``transform_file`` maps ids and writes shards.
+``prepare_dataset`` runs the four locally; ``pipelines/prepare.py`` may run them as a Ray map/reduce.
+
+Example:
+    >>> from recemb.data.schema import load_dataset_config
+    >>> report = prepare_dataset(load_dataset_config("configs/datasets/criteo.yaml"))  # doctest: +SKIP
+    >>> report.rows_out["train"]                                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from recemb.data.hashing import hash_buckets, hash_strings, row_uniform
+from recemb.data.schema import DatasetConfig, FeatureInfo, FeatureMap, FeatureSpec
+from recemb.data.sources import RawBlock, SourceFile, check_columns, iter_blocks, required_columns, resolve_paths
+from recemb.errors import ConfigError, DataError, OutputExistsError
+from recemb.io import write_json_atomic
+
+SPLITS = ("train", "valid", "test")
+LABEL_COLUMN = "label"
+_SKETCH_GAMMA = 1.01  # relative accuracy ~0.5% of the bucket boundaries
+_COMPACT_MIN = 1 << 20
+_ROW_GROUP_ROWS = 131_072
+_REJECT_EXAMPLES = 5
+
+
+# ----------------------------------------------------------------------------- split plan
+
+
+@dataclass
+class SplitPlan:
+    """How rows are assigned to train/valid/test: seeded per-row uniform, or time cut points.
+
+    By ratio, a row's uniform is ``row_uniform(file_index, line, seed)``. By time, rows
+    with time ``< cut_train`` are train, ``< cut_valid`` valid, the rest test.
+    """
+
+    train: float
+    valid: float
+    seed: int
+    time_column: str | None = None
+    numeric: bool = True
+    cut_train: float | str | None = None
+    cut_valid: float | str | None = None
+
+
+def plan_split(cfg: DatasetConfig, sources: Sequence[SourceFile]) -> SplitPlan:
+    """Fix the split rule; a time split reads the time column once for its quantiles.
+
+    Example:
+        >>> plan = plan_split(cfg, resolve_paths(cfg))  # doctest: +SKIP
+    """
+    sp = cfg.split
+    plan = SplitPlan(train=sp.train, valid=sp.valid, seed=sp.seed, time_column=sp.time_column)
+    if not sp.time_column:
+        return plan
+    acc = _CountAcc()
+    for src in sources:
+        for block in iter_blocks(cfg, src, columns=[sp.time_column]):
+            col = _as_string(block.table.column(sp.time_column).combine_chunks())
+            vc = pc.value_counts(col.drop_null())
+            acc.add(vc.field("values"), vc.field("counts").cast(pa.int64()))
+    table = acc.result()
+    values = table.column("value").combine_chunks()
+    counts = table.column("count").to_numpy()
+    try:
+        keys: np.ndarray = values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        plan.numeric = True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        keys = np.asarray(values.to_pylist(), dtype=object)
+        plan.numeric = False
+    order = np.argsort(keys, kind="stable")
+    keys, counts = keys[order], counts[order]
+    before = np.concatenate([[0], np.cumsum(counts)[:-1]]) / max(1, counts.sum())
+
+    def cut(q: float) -> float | str | None:
+        idx = np.flatnonzero(before >= q - 1e-12)
+        if not len(idx) or q >= 1.0:
+            return None
+        k = keys[idx[0]]
+        return float(k) if plan.numeric else str(k)
+
+    plan.cut_train = cut(sp.train)
+    plan.cut_valid = cut(sp.train + sp.valid)
+    return plan
+
+
+# ----------------------------------------------------------------------------- partial stats
+
+
+class _CountAcc:
+    """Mergeable value -> count table; partial tables are re-aggregated when they pile up."""
+
+    def __init__(self) -> None:
+        self._parts: list[pa.Table] = []
+        self._pending = 0
+        self._compact = 0
+
+    def add(self, values: pa.Array, counts: pa.Array) -> None:
+        if not len(values):
+            return
+        self._parts.append(pa.table({"value": _as_string(values), "count": counts}))
+        self._pending += len(values)
+        if self._pending > max(_COMPACT_MIN, 2 * self._compact):
+            self._squash()
+
+    def add_table(self, table: pa.Table) -> None:
+        self.add(table.column("value").combine_chunks(), table.column("count").combine_chunks())
+
+    def _squash(self) -> None:
+        table = pa.concat_tables(self._parts)
+        if len(self._parts) > 1:
+            table = table.group_by("value").aggregate([("count", "sum")]).rename_columns(["value", "count"])
+        self._parts = [table]
+        self._compact = self._pending = table.num_rows
+
+    def result(self) -> pa.Table:
+        if not self._parts:
+            return pa.table({"value": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
+        self._squash()
+        return self._parts[0].combine_chunks()
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations; merged with Chan's formula (in file order)."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        if len(x):
+            mean = float(x.mean())
+            self.merge(Moments(len(x), mean, float(((x - mean) ** 2).sum())))
+
+    def merge(self, other: Moments) -> None:
+        if not other.n:
+            return
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.mean += delta * other.n / n
+        self.m2 += other.m2 + delta * delta * self.n * other.n / n
+        self.n = n
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.n) if self.n else 0.0
+
+
+def _sketch_keys(x: np.ndarray) -> np.ndarray:
+    """Log-bucket keys (DDSketch-like) of finite values: 0 for zero, sign * (1 + bucket)."""
+    x = x[np.isfinite(x)]
+    mag = np.abs(x)
+    keys = np.zeros(len(x), dtype=np.int64)
+    nz = mag > 0
+    b = np.ceil(np.log(mag[nz]) / math.log(_SKETCH_GAMMA)).astype(np.int64)
+    keys[nz] = np.sign(x[nz]).astype(np.int64) * (b + (1 << 20))
+    return keys
+
+
+def _sketch_value(key: int) -> float:
+    if key == 0:
+        return 0.0
+    b = abs(key) - (1 << 20)
+    v = 2.0 * _SKETCH_GAMMA**b / (_SKETCH_GAMMA + 1.0)
+    return math.copysign(v, key)
+
+
+@dataclass
+class PartialStats:
+    """What ``fit_file`` learns from one file; ``merge_stats`` folds these in file order.
+
+    ``counts`` hold train-split value counts per vocabulary feature; ``moments`` the
+    train-split moments of each dense feature after fill/log; ``sketches`` log-bucket
+    counts for bucketised features; ``rejected`` counts rejected rows per reason.
+    """
+
+    rows_in: int = 0
+    rows_ok: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    rejected: dict[str, int] = field(default_factory=dict)
+    reject_examples: list[str] = field(default_factory=list)
+    counts: dict[str, pa.Table] = field(default_factory=dict)
+    moments: dict[str, Moments] = field(default_factory=dict)
+    sketches: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+
+def merge_stats(parts: Sequence[PartialStats]) -> PartialStats:
+    """Fold partial statistics in the given (file) order; exact for counts and sketches.
+
+    Example:
+        >>> merged = merge_stats([fit_file(cfg, plan, s) for s in resolve_paths(cfg)])  # doctest: +SKIP
+    """
+    out = PartialStats()
+    accs: dict[str, _CountAcc] = {}
+    for part in parts:
+        out.rows_in += part.rows_in
+        for k, v in part.rows_ok.items():
+            out.rows_ok[k] = out.rows_ok.get(k, 0) + v
+        for k, v in part.rejected.items():
+            out.rejected[k] = out.rejected.get(k, 0) + v
+        out.reject_examples.extend(part.reject_examples[: max(0, _REJECT_EXAMPLES - len(out.reject_examples))])
+        for name, table in part.counts.items():
+            accs.setdefault(name, _CountAcc()).add_table(table)
+        for name, m in part.moments.items():
+            out.moments.setdefault(name, Moments()).merge(m)
+        for name, sk in part.sketches.items():
+            dst = out.sketches.setdefault(name, {})
+            for key, c in sk.items():
+                dst[key] = dst.get(key, 0) + c
+    out.counts = {name: acc.result() for name, acc in accs.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------- parsing blocks
+
+
+def _as_string(arr: pa.Array) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_string(arr.type):
+        return arr
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    return arr if pa.types.is_string(arr.type) else arr.cast(pa.string())
+
+
+def _failing_rows(arr: pa.Array, op: Callable[[pa.Array], Any]) -> np.ndarray:
+    """Indices where ``op`` fails on a one-row slice, found by bisection (rare path)."""
+    try:
+        op(arr)
+        return np.zeros(0, np.int64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if len(arr) == 1:
+            return np.zeros(1, np.int64)
+    half = len(arr) // 2
+    left = _failing_rows(arr.slice(0, half), op)
+    right = _failing_rows(arr.slice(half), op) + half
+    return np.concatenate([left, right])
+
+
+def _parse_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Values as float64 (null -> NaN) and the indices of unparseable entries."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    bad = np.zeros(0, np.int64)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        try:
+            out = pc.cast(arr, pa.float64())
+        except pa.ArrowInvalid:
+            bad = _failing_rows(arr, lambda a: pc.cast(a, pa.float64()))
+            mask = np.zeros(len(arr), bool)
+            mask[bad] = True
+            out = pc.cast(pc.if_else(pa.array(mask), pa.scalar(None, arr.type), arr), pa.float64())
+    else:
+        try:
+            out = pc.cast(arr, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return np.full(len(arr), np.nan), np.arange(len(arr), dtype=np.int64)
+    return out.to_numpy(zero_copy_only=False).astype(np.float64, copy=False), bad
+
+
+@dataclass
+class CleanBlock:
+    """Accepted rows of one raw block, parsed: split codes, label/count, dense values, raw ids."""
+
+    n: int
+    split: np.ndarray
+    label: np.ndarray | None
+    count: np.ndarray | None
+    dense: dict[str, np.ndarray]
+    cats: dict[str, pa.Array]
+
+
+def _multi_tokens(col: pa.Array, spec: FeatureSpec | FeatureInfo) -> tuple[pa.Array, np.ndarray]:
+    """Flat non-empty tokens of a multi-hot column (truncated to max_len) and list offsets."""
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        lists = col
+    else:
+        lists = pc.split_pattern(_as_string(col), spec.separator)
+    n = len(lists)
+    flat = _as_string(pc.list_flatten(lists))
+    parents = np.asarray(pc.list_parent_indices(lists)).astype(np.int64)
+    keep = np.asarray(pc.fill_null(pc.greater(pc.utf8_length(flat), 0), False))
+    if not keep.all():
+        flat, parents = flat.filter(pa.array(keep)), parents[keep]
+    if spec.max_len and len(parents):
+        per_row = np.bincount(parents, minlength=n)
+        pos = np.arange(len(parents)) - (np.cumsum(per_row) - per_row)[parents]
+        keep = pos < spec.max_len
+        if not keep.all():
+            flat, parents = flat.filter(pa.array(keep)), parents[keep]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(parents, minlength=n), out=offsets[1:])
+    return flat, offsets
+
+
+def _check_config(cfg: DatasetConfig) -> None:
+    for spec in cfg.features:
+        if spec.hash_buckets == 1:
+            raise ConfigError(f"dataset '{cfg.dataset_id}': feature '{spec.name}': hash_buckets must be >= 2")
+        if spec.kind != "dense" and spec.bucketize:
+            raise ConfigError(f"dataset '{cfg.dataset_id}': feature '{spec.name}': bucketize is for dense features")
+    reserved = {LABEL_COLUMN, cfg.count_column}
+    for spec in cfg.features:
+        if spec.name in reserved:
+            raise ConfigError(
+                f"dataset '{cfg.dataset_id}': feature name '{spec.name}' clashes with an output column"
+            )
+
+
+def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock,
+           rejects: list[tuple[int, str]]) -> CleanBlock:
+    """Validate one raw block, append its rejects as (line, reason), parse the accepted rows."""
+    table = block.table
+    n = table.num_rows
+    reasons: dict[int, str] = {}
+    for r, why in zip(block.bad_rows.tolist(), block.bad_reasons):
+        reasons.setdefault(r, why)
+
+    def flag(rows: np.ndarray, why: str) -> None:
+        for r in rows.tolist():
+            reasons.setdefault(r, why)
+
+    if n and cfg.format != "parquet" and table.num_columns:
+        empty = np.asarray(table.column(0).is_null())
+        if empty.any():
+            for name in table.column_names[1:]:
+                empty &= np.asarray(table.column(name).is_null())
+            flag(np.flatnonzero(empty), "empty row (all fields missing)")
+    label = count = None
+    if cfg.label:
+        label, bad = _parse_float(table.column(cfg.label))
+        flag(bad, f"unparseable label '{cfg.label}'")
+        flag(np.flatnonzero(np.isnan(label)), f"missing label '{cfg.label}'")
+        if cfg.format != "events":
+            flag(np.flatnonzero((label != 0) & (label != 1) & ~np.isnan(label)), f"label '{cfg.label}' not 0 or 1")
+    dense_raw: dict[str, np.ndarray] = {}
+    for spec in cfg.features:
+        if spec.kind == "dense":
+            values, bad = _parse_float(table.column(spec.source))
+            flag(bad, f"unparseable number in '{spec.source}'")
+            dense_raw[spec.name] = values
+    if cfg.count_column:
+        count, bad = _parse_float(table.column(cfg.count_column))
+        flag(bad, f"unparseable number in '{cfg.count_column}'")
+        flag(np.flatnonzero(np.isnan(count)), f"missing count '{cfg.count_column}'")
+    tvals: Any = None
+    if plan.time_column:
+        tcol = table.column(plan.time_column).combine_chunks()
+        flag(np.flatnonzero(np.asarray(tcol.is_null())), f"missing time '{plan.time_column}'")
+        if plan.numeric:
+            tvals, bad = _parse_float(tcol)
+            flag(bad, f"unparseable time in '{plan.time_column}'")
+        else:
+            tvals = _as_string(tcol)
+    keep: np.ndarray | None = None
+    lines = block.lines
+    if reasons:
+        bad_idx = np.fromiter(sorted(reasons), np.int64)
+        for r in bad_idx.tolist():
+            rejects.append((int(lines[r]), reasons[r]))
+        keep = np.ones(n, bool)
+        keep[bad_idx] = False
+        table = table.filter(pa.array(keep))
+        lines = lines[keep]
+        label = label[keep] if label is not None else None
+        count = count[keep] if count is not None else None
+        dense_raw = {k: v[keep] for k, v in dense_raw.items()}
+        if tvals is not None:
+            tvals = tvals[keep] if plan.numeric else tvals.filter(pa.array(keep))
+    m = table.num_rows
+    split = _assign_split(plan, src, lines, tvals)
+    dense: dict[str, np.ndarray] = {}
+    cats: dict[str, pa.Array] = {}
+    for spec in cfg.features:
+        if spec.kind == "dense":
+            x = dense_raw[spec.name]
+            x = np.where(np.isnan(x), spec.fill, x)
+            if spec.log:
+                x = np.log1p(np.maximum(x, 0.0))
+            dense[spec.name] = x
+        elif spec.kind == "sparse":
+            cats[spec.name] = _as_string(table.column(spec.source).combine_chunks()).dictionary_encode()
+        else:
+            col = table.column(spec.source).combine_chunks()
+            if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+                col = pc.split_pattern(_as_string(col), spec.separator)
+            cats[spec.name] = col
+    return CleanBlock(m, split, label, count, dense, cats)
+
+
+def _assign_split(plan: SplitPlan, src: SourceFile, lines: np.ndarray, tvals: Any) -> np.ndarray:
+    if plan.time_column is None:
+        u = row_uniform(src.index, lines, plan.seed)
+        return np.where(u < plan.train, 0, np.where(u < plan.train + plan.valid, 1, 2)).astype(np.int8)
+    split = np.full(len(lines), 2, np.int8)
+    for code, cutv in ((1, plan.cut_valid), (0, plan.cut_train)):
+        if cutv is None:
+            below = np.ones(len(lines), bool)
+        elif plan.numeric:
+            below = tvals < cutv
+        else:
+            below = np.asarray(pc.fill_null(pc.less(tvals, pa.scalar(cutv)), False))
+        split[below] = code
+    return split
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+class RejectWriter:
+    """Appends rejected rows to ``rejects.csv`` (file, line, reason); counts per reason."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._w = csv.writer(self._f)
+        self._w.writerow(["file", "line", "reason"])
+
+    def write(self, file: str, rows: Sequence[tuple[int, str]]) -> None:
+        self._w.writerows((file, line, why) for line, why in rows)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _spill_schema(cfg: DatasetConfig) -> pa.Schema:
+    fields = [pa.field("__split", pa.int8())]
+    if cfg.label:
+        fields.append(pa.field("__label", pa.float64()))
+    if cfg.count_column:
+        fields.append(pa.field("__count", pa.float64()))
+    for spec in cfg.features:
+        if spec.kind == "dense":
+            fields.append(pa.field(spec.name, pa.float64()))
+        elif spec.kind == "sparse":
+            fields.append(pa.field(spec.name, pa.dictionary(pa.int32(), pa.string())))
+        else:
+            fields.append(pa.field(spec.name, pa.list_(pa.string())))
+    return pa.schema(fields)
+
+
+def _to_spill(cfg: DatasetConfig, schema: pa.Schema, c: CleanBlock) -> pa.RecordBatch:
+    cols: list[Any] = [pa.array(c.split)]
+    if cfg.label:
+        cols.append(pa.array(c.label))
+    if cfg.count_column:
+        cols.append(pa.array(c.count))
+    for spec in cfg.features:
+        if spec.kind == "dense":
+            cols.append(pa.array(c.dense[spec.name]))
+        else:
+            arr = c.cats[spec.name]
+            cols.append(arr.cast(schema.field(spec.name).type) if arr.type != schema.field(spec.name).type else arr)
+    return pa.record_batch(cols, schema=schema)
+
+
+def _from_spill(cfg: DatasetConfig, batch: pa.RecordBatch) -> CleanBlock:
+    names = batch.schema.names
+    col = batch.column
+    label = col(names.index("__label")).to_numpy() if cfg.label else None
+    count = col(names.index("__count")).to_numpy() if cfg.count_column else None
+    dense = {s.name: col(names.index(s.name)).to_numpy() for s in cfg.features if s.kind == "dense"}
+    cats = {s.name: col(names.index(s.name)) for s in cfg.features if s.kind != "dense"}
+    return CleanBlock(batch.num_rows, col(0).to_numpy(), label, count, dense, cats)
+
+
+def iter_clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile,
+               on_rejects: Callable[[str, list[tuple[int, str]], int], None] | None = None) -> Iterator[CleanBlock]:
+    """Parsed accepted rows of ``src``, block by block; rejects go to ``on_rejects(file, rows, rows_in)``."""
+    seen = 0
+    for block in iter_blocks(cfg, src):
+        rejects: list[tuple[int, str]] = [(line, why) for line, why in block.invalid]
+        rows_in = block.table.num_rows + len(block.invalid)
+        seen += rows_in
+        clean = _clean(cfg, plan, src, block, rejects)
+        if on_rejects is not None:
+            on_rejects(str(src.path), rejects, rows_in)
+        yield clean
+    if seen == 0:
+        raise DataError(f"{src.path}: no data rows (dataset '{cfg.dataset_id}')")
+
+
+def fit_file(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, spill: Path | None = None,
+             rejects: RejectWriter | None = None) -> PartialStats:
+    """Fit statistics on one file's training rows; optionally spill parsed rows and write rejects.
+
+    Example:
+        >>> part = fit_file(cfg, plan_split(cfg, srcs), srcs[0])  # doctest: +SKIP
+        >>> part.rows_in                                          # doctest: +SKIP
+    """
+    check_columns(cfg, src)
+    stats = PartialStats()
+    accs = {s.name: _CountAcc() for s in cfg.features if s.kind != "dense" and not s.hash_buckets}
+
+    def on_rejects(file: str, rows: list[tuple[int, str]], rows_in: int) -> None:
+        stats.rows_in += rows_in
+        for line, why in rows:
+            stats.rejected[why] = stats.rejected.get(why, 0) + 1
+            if len(stats.reject_examples) < _REJECT_EXAMPLES:
+                stats.reject_examples.append(f"{file}:{line}: {why}")
+        if rejects is not None and rows:
+            rejects.write(file, rows)
+
+    schema = _spill_schema(cfg)
+    writer = ipc.new_stream(str(spill), schema) if spill is not None else None
+    try:
+        for c in iter_clean(cfg, plan, src, on_rejects):
+            if writer is not None and c.n:
+                writer.write_batch(_to_spill(cfg, schema, c))
+            _fit_block(cfg, c, stats, accs)
+    finally:
+        if writer is not None:
+            writer.close()
+    stats.counts = {name: acc.result() for name, acc in accs.items()}
+    return stats
+
+
+def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dict[str, _CountAcc]) -> None:
+    train = c.split == 0
+    for code, name in enumerate(SPLITS):
+        stats.rows_ok[name] += int((c.split == code).sum())
+    weights = c.count[train] if c.count is not None else None
+    for spec in cfg.features:
+        if spec.kind == "dense":
+            x = c.dense[spec.name][train]
+            stats.moments.setdefault(spec.name, Moments()).add(x)
+            if spec.bucketize:
+                keys, cnt = np.unique(_sketch_keys(x), return_counts=True)
+                sk = stats.sketches.setdefault(spec.name, {})
+                for key, k in zip(keys.tolist(), cnt.tolist()):
+                    sk[key] = sk.get(key, 0) + k
+        elif spec.name in accs:
+            if spec.kind == "sparse":
+                arr = c.cats[spec.name]
+                idx = np.asarray(pc.fill_null(arr.indices, -1))[train]
+                w = weights
+                dictionary = arr.dictionary
+            else:
+                flat, offsets = _multi_tokens(c.cats[spec.name], spec)
+                rows = np.repeat(np.arange(c.n), np.diff(offsets))
+                sel = train[rows]
+                enc = flat.filter(pa.array(sel)).dictionary_encode()
+                idx = np.asarray(enc.indices)
+                w = c.count[rows[sel]] if c.count is not None else None
+                dictionary = enc.dictionary
+            ok = idx >= 0
+            if w is not None:
+                counts = np.rint(np.bincount(idx[ok], weights=w[ok], minlength=len(dictionary))).astype(np.int64)
+            else:
+                counts = np.bincount(idx[ok], minlength=len(dictionary)).astype(np.int64)
+            nz = np.flatnonzero(counts)
+            accs[spec.name].add(dictionary.take(pa.array(nz)), pa.array(counts[nz]))
+
+
+# ----------------------------------------------------------------------------- finalize
+
+
+class VocabIndex:
+    """Maps strings to vocabulary ids (1..V; 0 = unknown) with a numpy open-addressing table.
+
+    Keys are matched on two independent 64-bit hashes (128 bits), so a false match needs
+    a 128-bit collision; lookups are a few vectorised gathers, with no per-value Python.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> VocabIndex(pa.array(["a", "b"])).lookup(pa.array(["b", "z", None])).tolist()
+        [2, 0, 0]
+    """
+
+    _SEEDS = (0x5EED, 0xC0FFEE)
+
+    def __init__(self, values: pa.Array) -> None:
+        self.values = _as_string(values)
+        n = len(self.values)
+        bits = max(3, int(np.ceil(np.log2(max(1, 2 * n)))))
+        self._mask = (1 << bits) - 1
+        self._shift = np.uint64(64 - bits)
+        self._h1 = np.zeros(1 << bits, np.uint64)
+        self._h2 = np.zeros(1 << bits, np.uint64)
+        self._id = np.zeros(1 << bits, np.int64)
+        h1, h2 = (hash_strings(self.values, seed) for seed in self._SEEDS)
+        pending = np.arange(n, dtype=np.int64)
+        slot = (h1 >> self._shift).astype(np.int64)
+        while len(pending):
+            cand = slot[pending]
+            free = self._id[cand] == 0
+            _, first = np.unique(cand[free], return_index=True)
+            won = pending[free][first]
+            self._h1[slot[won]], self._h2[slot[won]], self._id[slot[won]] = h1[won], h2[won], won + 1
+            lost = np.ones(len(pending), bool)
+            lost[np.flatnonzero(free)[first]] = False
+            pending = pending[lost]
+            slot[pending] = (slot[pending] + 1) & self._mask
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def lookup(self, keys: pa.Array) -> np.ndarray:
+        keys = _as_string(keys)
+        out = np.zeros(len(keys), np.int64)
+        if not len(self.values) or not len(keys):
+            return out
+        h1, h2 = (hash_strings(keys, seed) for seed in self._SEEDS)
+        pending = np.arange(len(keys), dtype=np.int64)
+        slot = (h1 >> self._shift).astype(np.int64)
+        while len(pending):
+            s = slot[pending]
+            ids = self._id[s]
+            found = (ids != 0) & (self._h1[s] == h1[pending]) & (self._h2[s] == h2[pending])
+            out[pending[found]] = ids[found]
+            pending = pending[~found & (ids != 0)]
+            slot[pending] = (slot[pending] + 1) & self._mask
+        if keys.null_count:
+            out[np.asarray(keys.is_null())] = 0
+        return out
+
+
+@dataclass
+class FittedFeatures:
+    """Fitted transforms: the feature-map entries plus the vocabularies (value, count, id order)."""
+
+    infos: list[FeatureInfo]
+    vocabs: dict[str, pa.Table]
+    indexes: dict[str, VocabIndex] = field(default_factory=dict)
+
+    def index(self, name: str) -> VocabIndex:
+        if name not in self.indexes:
+            self.indexes[name] = VocabIndex(self.vocabs[name].column("value").combine_chunks())
+        return self.indexes[name]
+
+
+def finalize_features(cfg: DatasetConfig, stats: PartialStats) -> FittedFeatures:
+    """Turn merged statistics into ``FeatureInfo``s and vocabularies (ids by count desc, value).
+
+    Example:
+        >>> fitted = finalize_features(cfg, merge_stats(parts))  # doctest: +SKIP
+        >>> fitted.infos[0].num_embeddings                       # doctest: +SKIP
+    """
+    infos: list[FeatureInfo] = []
+    vocabs: dict[str, pa.Table] = {}
+    for spec in cfg.features:
+        info = FeatureInfo(name=spec.name, kind=spec.kind, source=spec.source, min_count=spec.min_count,
+                           max_len=spec.max_len, separator=spec.separator, group=spec.group)
+        if spec.kind == "dense":
+            m = stats.moments.get(spec.name, Moments())
+            info.fill, info.log = spec.fill, spec.log
+            if spec.standardize:
+                info.mean, info.std = m.mean, (m.std if m.std > 0 else 1.0)
+            if spec.bucketize:
+                info.boundaries = _boundaries(stats.sketches.get(spec.name, {}), spec.bucketize)
+                info.num_embeddings = len(info.boundaries) + 2
+        elif spec.hash_buckets:
+            info.hash_buckets, info.hash_seed = spec.hash_buckets, cfg.split.seed
+            info.num_embeddings = spec.hash_buckets
+        else:
+            table = stats.counts.get(spec.name)
+            if table is None:
+                table = _CountAcc().result()
+            info.cardinality = table.num_rows
+            kept = table.filter(pc.greater_equal(table.column("count"), spec.min_count))
+            kept = kept.sort_by([("count", "descending"), ("value", "ascending")])
+            ids = pa.array(np.arange(1, kept.num_rows + 1, dtype=np.int64))
+            vocabs[spec.name] = pa.table({"value": kept.column("value").cast(pa.string()), "id": ids,
+                                          "count": kept.column("count").cast(pa.int64())})
+            info.num_embeddings = kept.num_rows + 1
+            info.vocab_file = f"vocab/{spec.name}.parquet"
+        infos.append(info)
+    return FittedFeatures(infos, vocabs)
+
+
+def _boundaries(sketch: dict[int, int], bins: int) -> list[float]:
+    if not sketch:
+        return []
+    keys = sorted(sketch, key=_sketch_value)
+    counts = np.array([sketch[k] for k in keys], dtype=np.float64)
+    cum = np.cumsum(counts) / counts.sum()
+    out: list[float] = []
+    for q in (i / bins for i in range(1, bins)):
+        v = _sketch_value(keys[int(np.searchsorted(cum, q - 1e-12))])
+        if not out or v > out[-1]:
+            out.append(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+def output_schema(cfg: DatasetConfig, fitted: FittedFeatures) -> pa.Schema:
+    """The fixed schema of every prepared shard."""
+    fields = []
+    if cfg.label:
+        fields.append(pa.field(LABEL_COLUMN, pa.float32()))
+    if cfg.count_column:
+        fields.append(pa.field(cfg.count_column, pa.float32()))
+    for info in fitted.infos:
+        if info.kind == "multihot":
+            fields.append(pa.field(info.name, pa.list_(pa.int64())))
+        elif info.is_categorical:
+            fields.append(pa.field(info.name, pa.int64()))
+        else:
+            fields.append(pa.field(info.name, pa.float32()))
+    return pa.schema(fields)
+
+
+class ShardWriter:
+    """Writes one split as Parquet shards of exactly ``shard_rows`` rows (the last may be short)."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, shard_rows: int, prefix: str = "part-") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.schema, self.shard_rows, self.prefix = folder, schema, shard_rows, prefix
+        self.files: list[str] = []
+        self.rows = 0
+        self._buf: list[pa.Table] = []
+        self._buffered = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._in_shard = 0
+
+    def write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        self._buf.append(table)
+        self._buffered += table.num_rows
+        while self._buffered >= min(_ROW_GROUP_ROWS, self.shard_rows - self._in_shard):
+            self._flush(min(_ROW_GROUP_ROWS, self.shard_rows - self._in_shard))
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self._buf)
+        head, rest = table.slice(0, rows), table.slice(rows)
+        self._buf = [rest] if rest.num_rows else []
+        self._buffered = rest.num_rows
+        if self._writer is None:
+            name = f"{self.prefix}{len(self.files):05d}.parquet"
+            self.files.append(name)
+            self._writer = pq.ParquetWriter(str(self.folder / name), self.schema)
+        self._writer.write_table(head)
+        self._in_shard += head.num_rows
+        self.rows += head.num_rows
+        if self._in_shard >= self.shard_rows:
+            self._writer.close()
+            self._writer, self._in_shard = None, 0
+
+    def close(self) -> list[str]:
+        if self._buffered:
+            self._flush(self._buffered)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self.files:
+            name = f"{self.prefix}00000.parquet"
+            pq.write_table(self.schema.empty_table(), str(self.folder / name))
+            self.files.append(name)
+        return self.files
+
+
+@dataclass
+class TransformStats:
+    """Per-split rows written, label sums and id-0 (OOV/missing) counts per feature."""
+
+    rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    label_sum: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0.0))
+    oov: dict[str, dict[str, int]] = field(default_factory=dict)
+    values: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def merge(self, other: TransformStats) -> None:
+        for s in SPLITS:
+            self.rows[s] += other.rows[s]
+            self.label_sum[s] += other.label_sum[s]
+        for src, dst in ((other.oov, self.oov), (other.values, self.values)):
+            for name, per in src.items():
+                d = dst.setdefault(name, dict.fromkeys(SPLITS, 0))
+                for s in SPLITS:
+                    d[s] += per[s]
+
+
+def _lut_ids(fitted: FittedFeatures, info: FeatureInfo, dictionary: pa.Array) -> np.ndarray:
+    if info.hash_buckets:
+        return hash_buckets(_as_string(dictionary), info.hash_seed, info.hash_buckets)
+    return fitted.index(info.name).lookup(dictionary)
+
+
+def _transform_block(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Schema, c: CleanBlock,
+                     tstats: TransformStats) -> pa.Table:
+    cols: list[pa.Array] = []
+    split = c.split
+    if cfg.label:
+        cols.append(pa.array(c.label.astype(np.float32)))
+    if cfg.count_column:
+        cols.append(pa.array(c.count.astype(np.float32)))
+    for info in fitted.infos:
+        if info.kind == "dense":
+            x = c.dense[info.name]
+            if info.boundaries is not None:
+                ids = np.searchsorted(np.asarray(info.boundaries, np.float64), x, side="right") + 1
+                ids[np.isnan(x)] = 0
+                cols.append(pa.array(ids.astype(np.int64)))
+                _count_oov(tstats, info.name, split, ids == 0)
+            else:
+                cols.append(pa.array(((x - info.mean) / info.std).astype(np.float32)))
+        elif info.kind == "sparse":
+            arr = c.cats[info.name]
+            lut = np.append(_lut_ids(fitted, info, arr.dictionary), 0)
+            idx = np.asarray(pc.fill_null(arr.indices, len(lut) - 1))
+            ids = lut[idx]
+            cols.append(pa.array(ids))
+            _count_oov(tstats, info.name, split, ids == 0)
+        else:
+            flat, offsets = _multi_tokens(c.cats[info.name], info)
+            enc = flat.dictionary_encode()
+            ids = _lut_ids(fitted, info, enc.dictionary)[np.asarray(enc.indices)] if len(flat) else np.zeros(0, np.int64)
+            cols.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64())))
+            rows = np.repeat(np.arange(c.n), np.diff(offsets))
+            _count_oov(tstats, info.name, split[rows], ids == 0)
+    for code, name in enumerate(SPLITS):
+        mask = split == code
+        tstats.rows[name] += int(mask.sum())
+        if c.label is not None:
+            tstats.label_sum[name] += float(c.label[mask].sum())
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _count_oov(tstats: TransformStats, name: str, split: np.ndarray, zero: np.ndarray) -> None:
+    oov = tstats.oov.setdefault(name, dict.fromkeys(SPLITS, 0))
+    tot = tstats.values.setdefault(name, dict.fromkeys(SPLITS, 0))
+    z = np.bincount(split[zero], minlength=3)
+    t = np.bincount(split, minlength=3)
+    for code, s in enumerate(SPLITS):
+        oov[s] += int(z[code])
+        tot[s] += int(t[code])
+
+
+def transform_file(cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan, src: SourceFile,
+                   writers: dict[str, ShardWriter], spill: Path | None = None) -> TransformStats:
+    """Map one file's rows to ids and write them to the split writers (from its spill if given).
+
+    Example:
+        >>> ts = transform_file(cfg, fitted, plan, src, writers)  # doctest: +SKIP
+    """
+    schema = output_schema(cfg, fitted)
+    tstats = TransformStats()
+    if spill is not None:
+        with pa.OSFile(str(spill)) as f:
+            blocks: Iterator[CleanBlock] = (_from_spill(cfg, b) for b in ipc.open_stream(f))
+            _transform_all(cfg, fitted, schema, blocks, writers, tstats)
+    else:
+        _transform_all(cfg, fitted, schema, iter_clean(cfg, plan, src), writers, tstats)
+    return tstats
+
+
+def _transform_all(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Schema, blocks: Iterator[CleanBlock],
+                   writers: dict[str, ShardWriter], tstats: TransformStats) -> None:
+    for c in blocks:
+        table = _transform_block(cfg, fitted, schema, c, tstats)
+        for code, name in enumerate(SPLITS):
+            mask = c.split == code
+            if mask.all():
+                writers[name].write(table)
+            elif mask.any():
+                writers[name].write(table.filter(pa.array(mask)))
+
+
+def save_vocabs(fitted: FittedFeatures, folder: Path) -> None:
+    """Write one ``<name>.parquet`` (value, id, count) per vocabulary feature."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in fitted.vocabs.items():
+        pq.write_table(table, str(folder / f"{name}.parquet"))
+
+
+def load_vocab(path: str | Path) -> pa.Table:
+    """Read a saved vocabulary (value, id, count) for serving-time id mapping."""
+    return pq.read_table(str(path))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class PrepareReport:
+    """What ``prepare_dataset`` did: rows in, rows out per split, rejects per reason, time."""
+
+    dataset_id: str
+    output: str
+    rows_in: int
+    rows_out: dict[str, int]
+    rejected: dict[str, int]
+    seconds: float
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(self.rejected.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset_id": self.dataset_id, "output": self.output, "rows_in": self.rows_in,
+                "rows_out": dict(self.rows_out), "rows_rejected": self.rows_rejected,
+                "rejected": dict(self.rejected), "seconds": self.seconds}
+
+
+def check_reject_fraction(stats: PartialStats, max_fraction: float) -> None:
+    """Raise ``DataError`` when more than ``max_fraction`` of the input rows were rejected."""
+    if not stats.rows_in:
+        return
+    frac = stats.rows_rejected / stats.rows_in
+    if frac > max_fraction:
+        top = max(stats.rejected.items(), key=lambda kv: kv[1])
+        example = stats.reject_examples[0] if stats.reject_examples else ""
+        raise DataError(
+            f"{stats.rows_rejected} of {stats.rows_in} rows rejected ({frac:.2%}), more than "
+            f"max_reject_fraction {max_fraction:g}; most common: {top[0]} ({top[1]} rows), e.g. {example}. "
+            "Fix the input or raise --max-reject-fraction"
+        )
+
+
+def prepare_dataset(cfg: DatasetConfig, output: str | Path | None = None, overwrite: bool = False,
+                    max_reject_fraction: float | None = None) -> PrepareReport:
+    """Prepare ``cfg``'s raw files into ``output`` (default ``cfg.output``), atomically.
+
+    Writes ``{train,valid,test}/part-*.parquet``, ``feature_map.json``, ``vocab/*.parquet``,
+    ``stats.json`` and ``rejects/rejects.csv``. Refuses an existing output unless ``overwrite``.
+
+    Example:
+        >>> cfg = load_dataset_config("configs/datasets/criteo.yaml")  # doctest: +SKIP
+        >>> prepare_dataset(cfg, "data/criteo", overwrite=True).rows_in  # doctest: +SKIP
+        10000
+    """
+    start = time.perf_counter()
+    out = Path(output or cfg.output)
+    frac = cfg.max_reject_fraction if max_reject_fraction is None else max_reject_fraction
+    if not 0.0 <= frac <= 1.0:
+        raise ConfigError(f"max_reject_fraction must be in [0, 1], got {frac}")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: output exists; pass overwrite=True (--overwrite) to replace it")
+    _check_config(cfg)
+    sources = resolve_paths(cfg)
+    for src in sources:
+        check_columns(cfg, src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        plan = plan_split(cfg, sources)
+        spills = tmp / "_spill"
+        spills.mkdir()
+        rejects = RejectWriter(tmp / "rejects" / "rejects.csv")
+        try:
+            parts = [fit_file(cfg, plan, s, spills / f"{s.index:05d}.arrows", rejects) for s in sources]
+        finally:
+            rejects.close()
+        stats = merge_stats(parts)
+        check_reject_fraction(stats, frac)
+        fitted = finalize_features(cfg, stats)
+        save_vocabs(fitted, tmp / "vocab")
+        schema = output_schema(cfg, fitted)
+        writers = {s: ShardWriter(tmp / s, schema, cfg.shard_rows) for s in SPLITS}
+        tstats = TransformStats()
+        for src in sources:
+            spill = spills / f"{src.index:05d}.arrows"
+            tstats.merge(transform_file(cfg, fitted, plan, src, writers, spill))
+            spill.unlink()
+        shards = {s: [f"{s}/{f}" for f in w.close()] for s, w in writers.items()}
+        shutil.rmtree(spills)
+        fmap = FeatureMap(dataset_id=cfg.dataset_id, label=LABEL_COLUMN if cfg.label else None,
+                          features=fitted.infos, shards=shards, rows=dict(tstats.rows),
+                          count_column=cfg.count_column)
+        fmap.save(tmp / "feature_map.json")
+        seconds = time.perf_counter() - start
+        report = PrepareReport(cfg.dataset_id, str(out), stats.rows_in, dict(tstats.rows),
+                               dict(sorted(stats.rejected.items())), seconds)
+        if stats.rows_in != sum(tstats.rows.values()) + stats.rows_rejected:
+            raise RuntimeError(f"row accounting broken: {report.to_dict()}")  # a bug in recemb
+        write_json_atomic(tmp / "stats.json", _stats_json(cfg, report, stats, fitted, tstats))
+        _commit(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _stats_json(cfg: DatasetConfig, report: PrepareReport, stats: PartialStats, fitted: FittedFeatures,
+                tstats: TransformStats) -> dict[str, Any]:
+    feats: dict[str, Any] = {}
+    for info in fitted.infos:
+        entry: dict[str, Any] = {"kind": info.kind, "num_embeddings": info.num_embeddings}
+        if info.vocab_file:
+            entry["cardinality"] = info.cardinality
+            entry["vocab_size"] = info.num_embeddings - 1
+        if info.kind == "dense":
+            m = stats.moments.get(info.name, Moments())
+            entry["train_mean"], entry["train_std"] = m.mean, m.std
+        if info.name in tstats.oov:
+            entry["oov_rate"] = {s: tstats.oov[info.name][s] / max(1, tstats.values[info.name][s]) for s in SPLITS}
+        feats[info.name] = entry
+    label_rate = None
+    if cfg.label:
+        label_rate = {s: tstats.label_sum[s] / tstats.rows[s] if tstats.rows[s] else None for s in SPLITS}
+    return {**report.to_dict(), "label_rate": label_rate, "features": feats}
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out}: output exists; pass overwrite=True (--overwrite) to replace it")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,1 @@
+"""Training: plain functions for the loop, optimizers and checkpoints (no god class)."""

@@ -1,0 +1,332 @@
+"""The training loop as plain functions: build, shard, train, evaluate, checkpoint.
+
+``train`` runs one experiment on the current process group (one rank when none is
+running, so FBGEMM's fused tables still do the work). Ray's worker function
+calls the same function on every rank; only rank 0 prints, logs and writes.
+
+Example:
+    >>> cfg = load_experiment("configs/experiments/deepfm_synthetic_ctr.yaml")  # doctest: +SKIP
+    >>> result = train(cfg)                                                      # doctest: +SKIP
+    >>> result.test["auc"]                                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from recemb.config.experiment import ExperimentConfig, TrainConfig
+from recemb.data.batch import Batch, ParquetBatches
+from recemb.data.schema import FeatureMap
+from recemb.embeddings.base import EmbeddingLayer
+from recemb.embeddings.sharding import ensure_process_group, plan_to_dict, shard_model
+from recemb.eval.metrics import MetricAccumulator
+from recemb.io import write_json_atomic, write_text_atomic
+from recemb.models.ctr.registry import build_model
+from recemb.train.checkpoint import TrainState, load_checkpoint, read_meta, save_checkpoint
+
+log = logging.getLogger("recemb.train")
+MetricsHook = Callable[[int, dict[str, float]], None]
+
+
+class TrainModel(nn.Module):
+    """Model + loss: returns ``(loss, (loss, logits, labels))`` like torchrec's examples.
+
+    The loss is the mean binary cross-entropy, weighted by ``batch.weights`` when set.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        logits = self.model(batch)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, weight=batch.weights)
+        return loss, (loss.detach(), logits.detach(), batch.labels)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: best validation metrics, test metrics, where files are."""
+
+    expid: str
+    output_dir: str
+    steps: int
+    epochs_run: int
+    samples_per_s: float
+    best_valid: dict[str, float]
+    test: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    embedding_bytes: int = 0
+    full_bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (the model init and dropout)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def dense_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Optimizer for every parameter that has no fused (in-backward) optimizer."""
+    params = [p for _, p in in_backward_optimizer_filter(model.named_parameters()) if p.requires_grad]
+    kinds: dict[str, type[torch.optim.Optimizer]] = {
+        "adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
+    }
+    return kinds[cfg.dense_optimizer](params, lr=cfg.dense_lr, weight_decay=cfg.dense_weight_decay)
+
+
+def monitor_score(metrics: dict[str, float], monitor: dict[str, float]) -> float:
+    """Weighted sum of monitored metrics; higher is better (NaN counts as -inf)."""
+    score = sum(w * metrics[k] for k, w in monitor.items())
+    return -math.inf if math.isnan(score) else score
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def evaluate(model: nn.Module, batches: ParquetBatches | list[Batch], device: torch.device) -> dict[str, float]:
+    """Exact metrics of ``model`` over ``batches``, merged across ranks."""
+    acc = MetricAccumulator()
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            _, (_, logits, labels) = model(batch.to(device))
+            acc.update(logits.float().cpu(), labels.cpu())
+    model.train()
+    return acc.compute()
+
+
+def embedding_layers(model: nn.Module) -> list[EmbeddingLayer]:
+    """The embedding layers of a (possibly wrapped) model."""
+    return [m for m in model.modules() if isinstance(m, EmbeddingLayer)]
+
+
+def _skip(it: Iterator[Batch], n: int) -> Iterator[Batch]:
+    for i, batch in enumerate(it):
+        if i >= n:
+            yield batch
+
+
+def train(
+    cfg: ExperimentConfig,
+    device: torch.device | None = None,
+    resume: str | Path | None = None,
+    on_metrics: MetricsHook | None = None,
+    stop_after_steps: int = 0,
+) -> TrainResult:
+    """Train ``cfg`` on this process group; evaluate on valid (and test at the end).
+
+    ``resume`` is a checkpoint folder (or the run folder, meaning its ``last``
+    checkpoint). ``on_metrics(step, metrics)`` is called on every rank after each
+    evaluation (Ray reports and MLflow logging hook in here). ``stop_after_steps``
+    stops early after a checkpoint at that step, to test resuming.
+    """
+    t_start = time.perf_counter()
+    device = device or torch.device("cpu")
+    tc = cfg.train
+    seed_everything(tc.seed)
+    pg = ensure_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    data_dir = Path(cfg.data_dir)
+    fm = FeatureMap.load(data_dir / "feature_map.json")
+    out_dir = Path(tc.output_dir) / cfg.expid
+    ckpt_dir = out_dir / "checkpoints"
+
+    model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")))
+    layers = embedding_layers(model)
+    emb_bytes = sum(layer.parameter_bytes() for layer in layers)
+    full_bytes = sum(layer.full_bytes() for layer in layers)
+    sharded = shard_model(model, cfg.embedding, device, pg, batch_size=tc.batch_size)
+    dmp = sharded.model
+    opt = dense_optimizer(dmp, tc)
+    state = TrainState(model=dmp, dense_optimizer=opt, fused_optimizer=dmp.fused_optimizer)
+
+    if _is_rank0():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_json_atomic(out_dir / "sharding_plan.json", plan_to_dict(sharded.plan))
+        log.info("sharding plan:\n%s", sharded.plan)
+
+    start_step, start_epoch, skip_batches = 0, 0, 0
+    history: list[dict[str, float]] = []
+    best: dict[str, float] = {}
+    best_score, bad_evals = -math.inf, 0
+    if resume is not None:
+        path = Path(resume)
+        if not (path / "meta.json").exists():
+            path = path / "checkpoints" / "last"
+        meta = load_checkpoint(path, state)
+        start_step, start_epoch = meta["step"], meta["epoch"]
+        skip_batches = meta["extra"].get("batches_in_epoch", 0)
+        history = meta["extra"].get("history", [])
+        best = meta["extra"].get("best", {})
+        best_score = meta["extra"].get("best_score", -math.inf)
+        bad_evals = meta["extra"].get("bad_evals", 0)
+
+    def batches(split: str, size: int, shuffle: int, epoch: int = 0) -> ParquetBatches:
+        it = ParquetBatches(fm, split, size, root=data_dir, shuffle_rows=shuffle, seed=tc.seed,
+                            rank=rank, world_size=world, drop_last=split == "train")
+        it.set_epoch(epoch)
+        return it
+
+    def checkpoint(name: str, step: int, epoch: int, in_epoch: int) -> None:
+        extra = {"batches_in_epoch": in_epoch, "history": history, "best": best,
+                 "best_score": best_score, "bad_evals": bad_evals}
+        save_checkpoint(ckpt_dir / name, state, step=step, epoch=epoch, config=cfg.to_dict(), extra=extra)
+
+    step, samples, train_seconds = start_step, 0, 0.0
+    stop = False
+    epoch = start_epoch
+    progress = _progress(tc, rank)
+    for epoch in range(start_epoch, tc.epochs):
+        it = iter(batches("train", tc.batch_size, tc.shuffle_rows, epoch))
+        in_epoch = skip_batches if epoch == start_epoch else 0
+        if in_epoch:
+            it = _skip(it, in_epoch)
+        running = 0.0
+        t0 = time.perf_counter()
+        for batch in it:
+            batch = batch.to(device)
+            loss, _ = dmp(batch)
+            opt.zero_grad()
+            loss.backward()
+            if tc.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                               tc.clip_grad_norm)
+            opt.step()
+            step += 1
+            in_epoch += 1
+            samples += batch.batch_size
+            running = 0.98 * running + 0.02 * float(loss) if step > start_step + 1 else float(loss)
+            progress(batch.batch_size, running)
+            end_of_run = tc.max_steps and step >= tc.max_steps
+            if (tc.eval_every_steps and step % tc.eval_every_steps == 0) or end_of_run:
+                train_seconds += time.perf_counter() - t0
+                best_score, bad_evals, improved = _eval_step(
+                    dmp, batches, tc, device, step, epoch, history, best_score, bad_evals, on_metrics)
+                if improved:
+                    best = history[-1]
+                    checkpoint("best", step, epoch, in_epoch)
+                checkpoint("last", step, epoch, in_epoch)
+                t0 = time.perf_counter()
+                if bad_evals > tc.patience:
+                    stop = True
+            if stop_after_steps and step >= stop_after_steps:
+                checkpoint("last", step, epoch, in_epoch)
+                return TrainResult(cfg.expid, str(out_dir), step, epoch, 0.0, best, {}, history)
+            if stop or end_of_run:
+                break
+        train_seconds += time.perf_counter() - t0
+        if stop or (tc.max_steps and step >= tc.max_steps):
+            break
+        if not (tc.eval_every_steps and step % tc.eval_every_steps == 0):
+            best_score, bad_evals, improved = _eval_step(
+                dmp, batches, tc, device, step, epoch, history, best_score, bad_evals, on_metrics)
+            if improved:
+                best = history[-1]
+                checkpoint("best", step, epoch + 1, 0)
+            if bad_evals > tc.patience:
+                checkpoint("last", step, epoch + 1, 0)
+                break
+        checkpoint("last", step, epoch + 1, 0)
+    if (ckpt_dir / "best").exists():
+        load_checkpoint(ckpt_dir / "best", state)
+    test = evaluate(dmp, batches("test", tc.eval_batch_size, 0), device) if "test" in fm.shards else {}
+    result = TrainResult(
+        expid=cfg.expid, output_dir=str(out_dir), steps=step, epochs_run=epoch + 1,
+        samples_per_s=samples * world / train_seconds if train_seconds else 0.0,
+        best_valid=best, test=test, history=history, embedding_bytes=emb_bytes, full_bytes=full_bytes,
+        seconds=time.perf_counter() - t_start,
+    )
+    if _is_rank0():
+        print(f"[metrics] split=test step={step} " + _fmt(test), flush=True)
+        write_json_atomic(out_dir / "result.json", result.to_dict())
+        _append_results_csv(Path(tc.output_dir) / "results.csv", cfg, result)
+    return result
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    keys = ("auc", "logloss", "ne", "calibration")
+    return " ".join(f"{k}={metrics[k]:.5f}" for k in keys if k in metrics)
+
+
+def _eval_step(
+    dmp: nn.Module, batches: Callable[..., ParquetBatches], tc: TrainConfig, device: torch.device,
+    step: int, epoch: int, history: list[dict[str, float]], best_score: float, bad_evals: int,
+    on_metrics: MetricsHook | None,
+) -> tuple[float, int, bool]:
+    metrics = evaluate(dmp, batches("valid", tc.eval_batch_size, 0), device)
+    metrics = {**metrics, "step": step, "epoch": epoch}
+    history.append(metrics)
+    if _is_rank0():
+        print(f"\n[metrics] split=valid step={step} epoch={epoch} " + _fmt(metrics), flush=True)
+    if on_metrics is not None:
+        on_metrics(step, metrics)
+    score = monitor_score(metrics, tc.monitor)
+    if score > best_score:
+        return score, 0, True
+    return best_score, bad_evals + 1, False
+
+
+def _progress(tc: TrainConfig, rank: int) -> Callable[[int, float], None]:
+    if not tc.progress or rank != 0:
+        return lambda n, loss: None
+    from tqdm import tqdm
+
+    bar = tqdm(unit="samples", unit_scale=True, dynamic_ncols=True, mininterval=2.0)
+
+    def update(n: int, loss: float) -> None:
+        bar.update(n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    return update
+
+
+def _append_results_csv(path: Path, cfg: ExperimentConfig, result: TrainResult) -> None:
+    """One line per run (FuxiCTR-style), appended; the header is written once."""
+    row = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "expid": cfg.expid, "model": cfg.model.name,
+        "embedding": cfg.embedding.kind, "dataset": cfg.dataset_id, "steps": result.steps,
+        "valid_auc": result.best_valid.get("auc"), "valid_logloss": result.best_valid.get("logloss"),
+        "test_auc": result.test.get("auc"), "test_logloss": result.test.get("logloss"),
+        "samples_per_s": round(result.samples_per_s, 1), "embedding_bytes": result.embedding_bytes,
+        "full_bytes": result.full_bytes, "output_dir": result.output_dir,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def resume_info(path: str | Path) -> dict[str, Any]:
+    """Step/epoch of a checkpoint, for messages (``recemb train --resume``)."""
+    meta = read_meta(path)
+    return {"step": meta["step"], "epoch": meta["epoch"], "world_size": meta["world_size"]}
+
+
+__all__ = ["TrainModel", "TrainResult", "dense_optimizer", "evaluate", "monitor_score", "train"]

@@ -1,0 +1,174 @@
+"""Benchmark ``recemb.data.preprocess.prepare_dataset`` against a vectorised pandas baseline.
+
+Both run the same vocabulary (min_count on the train split) + dense transform on a
+synthetic Criteo TSV, each in a fresh subprocess so that its peak RSS (ru_maxrss) is its own.
+Usage: ``python tools/bench_prepare.py --rows 1000000 5000000 [--workdir /tmp/recemb-bench]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from recemb.data.sources import CRITEO_COLUMNS  # noqa: E402
+
+MIN_COUNT = 2
+
+
+def _make_tsv(path: Path, rows: int, seed: int = 0) -> None:
+    """Criteo-format TSV via recemb.data.synthetic when present, else a small Zipf generator."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from recemb.data.synthetic import CtrSynthConfig, generate_ctr
+    except ImportError:
+        _make_tsv_fallback(path, rows, seed)
+        return
+    generate_ctr(CtrSynthConfig(rows=rows, seed=seed), path)
+
+
+def _make_tsv_fallback(path: Path, rows: int, seed: int) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    rng = np.random.default_rng(seed)
+    cards = np.geomspace(10, 1e6, 26).astype(np.int64)
+    hexchars = np.frombuffer(b"0123456789abcdef", np.uint8)
+    with open(path, "wb") as f:
+        for start in range(0, rows, 200_000):
+            n = min(200_000, rows - start)
+            cols: dict[str, Any] = {"label": pa.array((rng.random(n) < 0.25).astype(np.int64))}
+            for i in range(1, 14):
+                v = rng.zipf(1.5, n).astype(np.int64) - 1
+                cols[f"I{i}"] = pa.array(v, mask=rng.random(n) < 0.07)
+            for i, card in enumerate(cards, 1):
+                ids = (rng.zipf(1.15, n) - 1) % card
+                h = ((ids * 2654435761 + i * 97) & 0xFFFFFFFF).astype(np.uint32)
+                nib = (h[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & 0xF
+                s = hexchars[nib].view("S8").ravel()
+                cols[f"C{i}"] = pa.array(s.astype(str))
+            opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+            pacsv.write_csv(pa.table(cols), f, write_options=opts)
+
+
+def run_ours(path: Path, out: Path, block_bytes: int) -> dict[str, Any]:
+    from recemb.data.preprocess import prepare_dataset
+    from recemb.data.schema import dataset_from_dict
+
+    cfg = dataset_from_dict({
+        "dataset_id": "bench", "format": "criteo", "paths": [str(path)],
+        "block_bytes": block_bytes,
+        "features": [
+            {"names": [f"I{i}" for i in range(1, 14)], "kind": "dense", "log": True, "standardize": True},
+            {"names": [f"C{i}" for i in range(1, 27)], "kind": "sparse", "min_count": MIN_COUNT},
+        ],
+    })
+    report = prepare_dataset(cfg, out, overwrite=True)
+    return {"rows": report.rows_in, "rows_out": report.rows_out, "rejected": report.rows_rejected}
+
+
+def run_pandas(path: Path, out: Path) -> dict[str, Any]:
+    """Vectorised pandas: read_csv, seeded split, value_counts on train, get_indexer map, Parquet."""
+    import pandas as pd
+
+    from recemb.data.hashing import row_uniform
+
+    df = pd.read_csv(path, sep="\t", header=None, names=CRITEO_COLUMNS, dtype={f"C{i}": str for i in range(1, 27)})
+    n = len(df)
+    u = row_uniform(0, np.arange(1, n + 1), 0)
+    split = np.where(u < 0.8, 0, np.where(u < 0.9, 1, 2))
+    train = split == 0
+    good = df["label"].isin([0, 1]).to_numpy()
+    for i in range(1, 14):
+        c = f"I{i}"
+        x = np.log1p(np.maximum(df[c].fillna(0.0).to_numpy(np.float64), 0.0))
+        m, s = x[train].mean(), x[train].std()
+        df[c] = ((x - m) / (s if s > 0 else 1.0)).astype(np.float32)
+    for i in range(1, 27):
+        c = f"C{i}"
+        vc = df.loc[train, c].value_counts()
+        vc = vc[vc >= MIN_COUNT]
+        order = pd.DataFrame({"v": vc.index, "n": vc.to_numpy()}).sort_values(["n", "v"], ascending=[False, True])
+        df[c] = pd.Index(order["v"]).get_indexer(df[c]) + 1
+    df["label"] = df["label"].astype(np.float32)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for code, name in enumerate(("train", "valid", "test")):
+        df[(split == code) & good].to_parquet(out / f"{name}.parquet", index=False)
+    return {"rows": n}
+
+
+def worker(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    out = Path(args.workdir) / f"out-{args.worker}"
+    path = Path(args.input)
+    info = run_ours(path, out, args.block_bytes) if args.worker == "ours" else run_pandas(path, out)
+    seconds = time.perf_counter() - start
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    info.update(seconds=seconds, rows_per_s=info["rows"] / seconds, peak_rss_mb=ru.ru_maxrss / 1024,
+                cpu_s=ru.ru_utime + ru.ru_stime)
+    print(json.dumps(info))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
+    ap.add_argument("--workdir", default="/tmp/recemb-bench")
+    ap.add_argument("--block-bytes", type=int, default=16 << 20)
+    ap.add_argument("--only", choices=["ours", "pandas"], default=None)
+    ap.add_argument("--worker", choices=["ours", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--input", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    work = Path(args.workdir)
+    results: dict[int, dict[str, dict[str, Any]]] = {}
+    for rows in args.rows:
+        tsv = work / f"ctr-{rows}.tsv"
+        if not tsv.exists():
+            t = time.perf_counter()
+            _make_tsv(tsv, rows)
+            print(f"generated {tsv} in {time.perf_counter() - t:.1f}s", flush=True)
+        results[rows] = {}
+        for impl in ("ours", "pandas"):
+            if args.only and impl != args.only:
+                continue
+            cmd = [sys.executable, __file__, "--worker", impl, "--input", str(tsv), "--workdir", str(work),
+                   "--block-bytes", str(args.block_bytes)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                print(res.stderr, file=sys.stderr)
+                raise SystemExit(f"{impl} failed on {rows} rows")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            results[rows][impl] = r
+            print(f"{rows:>9} rows  {impl:<6}  {r['rows_per_s']:>9,.0f} rows/s  {r['seconds']:6.1f}s  "
+                  f"cpu {r['cpu_s']:6.1f}s  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+        if len(results[rows]) == 2:
+            o, p = results[rows]["ours"], results[rows]["pandas"]
+            print(f"{rows:>9} rows  ours/pandas: speed x{o['rows_per_s'] / p['rows_per_s']:.2f}, "
+                  f"peak memory x{o['peak_rss_mb'] / p['peak_rss_mb']:.2f}", flush=True)
+    sizes = sorted(results)
+    if len(sizes) >= 2:
+        lo, hi = sizes[0], sizes[-1]
+        for impl in ("ours", "pandas"):
+            if impl in results[lo] and impl in results[hi]:
+                g = results[hi][impl]["peak_rss_mb"] / results[lo][impl]["peak_rss_mb"]
+                print(f"{impl}: peak RSS at {hi:,} rows / at {lo:,} rows = x{g:.2f}")
+    (work / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
