@@ -39,6 +39,14 @@ SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "exact_sgd": trec_optim.SGD,
     "adam": trec_optim.Adam,
 }
+# The same update rules as ordinary optimizers, for tables no fused kernel runs
+# (torchrec's SGD/Adagrad/Adam wrappers only carry settings into FBGEMM).
+UNFUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "exact_rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "exact_adagrad": torch.optim.Adagrad,
+    "exact_sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+}
 _ROW_WISE = [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
 
 
@@ -88,6 +96,32 @@ def apply_sparse_optimizer(model: nn.Module, cfg: EmbeddingConfig, device: torch
     params = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
     if params:
         apply_optimizer_in_backward(SPARSE_OPTIMIZERS[cfg.optimizer], params, kwargs)
+
+
+def unfused_table_params(model: nn.Module) -> list[nn.Parameter]:
+    """Table weights that no fused optimizer updates (``data_parallel`` tables).
+
+    Data-parallel tables run torchrec's dense kernel, where the in-backward
+    optimizer does not apply; DDP averages their gradients and
+    ``table_optimizer`` steps them with the configured sparse optimizer.
+    """
+    return [
+        p for name, p in model.named_parameters()
+        if "embedding_bags" in name and p.requires_grad and not hasattr(p, "_in_backward_optimizers")
+    ]
+
+
+def table_optimizer(model: nn.Module, cfg: EmbeddingConfig) -> torch.optim.Optimizer | None:
+    """The configured sparse optimizer (unfused) over ``unfused_table_params``, if any."""
+    params = unfused_table_params(model)
+    if not params:
+        return None
+    kwargs: dict[str, Any] = {"lr": cfg.lr}
+    if cfg.optimizer != "exact_sgd":
+        kwargs["eps"] = cfg.eps
+    if cfg.weight_decay:
+        kwargs["weight_decay"] = cfg.weight_decay
+    return UNFUSED_OPTIMIZERS[cfg.optimizer](params, **kwargs)
 
 
 def table_sharding(model: nn.Module) -> dict[str, str]:

@@ -44,6 +44,14 @@ class TrainState:
     model: torch.nn.Module
     dense_optimizer: torch.optim.Optimizer
     fused_optimizer: Any | None = None
+    table_optimizer: torch.optim.Optimizer | None = None
+
+    def plain_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The unfused optimizers by checkpoint prefix (dense, data-parallel tables)."""
+        out = {"dense": self.dense_optimizer}
+        if self.table_optimizer is not None:
+            out["table"] = self.table_optimizer
+        return out
 
     def tensors(self) -> dict[str, Any]:
         """All checkpointed tensors, keyed ``model/...``, ``fused/...``, ``dense/...``."""
@@ -53,10 +61,11 @@ class TrainState:
                 for name, value in states.items():
                     if isinstance(value, torch.Tensor):
                         out[f"fused/{param}/{name}"] = value
-        for idx, states in self.dense_optimizer.state_dict()["state"].items():
-            for name, value in states.items():
-                if isinstance(value, torch.Tensor):
-                    out[f"dense/{idx}/{name}"] = value
+        for prefix, optimizer in self.plain_optimizers().items():
+            for idx, states in optimizer.state_dict()["state"].items():
+                for name, value in states.items():
+                    if isinstance(value, torch.Tensor):
+                        out[f"{prefix}/{idx}/{name}"] = value
         return out
 
 
@@ -92,14 +101,14 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        dense_groups = state.dense_optimizer.state_dict()["param_groups"]
+        groups = {k: o.state_dict()["param_groups"] for k, o in state.plain_optimizers().items()}
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "epoch": epoch,
             "world_size": world,
             "shapes": shapes,
-            "dense_param_groups": dense_groups,
+            "param_groups": groups,
             "torch_rng": torch.get_rng_state().tolist(),
             "config": config,
             "extra": extra or {},
@@ -157,19 +166,20 @@ def assemble_full(path: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
     """Restore ``state`` from the checkpoint at ``path``; returns its meta.
 
-    The dense optimizer gets its state through ``load_state_dict`` (built from
+    The unfused optimizers get their state through ``load_state_dict`` (built from
     the saved tensors and param groups); model and fused state are copied in place.
     """
     meta = read_meta(path)
     full = assemble_full(path)
     targets = state.tensors()
     copy_full_into(targets, full)
-    dense_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in full.items():
-        if key.startswith("dense/"):
-            _, idx, name = key.split("/", 2)
-            dense_state.setdefault(int(idx), {})[name] = tensor
-    state.dense_optimizer.load_state_dict({"state": dense_state, "param_groups": meta["dense_param_groups"]})
+    for prefix, optimizer in state.plain_optimizers().items():
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in full.items():
+            if key.startswith(prefix + "/"):
+                _, idx, name = key.split("/", 2)
+                opt_state.setdefault(int(idx), {})[name] = tensor
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"][prefix]})
     missing = [k for k in targets if k not in full]
     if missing:
         raise DataError(f"{path}: checkpoint lacks '{missing[0]}' (model or optimizer changed?)")

@@ -33,7 +33,13 @@ from recemb.config.experiment import ExperimentConfig, TrainConfig
 from recemb.data.batch import Batch, ParquetBatches
 from recemb.data.schema import FeatureMap
 from recemb.embeddings.base import EmbeddingLayer
-from recemb.embeddings.sharding import ensure_process_group, plan_to_dict, shard_model
+from recemb.embeddings.sharding import (
+    ensure_process_group,
+    plan_to_dict,
+    shard_model,
+    table_optimizer,
+    unfused_table_params,
+)
 from recemb.eval.metrics import MetricAccumulator
 from recemb.io import write_json_atomic, write_text_atomic
 from recemb.models.ctr.registry import build_model
@@ -88,8 +94,12 @@ def seed_everything(seed: int) -> None:
 
 
 def dense_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizer for every parameter that has no fused (in-backward) optimizer."""
-    params = [p for _, p in in_backward_optimizer_filter(model.named_parameters()) if p.requires_grad]
+    """Optimizer for the dense parameters: neither fused tables nor data-parallel tables."""
+    tables = {id(p) for p in unfused_table_params(model)}
+    params = [
+        p for _, p in in_backward_optimizer_filter(model.named_parameters())
+        if p.requires_grad and id(p) not in tables
+    ]
     kinds: dict[str, type[torch.optim.Optimizer]] = {
         "adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
     }
@@ -161,7 +171,9 @@ def train(
     sharded = shard_model(model, cfg.embedding, device, pg, batch_size=tc.batch_size)
     dmp = sharded.model
     opt = dense_optimizer(dmp, tc)
-    state = TrainState(model=dmp, dense_optimizer=opt, fused_optimizer=dmp.fused_optimizer)
+    table_opt = table_optimizer(dmp, cfg.embedding)
+    state = TrainState(model=dmp, dense_optimizer=opt, fused_optimizer=dmp.fused_optimizer,
+                       table_optimizer=table_opt)
 
     if _is_rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,11 +223,15 @@ def train(
             batch = batch.to(device)
             loss, _ = dmp(batch)
             opt.zero_grad()
+            if table_opt is not None:
+                table_opt.zero_grad()
             loss.backward()
             if tc.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                                tc.clip_grad_norm)
             opt.step()
+            if table_opt is not None:
+                table_opt.step()
             step += 1
             in_epoch += 1
             samples += batch.batch_size
