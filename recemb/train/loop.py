@@ -209,10 +209,13 @@ def train(
         save_checkpoint(ckpt_dir / name, state, step=step, epoch=epoch, config=cfg.to_dict(), extra=extra)
 
     step, samples, train_seconds = start_step, 0, 0.0
-    stop = False
+    # A run resumed after it stopped early (or reached max_steps) has nothing left to train.
+    stop = bad_evals > tc.patience or bool(tc.max_steps and step >= tc.max_steps)
     epoch = start_epoch
     progress = _progress(tc, rank)
     for epoch in range(start_epoch, tc.epochs):
+        if stop:
+            break
         it = iter(batches("train", tc.batch_size, tc.shuffle_rows, epoch))
         in_epoch = skip_batches if epoch == start_epoch else 0
         if in_epoch:
@@ -235,7 +238,8 @@ def train(
             step += 1
             in_epoch += 1
             samples += batch.batch_size
-            running = 0.98 * running + 0.02 * float(loss) if step > start_step + 1 else float(loss)
+            value = float(loss.detach())
+            running = 0.98 * running + 0.02 * value if step > start_step + 1 else value
             progress(batch.batch_size, running)
             end_of_run = tc.max_steps and step >= tc.max_steps
             if (tc.eval_every_steps and step % tc.eval_every_steps == 0) or end_of_run:
