@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,9 +132,9 @@ class ParquetBatches:
 
     Rows stream shard by shard; with ``shuffle_rows > 0`` a buffer of that many
     rows is permuted before batches are cut from it (seeded by ``seed`` and the
-    epoch, so each epoch's order is reproducible). ``rank``/``world_size`` give
-    each worker every ``world_size``-th shard (or, with fewer shards than
-    workers, an equal slice of every batch).
+    epoch, so each epoch's order is reproducible). With ``world_size > 1`` every
+    rank reads all rows in the same order and takes its equal slice of each
+    global batch, so all ranks step together (Ray Data does the reading at scale).
 
     Example:
         >>> batches = ParquetBatches(fm, "train", batch_size=2048, shuffle_rows=1 << 18)
@@ -182,17 +182,11 @@ class ParquetBatches:
         """Change the shuffle order for the next iteration."""
         self.epoch = epoch
 
-    def _my_files(self) -> tuple[Sequence[Path], bool]:
-        if self.world_size > 1 and len(self.files) >= self.world_size:
-            return self.files[self.rank :: self.world_size], False
-        return self.files, self.world_size > 1
-
     def _tables(self, rng: np.random.Generator) -> Iterator[pa.Table]:
-        files, _ = self._my_files()
-        order = rng.permutation(len(files)) if self.shuffle_rows else range(len(files))
-        read_rows = max(self.batch_size, 8192)
+        order = rng.permutation(len(self.files)) if self.shuffle_rows else range(len(self.files))
+        read_rows = max(self.batch_size * self.world_size, 8192)
         for idx in order:
-            pf = pq.ParquetFile(files[idx])
+            pf = pq.ParquetFile(self.files[idx])
             available = set(pf.schema_arrow.names)
             cols = [c for c in self.columns if c in available]
             for rb in pf.iter_batches(batch_size=read_rows, columns=cols):
@@ -200,10 +194,10 @@ class ParquetBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        _, slice_batches = self._my_files()
+        step = self.batch_size * self.world_size
         buffer: list[pa.Table] = []
         buffered = 0
-        limit = max(self.shuffle_rows, self.batch_size)
+        limit = max(self.shuffle_rows, step)
         for table in self._tables(rng):
             buffer.append(table)
             buffered += table.num_rows
@@ -211,23 +205,29 @@ class ParquetBatches:
                 merged = pa.concat_tables(buffer)
                 if self.shuffle_rows:
                     merged = merged.take(rng.permutation(merged.num_rows))
-                usable = (merged.num_rows // self.batch_size) * self.batch_size
-                yield from self._cut(merged.slice(0, usable), slice_batches)
+                usable = (merged.num_rows // step) * step
+                yield from self._cut(merged.slice(0, usable))
                 buffer, buffered = [merged.slice(usable)], merged.num_rows - usable
         if buffered:
             merged = pa.concat_tables(buffer)
             if self.shuffle_rows:
                 merged = merged.take(rng.permutation(merged.num_rows))
-            yield from self._cut(merged, slice_batches, final=True)
+            yield from self._cut(merged)
 
-    def _cut(self, table: pa.Table, slice_batches: bool, final: bool = False) -> Iterator[Batch]:
-        for start in range(0, table.num_rows, self.batch_size):
-            part = table.slice(start, self.batch_size)
-            if part.num_rows < self.batch_size and self.drop_last:
+    def _cut(self, table: pa.Table) -> Iterator[Batch]:
+        """Cut global batches of ``batch_size * world_size`` rows; yield this rank's slice.
+
+        Every rank reads the same rows in the same order, so every rank yields the
+        same number of equal-sized batches (sharded tables need all ranks to step
+        together). The last global batch is split evenly; with ``drop_last`` it is
+        dropped when short, otherwise only its ``< world_size`` leftover rows are.
+        """
+        step = self.batch_size * self.world_size
+        for start in range(0, table.num_rows, step):
+            part = table.slice(start, step)
+            if part.num_rows < step and self.drop_last:
                 return
-            if slice_batches:
-                per = part.num_rows // self.world_size
-                if per == 0:
-                    continue
-                part = part.slice(self.rank * per, per)
-            yield arrow_to_batch(part, self.feature_map)
+            per = part.num_rows // self.world_size
+            if per == 0:
+                return
+            yield arrow_to_batch(part.slice(self.rank * per, per), self.feature_map)
