@@ -12,9 +12,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -231,3 +232,45 @@ class ParquetBatches:
             if per == 0:
                 return
             yield arrow_to_batch(part.slice(self.rank * per, per), self.feature_map)
+
+
+class BatchSource(Protocol):
+    """Where a training loop gets its batches: local Parquet here, Ray Data in pipelines."""
+
+    def batches(self, split: str, batch_size: int, epoch: int) -> Iterable[Batch]:
+        """This rank's batches of ``split`` for ``epoch`` (train is shuffled, the rest not)."""
+        ...
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` exists."""
+        ...
+
+
+@dataclass
+class ParquetSource:
+    """``BatchSource`` over a prepared folder, through ``ParquetBatches``.
+
+    Example:
+        >>> source = ParquetSource(fm, "data/synthetic_ctr", shuffle_rows=1 << 18)
+        >>> next(iter(source.batches("valid", 4096, 0))).batch_size   # doctest: +SKIP
+        4096
+    """
+
+    feature_map: FeatureMap
+    root: str | Path
+    shuffle_rows: int = 0
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    def batches(self, split: str, batch_size: int, epoch: int) -> Iterable[Batch]:
+        train = split == "train"
+        it = ParquetBatches(
+            self.feature_map, split, batch_size, root=self.root, shuffle_rows=self.shuffle_rows if train else 0,
+            drop_last=train, seed=self.seed, rank=self.rank, world_size=self.world_size,
+        )
+        it.set_epoch(epoch)
+        return it
+
+    def has_split(self, split: str) -> bool:
+        return split in self.feature_map.shards

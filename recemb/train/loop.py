@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from torch import nn
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recemb.config.experiment import ExperimentConfig, TrainConfig
-from recemb.data.batch import Batch, ParquetBatches
+from recemb.data.batch import Batch, BatchSource, ParquetSource
 from recemb.data.schema import FeatureMap
 from recemb.embeddings.base import EmbeddingLayer
 from recemb.embeddings.sharding import (
@@ -47,6 +47,7 @@ from recemb.train.checkpoint import TrainState, load_checkpoint, read_meta, save
 
 log = logging.getLogger("recemb.train")
 MetricsHook = Callable[[int, dict[str, float]], None]
+EpochHook = Callable[[int, int, Path, dict[str, float]], None]
 
 
 class TrainModel(nn.Module):
@@ -116,7 +117,7 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def evaluate(model: nn.Module, batches: ParquetBatches | list[Batch], device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
     """Exact metrics of ``model`` over ``batches``, merged across ranks."""
     acc = MetricAccumulator()
     model.eval()
@@ -145,13 +146,19 @@ def train(
     resume: str | Path | None = None,
     on_metrics: MetricsHook | None = None,
     stop_after_steps: int = 0,
+    source: BatchSource | None = None,
+    on_epoch_end: EpochHook | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on this process group; evaluate on valid (and test at the end).
 
     ``resume`` is a checkpoint folder (or the run folder, meaning its ``last``
     checkpoint). ``on_metrics(step, metrics)`` is called on every rank after each
     evaluation (Ray reports and MLflow logging hook in here). ``stop_after_steps``
-    stops early after a checkpoint at that step, to test resuming.
+    stops early after a checkpoint at that step, to test resuming. ``source``
+    gives the batches (default: this rank's share of the prepared Parquet).
+    ``on_epoch_end(epoch, step, checkpoint, metrics)`` runs on every rank after
+    each completed epoch's checkpoint; ``metrics`` holds the last validation
+    metrics and ``train_rows``, the rows trained in that epoch over all ranks.
     """
     t_start = time.perf_counter()
     device = device or torch.device("cpu")
@@ -197,11 +204,11 @@ def train(
         best_score = meta["extra"].get("best_score", -math.inf)
         bad_evals = meta["extra"].get("bad_evals", 0)
 
-    def batches(split: str, size: int, shuffle: int, epoch: int = 0) -> ParquetBatches:
-        it = ParquetBatches(fm, split, size, root=data_dir, shuffle_rows=shuffle, seed=tc.seed,
-                            rank=rank, world_size=world, drop_last=split == "train")
-        it.set_epoch(epoch)
-        return it
+    source = source or ParquetSource(fm, data_dir, shuffle_rows=tc.shuffle_rows, seed=tc.seed,
+                                     rank=rank, world_size=world)
+
+    def batches(split: str, size: int, epoch: int = 0) -> Iterable[Batch]:
+        return source.batches(split, size, epoch)
 
     def checkpoint(name: str, step: int, epoch: int, in_epoch: int) -> None:
         extra = {"batches_in_epoch": in_epoch, "history": history, "best": best,
@@ -216,7 +223,8 @@ def train(
     for epoch in range(start_epoch, tc.epochs):
         if stop:
             break
-        it = iter(batches("train", tc.batch_size, tc.shuffle_rows, epoch))
+        it = iter(batches("train", tc.batch_size, epoch))
+        rows = 0
         in_epoch = skip_batches if epoch == start_epoch else 0
         if in_epoch:
             it = _skip(it, in_epoch)
@@ -238,6 +246,7 @@ def train(
             step += 1
             in_epoch += 1
             samples += batch.batch_size
+            rows += batch.batch_size
             value = float(loss.detach())
             running = 0.98 * running + 0.02 * value if step > start_step + 1 else value
             progress(batch.batch_size, running)
@@ -271,9 +280,14 @@ def train(
                 checkpoint("last", step, epoch + 1, 0)
                 break
         checkpoint("last", step, epoch + 1, 0)
+        if on_epoch_end is not None:
+            total = torch.tensor([rows], dtype=torch.int64)
+            dist.all_reduce(total, group=pg)
+            last = {k: v for k, v in (history[-1] if history else {}).items()}
+            on_epoch_end(epoch, step, ckpt_dir / "last", {**last, "train_rows": int(total.item())})
     if (ckpt_dir / "best").exists():
         load_checkpoint(ckpt_dir / "best", state)
-    test = evaluate(dmp, batches("test", tc.eval_batch_size, 0), device) if "test" in fm.shards else {}
+    test = evaluate(dmp, batches("test", tc.eval_batch_size), device) if source.has_split("test") else {}
     result = TrainResult(
         expid=cfg.expid, output_dir=str(out_dir), steps=step, epochs_run=epoch + 1,
         samples_per_s=samples * world / train_seconds if train_seconds else 0.0,
@@ -293,11 +307,11 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _eval_step(
-    dmp: nn.Module, batches: Callable[..., ParquetBatches], tc: TrainConfig, device: torch.device,
+    dmp: nn.Module, batches: Callable[..., Iterable[Batch]], tc: TrainConfig, device: torch.device,
     step: int, epoch: int, history: list[dict[str, float]], best_score: float, bad_evals: int,
     on_metrics: MetricsHook | None,
 ) -> tuple[float, int, bool]:
-    metrics = evaluate(dmp, batches("valid", tc.eval_batch_size, 0), device)
+    metrics = evaluate(dmp, batches("valid", tc.eval_batch_size), device)
     metrics = {**metrics, "step": step, "epoch": epoch}
     history.append(metrics)
     if _is_rank0():
