@@ -1,15 +1,26 @@
-"""``recemb train``: one experiment, single process (multi-worker Ray comes next).
+"""``recemb train``: one experiment in-process, or on Ray Train with N workers.
 
-Loads the experiment YAML with overrides, silences torchrec/fbgemm's INFO logs,
-and runs ``recemb.train.loop.train``.
+With ``workers == 0`` the loop runs in this process (one gloo rank). With
+``workers >= 1`` a Ray ``TorchTrainer`` starts the workers and their process group;
+each worker builds the model on the meta device and wraps it with torchrec's
+``DistributedModelParallel`` itself (never Ray's ``prepare_model``, which is DDP),
+reads its equal Ray Data split, reports at the same cadence on every rank and
+checkpoints each epoch, so ``FailureConfig`` restarts from the last epoch.
+Every run is tracked in MLflow (rank 0 only).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
-from recemb.config.experiment import load_experiment
+from recemb.config.experiment import ExperimentConfig, load_experiment
+from recemb.config.loader import from_dict
+from recemb.data.schema import FeatureMap
+from recemb.errors import RecembError
+from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, Tracker
 from recemb.train.loop import TrainResult, train
 
 
@@ -19,8 +30,145 @@ def quiet_logs() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def run_train(config: str | Path, overrides: list[str] | None = None, resume: str | Path | None = None) -> TrainResult:
-    """Train the experiment at ``config``; returns its result (also in ``runs/<expid>``)."""
+def _finish_tracking(tracker: Tracker, cfg: ExperimentConfig, result: TrainResult) -> None:
+    tracker.log_metrics(result.steps, result.test, split="test")
+    tracker.set_tags({
+        TAG_EMBEDDING_BYTES: result.embedding_bytes,
+        TAG_FULL_BYTES: result.full_bytes,
+        TAG_CHECKPOINT_DIR: str(Path(result.output_dir).resolve() / "checkpoints"),
+        "recemb.samples_per_s": round(result.samples_per_s, 1),
+    })
+    out = Path(result.output_dir)
+    for name in ("config.yaml", "sharding_plan.json", "result.json"):
+        if (out / name).exists():
+            tracker.log_artifact(out / name)
+    data = Path(cfg.data_dir)
+    for name in ("feature_map.json", "stats.json"):
+        if (data / name).exists():
+            tracker.log_artifact(data / name, artifact_path="data")
+
+
+def run_train(
+    config: str | Path | ExperimentConfig,
+    overrides: list[str] | None = None,
+    resume: str | Path | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    mlflow_uri: str | None = None,
+    fail: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train the experiment at ``config``, tracked in MLflow; returns its result.
+
+    ``workers``/``address``/``mlflow_uri`` override the config's ``cluster`` block.
+    """
     quiet_logs()
-    cfg = load_experiment(config, overrides)
-    return train(cfg, resume=resume)
+    cfg = config if isinstance(config, ExperimentConfig) else load_experiment(config, overrides)
+    if workers is not None:
+        cfg.cluster.workers = workers
+    if address is not None:
+        cfg.cluster.address = address
+    if mlflow_uri is not None:
+        cfg.cluster.mlflow_uri = mlflow_uri
+    tracker = Tracker.from_config(cfg, rank=0)
+    run_id = tracker.start(cfg)
+    tracker.log_params_from_config(cfg)
+    print(f"[mlflow] run {run_id} ({cfg.expid}) in {tracker.uri}", flush=True)
+    try:
+        if cfg.cluster.workers <= 0:
+            result = train(cfg, resume=resume, on_metrics=tracker.metrics_hook("valid"))
+        else:
+            result = _train_on_ray(cfg, run_id, tracker.uri, resume, fail)
+        _finish_tracking(tracker, cfg, result)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    result.run_id = run_id
+    return result
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker: same ``train`` as in-process, Ray Data in, reports out."""
+    quiet_logs()
+    import ray.train
+    from ray.train import Checkpoint
+
+    from pipelines.ray_data import FailureInjection, RayDataSource
+
+    cfg = from_dict(ExperimentConfig, config["cfg"], where="ray worker config")
+    rank = ray.train.get_context().get_world_rank()
+    fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
+    fail = FailureInjection(**config["fail"]) if config.get("fail") else None
+    source = RayDataSource(fm, shuffle_rows=cfg.train.shuffle_rows, seed=cfg.train.seed, fail=fail)
+    tracker = Tracker(config["mlflow_uri"], rank=rank, experiment_name=cfg.dataset_id)
+    tracker.start(cfg, run_id=config["run_id"])
+    resume = config.get("resume")
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        resume = restored.to_directory()
+        tracker.set_tags({"recemb.restored_from": str(restored.path)})
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(step, metrics, split="valid")
+        ray.train.report({f"valid_{k}": v for k, v in metrics.items()})
+
+    def on_epoch_end(epoch: int, step: int, path: Path, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(step, {f"train_rows_epoch{epoch}": metrics["train_rows"]})
+        report = {f"valid_{k}": v for k, v in metrics.items()}
+        report.update({"epoch_done": epoch, "step": step, f"train_rows_epoch{epoch}": metrics["train_rows"]})
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(str(path)))
+
+    result = train(cfg, resume=resume, on_metrics=on_metrics, source=source, on_epoch_end=on_epoch_end)
+    if rank == 0:
+        tracker.log_dict(result.to_dict(), "result_worker.json")
+
+
+def _train_on_ray(
+    cfg: ExperimentConfig, run_id: str, mlflow_uri: str, resume: str | Path | None,
+    fail: dict[str, Any] | None,
+) -> TrainResult:
+    import ray
+    import ray.data
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_runtime import init_ray, worker_env
+
+    init_ray(cfg.cluster.address)
+    data_dir = Path(cfg.data_dir).resolve()
+    cfg.data_dir = str(data_dir)
+    cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
+    fm = FeatureMap.load(data_dir / "feature_map.json")
+    datasets = {
+        split: ray.data.read_parquet([str(data_dir / f) for f in files], shuffle=None)
+        for split, files in fm.shards.items() if files
+    }
+    storage = cfg.cluster.storage_path or str(Path(cfg.train.output_dir) / "ray")
+    backend = cfg.cluster.backend if cfg.cluster.backend != "auto" else "gloo"
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "cfg": cfg.to_dict(), "run_id": run_id, "mlflow_uri": mlflow_uri,
+            "resume": str(resume) if resume else None, "fail": fail,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.workers, use_gpu=backend == "nccl",
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(
+            name=cfg.expid, storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+        datasets=datasets,
+    )
+    ray_result = trainer.fit()
+    if ray_result.error is not None:
+        raise RecembError(f"Ray training of {cfg.expid} failed: {ray_result.error}")
+    result_path = Path(cfg.train.output_dir) / cfg.expid / "result.json"
+    data = json.loads(result_path.read_text(encoding="utf-8"))
+    return TrainResult(**data)
+
+
+__all__ = ["quiet_logs", "run_train"]

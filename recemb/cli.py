@@ -52,8 +52,15 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from pipelines.train import run_train
 
-    result = run_train(args.config, overrides=args.overrides, resume=args.resume)
+    result = run_train(args.config, overrides=args.overrides, resume=args.resume, workers=args.workers,
+                       address=args.address, mlflow_uri=args.mlflow_uri)
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=2))
+
+
+def _cmd_runs_list(args: argparse.Namespace) -> None:
+    from recemb.tracking import format_runs_table, list_runs, resolve_tracking_uri
+
+    print(format_runs_table(list_runs(resolve_tracking_uri(args.mlflow_uri), max_results=args.limit)))
 
 
 def _cmd_config_show(args: argparse.Namespace) -> None:
@@ -97,8 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an experiment (single process; sharded tables)")
     p.add_argument("--config", required=True, type=Path, help="experiment YAML (configs/experiments/...)")
     p.add_argument("--resume", type=Path, help="checkpoint folder, or a run folder (its last checkpoint)")
+    p.add_argument("--workers", type=int, help="0 = in this process; N = N Ray Train workers")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=2")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("runs", help="tracked runs (MLflow)")
+    rsub = p.add_subparsers(dest="runs_verb", required=True)
+    rl = rsub.add_parser("list", help="recent runs: id, name, variant, bytes, AUC")
+    rl.add_argument("--mlflow-uri")
+    rl.add_argument("--limit", type=int, default=20)
+    rl.set_defaults(func=_cmd_runs_list)
 
     p = sub.add_parser("config", help="config tools")
     csub = p.add_subparsers(dest="config_verb", required=True)

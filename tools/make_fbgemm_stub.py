@@ -38,8 +38,8 @@ def build(out: Path) -> Path:
             f"Requires-Dist: {REAL}\n"
         ).encode(),
         f"{dist}/WHEEL": (
-            "Wheel-Version: 1.0\nGenerator: recemb\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ).encode(),
+            b"Wheel-Version: 1.0\nGenerator: recemb\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     record = [_record_line(p, d) for p, d in files.items()] + [f"{dist}/RECORD,,"]
     files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()

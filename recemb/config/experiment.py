@@ -103,9 +103,10 @@ class TrainConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where training runs: Ray address (empty = local), workers, tracking store."""
+    """Where training runs: ``workers`` 0 = in this process, N >= 1 = N Ray Train
+    workers (Ray at ``address``, empty = started locally); the MLflow store."""
 
-    workers: int = 1
+    workers: int = 0
     cpus_per_worker: float = 0.5
     address: str = ""
     storage_path: str = ""

@@ -81,6 +81,7 @@ class TrainResult:
     embedding_bytes: int = 0
     full_bytes: int = 0
     seconds: float = 0.0
+    run_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -283,7 +284,7 @@ def train(
         if on_epoch_end is not None:
             total = torch.tensor([rows], dtype=torch.int64)
             dist.all_reduce(total, group=pg)
-            last = {k: v for k, v in (history[-1] if history else {}).items()}
+            last = dict(history[-1]) if history else {}
             on_epoch_end(epoch, step, ckpt_dir / "last", {**last, "train_rows": int(total.item())})
     if (ckpt_dir / "best").exists():
         load_checkpoint(ckpt_dir / "best", state)
