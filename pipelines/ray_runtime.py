@@ -23,6 +23,16 @@ QUIET_ENV = {
 }
 
 
+def apply_quiet_env() -> None:
+    """Set the quiet/loopback variables unless the user set them (before ``import ray``:
+    Ray reads some of them, e.g. the loopback switch, when it is imported)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+apply_quiet_env()
+
+
 def worker_env() -> dict[str, str]:
     """Environment for Ray workers (runtime_env): quiet logs, loopback only."""
     return dict(QUIET_ENV)
@@ -33,8 +43,7 @@ def init_ray(address: str = "", num_cpus: int | None = None, object_store_mb: in
 
     Returns the address it is connected to. Idempotent: an initialised Ray is reused.
     """
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_quiet_env()
     import ray
 
     if ray.is_initialized():

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pipelines.ray_runtime  # noqa: F401  (sets Ray's environment before anything imports ray)
 from recemb.config.experiment import ExperimentConfig, load_experiment
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap

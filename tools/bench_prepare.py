@@ -126,7 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
     ap.add_argument("--workdir", default="/tmp/recemb-bench")
-    ap.add_argument("--block-bytes", type=int, default=16 << 20)
+    ap.add_argument("--block-bytes", type=int, default=4 << 20)
     ap.add_argument("--only", choices=["ours", "pandas"], default=None)
     ap.add_argument("--worker", choices=["ours", "pandas"], help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)

@@ -30,11 +30,15 @@ def mix64(x: np.ndarray) -> np.ndarray:
         >>> int(mix64(np.array([0], dtype=np.uint64))[0]) == 0xE220A8397B1DCDAF
         True
     """
+    z = np.array(x, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        z = np.asarray(x, dtype=np.uint64) + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
+        z += _GOLDEN
+        z ^= z >> np.uint64(30)
+        z *= _M1
+        z ^= z >> np.uint64(27)
+        z *= _M2
+        z ^= z >> np.uint64(31)
+    return z
 
 
 def _seed_key(seed: int, salt: int) -> np.uint64:
@@ -71,34 +75,60 @@ def hash_strings(values: pa.Array, seed: int) -> np.ndarray:
         >>> bool(h[0] == h[1])
         True
     """
+    return hash_strings_multi(values, (seed,))[0]
+
+
+def hash_strings_multi(values: pa.Array, seeds: tuple[int, ...]) -> list[np.ndarray]:
+    """``hash_strings`` for several seeds at once, sharing the word extraction.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> h1, h2 = hash_strings_multi(pa.array(["x"]), (1, 2))
+        >>> bool(h1[0] == hash_strings(pa.array(["x"]), 1)[0])
+        True
+    """
     offsets, data = _string_buffers(values)
     n = len(offsets) - 1
     lengths = np.diff(offsets)
     nwords = (lengths + 7) >> 3
     total = int(nwords.sum())
-    sums = np.zeros(n, dtype=np.uint64)
+    words = j = first = nonempty = None
     if total:
         lo, hi = int(offsets[0]), int(offsets[-1])
         padded = np.zeros(hi - lo + 8, dtype=np.uint8)
         padded[: hi - lo] = data[lo:hi]
         windows = np.ndarray(shape=(hi - lo + 1,), dtype="<u8", buffer=padded, strides=(1,))
-        owner = np.repeat(np.arange(n), nwords)
-        first = np.cumsum(nwords) - nwords
-        j = np.arange(total, dtype=np.int64) - first[owner]
-        words = windows[(offsets[:-1] - lo)[owner] + 8 * j]
-        remaining = lengths[owner] - 8 * j
+        if (nwords == 1).all():  # short strings (most ids): one word each
+            j = np.zeros(n, np.int64)
+            first = np.arange(n, dtype=np.int64)
+            words = windows[offsets[:-1] - lo]
+            remaining = lengths
+        else:
+            owner = np.repeat(np.arange(n), nwords)
+            first = np.cumsum(nwords) - nwords
+            j = np.arange(total, dtype=np.int64) - first[owner]
+            words = windows[(offsets[:-1] - lo)[owner] + 8 * j]
+            remaining = lengths[owner] - 8 * j
         short = remaining < 8
         if short.any():
             shift = (8 * remaining[short]).astype(np.uint64)
             words[short] &= (np.uint64(1) << shift) - np.uint64(1)
-        key = _seed_key(seed, 0)
         with np.errstate(over="ignore"):
-            pos_key = (j + 1).astype(np.uint64) * _M2
-        terms = mix64(words ^ key ^ pos_key)
+            words ^= (j + 1).astype(np.uint64) * _M2
         nonempty = np.flatnonzero(nwords > 0)
-        sums[nonempty] = np.add.reduceat(terms, first[nonempty])
-    len_key = _seed_key(seed, _LEN_SALT)
-    return mix64(sums ^ mix64(lengths.astype(np.uint64) ^ len_key))
+    lens = lengths.astype(np.uint64)
+    out = []
+    for seed in seeds:
+        sums = np.zeros(n, dtype=np.uint64)
+        if words is not None:
+            terms = mix64(words ^ _seed_key(seed, 0))
+            if len(terms) == n and len(nonempty) == n:
+                sums = terms
+            else:
+                sums[nonempty] = np.add.reduceat(terms, first[nonempty])
+        sums ^= mix64(lens ^ _seed_key(seed, _LEN_SALT))
+        out.append(mix64(sums))
+    return out
 
 
 def hash_buckets(values: pa.Array, seed: int, buckets: int) -> np.ndarray:

@@ -14,13 +14,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
+import ctypes.util
 import math
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,18 +35,45 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from recemb.data.hashing import hash_buckets, hash_strings, row_uniform
+from recemb.data.hashing import hash_buckets, hash_strings_multi, row_uniform
 from recemb.data.schema import DatasetConfig, FeatureInfo, FeatureMap, FeatureSpec
-from recemb.data.sources import RawBlock, SourceFile, check_columns, iter_blocks, required_columns, resolve_paths
+from recemb.data.sources import (
+    RawBlock,
+    SourceFile,
+    check_columns,
+    iter_blocks,
+    resolve_paths,
+)
 from recemb.errors import ConfigError, DataError, OutputExistsError
 from recemb.io import write_json_atomic
 
 SPLITS = ("train", "valid", "test")
 LABEL_COLUMN = "label"
 _SKETCH_GAMMA = 1.01  # relative accuracy ~0.5% of the bucket boundaries
-_COMPACT_MIN = 1 << 20
-_ROW_GROUP_ROWS = 131_072
+_COMPACT_MIN = 1 << 18
+_ROW_GROUP_ROWS = 65_536
 _REJECT_EXAMPLES = 5
+
+
+def _load_malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``, or a no-op where there is none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def trim_heap() -> None:
+        trim(0)
+
+    return trim_heap
+
+
+# Called after each block: the freed block-sized temporaries (numpy arrays, the reader's
+# chunks, made on several threads) otherwise stay in glibc's arenas, and RSS would creep
+# with the input instead of staying at the live working set.
+_trim_heap = _load_malloc_trim()
 
 
 # ----------------------------------------------------------------------------- split plan
@@ -122,7 +153,7 @@ class _CountAcc:
             return
         self._parts.append(pa.table({"value": _as_string(values), "count": counts}))
         self._pending += len(values)
-        if self._pending > max(_COMPACT_MIN, 2 * self._compact):
+        if self._pending > max(_COMPACT_MIN, self._compact):
             self._squash()
 
     def add_table(self, table: pa.Table) -> None:
@@ -342,7 +373,7 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
     table = block.table
     n = table.num_rows
     reasons: dict[int, str] = {}
-    for r, why in zip(block.bad_rows.tolist(), block.bad_reasons):
+    for r, why in zip(block.bad_rows.tolist(), block.bad_reasons, strict=True):
         reasons.setdefault(r, why)
 
     def flag(rows: np.ndarray, why: str) -> None:
@@ -408,7 +439,8 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
                 x = np.log1p(np.maximum(x, 0.0))
             dense[spec.name] = x
         elif spec.kind == "sparse":
-            cats[spec.name] = _as_string(table.column(spec.source).combine_chunks()).dictionary_encode()
+            col = _as_string(table.column(spec.source).combine_chunks())
+            cats[spec.name] = col.dictionary_encode(null_encoding="encode")
         else:
             col = table.column(spec.source).combine_chunks()
             if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
@@ -442,7 +474,7 @@ class RejectWriter:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._f = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._f = open(path, "w", newline="", encoding="utf-8")
         self._w = csv.writer(self._f)
         self._w.writerow(["file", "line", "reason"])
 
@@ -502,10 +534,11 @@ def iter_clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile,
         rejects: list[tuple[int, str]] = [(line, why) for line, why in block.invalid]
         rows_in = block.table.num_rows + len(block.invalid)
         seen += rows_in
-        clean = _clean(cfg, plan, src, block, rejects)
+        clean = _clean(cfg, plan, src, block, rejects) if block.table.num_rows else None
         if on_rejects is not None:
             on_rejects(str(src.path), rejects, rows_in)
-        yield clean
+        if clean is not None:
+            yield clean
     if seen == 0:
         raise DataError(f"{src.path}: no data rows (dataset '{cfg.dataset_id}')")
 
@@ -538,6 +571,8 @@ def fit_file(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, spill: Path |
             if writer is not None and c.n:
                 writer.write_batch(_to_spill(cfg, schema, c))
             _fit_block(cfg, c, stats, accs)
+            del c
+            _trim_heap()
     finally:
         if writer is not None:
             writer.close()
@@ -557,12 +592,12 @@ def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dic
             if spec.bucketize:
                 keys, cnt = np.unique(_sketch_keys(x), return_counts=True)
                 sk = stats.sketches.setdefault(spec.name, {})
-                for key, k in zip(keys.tolist(), cnt.tolist()):
+                for key, k in zip(keys.tolist(), cnt.tolist(), strict=True):
                     sk[key] = sk.get(key, 0) + k
         elif spec.name in accs:
             if spec.kind == "sparse":
                 arr = c.cats[spec.name]
-                idx = np.asarray(pc.fill_null(arr.indices, -1))[train]
+                idx = np.asarray(pc.fill_null(arr.indices, -1) if arr.indices.null_count else arr.indices)[train]
                 w = weights
                 dictionary = arr.dictionary
             else:
@@ -578,6 +613,8 @@ def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dic
                 counts = np.rint(np.bincount(idx[ok], weights=w[ok], minlength=len(dictionary))).astype(np.int64)
             else:
                 counts = np.bincount(idx[ok], minlength=len(dictionary)).astype(np.int64)
+            if dictionary.null_count:
+                counts[np.asarray(dictionary.is_null())] = 0
             nz = np.flatnonzero(counts)
             accs[spec.name].add(dictionary.take(pa.array(nz)), pa.array(counts[nz]))
 
@@ -588,8 +625,8 @@ def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dic
 class VocabIndex:
     """Maps strings to vocabulary ids (1..V; 0 = unknown) with a numpy open-addressing table.
 
-    Keys are matched on two independent 64-bit hashes (128 bits), so a false match needs
-    a 128-bit collision; lookups are a few vectorised gathers, with no per-value Python.
+    Keys are matched on two independent hashes (64 + 32 bits), so a false match needs a
+    96-bit collision; lookups are a few vectorised gathers, with no per-value Python.
 
     Example:
         >>> import pyarrow as pa
@@ -606,9 +643,10 @@ class VocabIndex:
         self._mask = (1 << bits) - 1
         self._shift = np.uint64(64 - bits)
         self._h1 = np.zeros(1 << bits, np.uint64)
-        self._h2 = np.zeros(1 << bits, np.uint64)
-        self._id = np.zeros(1 << bits, np.int64)
-        h1, h2 = (hash_strings(self.values, seed) for seed in self._SEEDS)
+        self._h2 = np.zeros(1 << bits, np.uint32)
+        self._id = np.zeros(1 << bits, np.int32)
+        h1, h2 = hash_strings_multi(self.values, self._SEEDS)
+        h2 = (h2 >> np.uint64(32)).astype(np.uint32)
         pending = np.arange(n, dtype=np.int64)
         slot = (h1 >> self._shift).astype(np.int64)
         while len(pending):
@@ -630,7 +668,8 @@ class VocabIndex:
         out = np.zeros(len(keys), np.int64)
         if not len(self.values) or not len(keys):
             return out
-        h1, h2 = (hash_strings(keys, seed) for seed in self._SEEDS)
+        h1, h2 = hash_strings_multi(keys, self._SEEDS)
+        h2 = (h2 >> np.uint64(32)).astype(np.uint32)
         pending = np.arange(len(keys), dtype=np.int64)
         slot = (h1 >> self._shift).astype(np.int64)
         while len(pending):
@@ -733,9 +772,15 @@ def output_schema(cfg: DatasetConfig, fitted: FittedFeatures) -> pa.Schema:
 
 
 class ShardWriter:
-    """Writes one split as Parquet shards of exactly ``shard_rows`` rows (the last may be short)."""
+    """Writes one split as Parquet shards of exactly ``shard_rows`` rows (the last may be short).
 
-    def __init__(self, folder: Path, schema: pa.Schema, shard_rows: int, prefix: str = "part-") -> None:
+    Encoding and compression run on ``executor`` (a one-thread pool shared by the split
+    writers keeps writes ordered) while the caller maps the next block; at most a few
+    row groups wait in the queue, so memory stays bounded.
+    """
+
+    def __init__(self, folder: Path, schema: pa.Schema, shard_rows: int, prefix: str = "part-",
+                 executor: ThreadPoolExecutor | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.schema, self.shard_rows, self.prefix = folder, schema, shard_rows, prefix
         self.files: list[str] = []
@@ -744,6 +789,8 @@ class ShardWriter:
         self._buffered = 0
         self._writer: pq.ParquetWriter | None = None
         self._in_shard = 0
+        self._executor = executor
+        self._queue: list[Future[None]] = []
 
     def write(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -758,20 +805,37 @@ class ShardWriter:
         head, rest = table.slice(0, rows), table.slice(rows)
         self._buf = [rest] if rest.num_rows else []
         self._buffered = rest.num_rows
-        if self._writer is None:
+        name = None
+        if self._in_shard == 0:
             name = f"{self.prefix}{len(self.files):05d}.parquet"
             self.files.append(name)
-            self._writer = pq.ParquetWriter(str(self.folder / name), self.schema)
-        self._writer.write_table(head)
         self._in_shard += head.num_rows
         self.rows += head.num_rows
-        if self._in_shard >= self.shard_rows:
+        last = self._in_shard >= self.shard_rows
+        if last:
+            self._in_shard = 0
+        if self._executor is None:
+            self._write(head, name, last)
+            return
+        self._queue.append(self._executor.submit(self._write, head, name, last))
+        while len(self._queue) > 2:
+            self._queue.pop(0).result()
+
+    def _write(self, head: pa.Table, name: str | None, last: bool) -> None:
+        if name is not None:
+            self._writer = pq.ParquetWriter(str(self.folder / name), self.schema)
+        assert self._writer is not None
+        self._writer.write_table(head)
+        if last:
             self._writer.close()
-            self._writer, self._in_shard = None, 0
+            self._writer = None
 
     def close(self) -> list[str]:
         if self._buffered:
             self._flush(self._buffered)
+        for fut in self._queue:
+            fut.result()
+        self._queue = []
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -809,53 +873,66 @@ def _lut_ids(fitted: FittedFeatures, info: FeatureInfo, dictionary: pa.Array) ->
 
 
 def _transform_block(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Schema, c: CleanBlock,
-                     tstats: TransformStats) -> pa.Table:
-    cols: list[pa.Array] = []
+                     tstats: TransformStats) -> dict[str, pa.Table]:
+    """Map one parsed block to output columns; returns its rows grouped per split."""
     split = c.split
+    perm = np.argsort(split, kind="stable")
+    bounds = np.searchsorted(split[perm], np.arange(len(SPLITS) + 1))
+    per_split = np.diff(bounds)
+    # One gather per split, so each split's columns own their memory: a zero-copy slice
+    # would keep the whole block alive in the writer buffer of a small split.
+    parts = [perm[bounds[k]:bounds[k + 1]] for k in range(len(SPLITS))]
+    whole = next((k for k in range(len(SPLITS)) if per_split[k] == c.n), None)
+    cols: list[list[pa.Array]] = [[] for _ in SPLITS]
+
+    def add(values: np.ndarray, dtype: Any) -> None:
+        values = values.astype(dtype, copy=False)
+        for k in range(len(SPLITS)):
+            cols[k].append(pa.array(values if k == whole else values[parts[k]]))
+
+    def oov(name: str, zero: np.ndarray, where: np.ndarray = split, totals: np.ndarray = per_split) -> None:
+        z = np.bincount(where[zero], minlength=len(SPLITS))
+        o = tstats.oov.setdefault(name, dict.fromkeys(SPLITS, 0))
+        t = tstats.values.setdefault(name, dict.fromkeys(SPLITS, 0))
+        for code, s in enumerate(SPLITS):
+            o[s] += int(z[code])
+            t[s] += int(totals[code])
+
     if cfg.label:
-        cols.append(pa.array(c.label.astype(np.float32)))
+        add(c.label, np.float32)
     if cfg.count_column:
-        cols.append(pa.array(c.count.astype(np.float32)))
+        add(c.count, np.float32)
     for info in fitted.infos:
         if info.kind == "dense":
             x = c.dense[info.name]
             if info.boundaries is not None:
                 ids = np.searchsorted(np.asarray(info.boundaries, np.float64), x, side="right") + 1
                 ids[np.isnan(x)] = 0
-                cols.append(pa.array(ids.astype(np.int64)))
-                _count_oov(tstats, info.name, split, ids == 0)
+                add(ids, np.int64)
+                oov(info.name, ids == 0)
             else:
-                cols.append(pa.array(((x - info.mean) / info.std).astype(np.float32)))
+                add((x - info.mean) / info.std, np.float32)
         elif info.kind == "sparse":
             arr = c.cats[info.name]
             lut = np.append(_lut_ids(fitted, info, arr.dictionary), 0)
-            idx = np.asarray(pc.fill_null(arr.indices, len(lut) - 1))
+            idx = np.asarray(pc.fill_null(arr.indices, len(lut) - 1) if arr.indices.null_count else arr.indices)
             ids = lut[idx]
-            cols.append(pa.array(ids))
-            _count_oov(tstats, info.name, split, ids == 0)
+            add(ids, np.int64)
+            oov(info.name, ids == 0)
         else:
             flat, offsets = _multi_tokens(c.cats[info.name], info)
             enc = flat.dictionary_encode()
             ids = _lut_ids(fitted, info, enc.dictionary)[np.asarray(enc.indices)] if len(flat) else np.zeros(0, np.int64)
-            cols.append(pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64())))
+            lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
+            for k in range(len(SPLITS)):
+                cols[k].append(lists if k == whole else lists.take(pa.array(parts[k])))
             rows = np.repeat(np.arange(c.n), np.diff(offsets))
-            _count_oov(tstats, info.name, split[rows], ids == 0)
+            oov(info.name, ids == 0, split[rows], np.bincount(split[rows], minlength=len(SPLITS)))
     for code, name in enumerate(SPLITS):
-        mask = split == code
-        tstats.rows[name] += int(mask.sum())
+        tstats.rows[name] += int(per_split[code])
         if c.label is not None:
-            tstats.label_sum[name] += float(c.label[mask].sum())
-    return pa.Table.from_arrays(cols, schema=schema)
-
-
-def _count_oov(tstats: TransformStats, name: str, split: np.ndarray, zero: np.ndarray) -> None:
-    oov = tstats.oov.setdefault(name, dict.fromkeys(SPLITS, 0))
-    tot = tstats.values.setdefault(name, dict.fromkeys(SPLITS, 0))
-    z = np.bincount(split[zero], minlength=3)
-    t = np.bincount(split, minlength=3)
-    for code, s in enumerate(SPLITS):
-        oov[s] += int(z[code])
-        tot[s] += int(t[code])
+            tstats.label_sum[name] += float(c.label[split == code].sum())
+    return {name: pa.Table.from_arrays(cols[k], schema=schema) for k, name in enumerate(SPLITS)}
 
 
 def transform_file(cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan, src: SourceFile,
@@ -879,13 +956,10 @@ def transform_file(cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan, 
 def _transform_all(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Schema, blocks: Iterator[CleanBlock],
                    writers: dict[str, ShardWriter], tstats: TransformStats) -> None:
     for c in blocks:
-        table = _transform_block(cfg, fitted, schema, c, tstats)
-        for code, name in enumerate(SPLITS):
-            mask = c.split == code
-            if mask.all():
-                writers[name].write(table)
-            elif mask.any():
-                writers[name].write(table.filter(pa.array(mask)))
+        for name, part in _transform_block(cfg, fitted, schema, c, tstats).items():
+            writers[name].write(part)
+        del c, part
+        _trim_heap()
 
 
 def save_vocabs(fitted: FittedFeatures, folder: Path) -> None:
@@ -939,6 +1013,21 @@ def check_reject_fraction(stats: PartialStats, max_fraction: float) -> None:
         )
 
 
+@contextlib.contextmanager
+def _system_memory_pool() -> Iterator[None]:
+    """Use the system allocator for Arrow while preparing (restored afterwards).
+
+    mimalloc keeps freed block-sized buffers of the reader threads for reuse, which
+    measured ~30% above glibc malloc + ``malloc_trim`` in peak RSS on a streaming prepare.
+    """
+    old = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(old)
+
+
 def prepare_dataset(cfg: DatasetConfig, output: str | Path | None = None, overwrite: bool = False,
                     max_reject_fraction: float | None = None) -> PrepareReport:
     """Prepare ``cfg``'s raw files into ``output`` (default ``cfg.output``), atomically.
@@ -966,42 +1055,54 @@ def prepare_dataset(cfg: DatasetConfig, output: str | Path | None = None, overwr
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        plan = plan_split(cfg, sources)
-        spills = tmp / "_spill"
-        spills.mkdir()
-        rejects = RejectWriter(tmp / "rejects" / "rejects.csv")
-        try:
-            parts = [fit_file(cfg, plan, s, spills / f"{s.index:05d}.arrows", rejects) for s in sources]
-        finally:
-            rejects.close()
-        stats = merge_stats(parts)
-        check_reject_fraction(stats, frac)
-        fitted = finalize_features(cfg, stats)
-        save_vocabs(fitted, tmp / "vocab")
-        schema = output_schema(cfg, fitted)
-        writers = {s: ShardWriter(tmp / s, schema, cfg.shard_rows) for s in SPLITS}
-        tstats = TransformStats()
-        for src in sources:
-            spill = spills / f"{src.index:05d}.arrows"
-            tstats.merge(transform_file(cfg, fitted, plan, src, writers, spill))
-            spill.unlink()
-        shards = {s: [f"{s}/{f}" for f in w.close()] for s, w in writers.items()}
-        shutil.rmtree(spills)
-        fmap = FeatureMap(dataset_id=cfg.dataset_id, label=LABEL_COLUMN if cfg.label else None,
-                          features=fitted.infos, shards=shards, rows=dict(tstats.rows),
-                          count_column=cfg.count_column)
-        fmap.save(tmp / "feature_map.json")
-        seconds = time.perf_counter() - start
-        report = PrepareReport(cfg.dataset_id, str(out), stats.rows_in, dict(tstats.rows),
-                               dict(sorted(stats.rejected.items())), seconds)
-        if stats.rows_in != sum(tstats.rows.values()) + stats.rows_rejected:
-            raise RuntimeError(f"row accounting broken: {report.to_dict()}")  # a bug in recemb
-        write_json_atomic(tmp / "stats.json", _stats_json(cfg, report, stats, fitted, tstats))
+        with _system_memory_pool():
+            report = _prepare_into(cfg, sources, tmp, out, frac, start)
         _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report.seconds = time.perf_counter() - start
+    return report
+
+
+def _prepare_into(cfg: DatasetConfig, sources: list[SourceFile], tmp: Path, out: Path, frac: float,
+                  start: float) -> PrepareReport:
+    """Fit, check rejects, finalize and transform into the temp folder ``tmp`` (renamed later)."""
+    plan = plan_split(cfg, sources)
+    spills = tmp / "_spill"
+    spills.mkdir()
+    rejects = RejectWriter(tmp / "rejects" / "rejects.csv")
+    try:
+        parts = [fit_file(cfg, plan, s, spills / f"{s.index:05d}.arrows", rejects) for s in sources]
+    finally:
+        rejects.close()
+    stats = merge_stats(parts)
+    del parts
+    check_reject_fraction(stats, frac)
+    fitted = finalize_features(cfg, stats)
+    stats.counts = {}  # all distinct values: no longer needed once the vocabularies are fixed
+    _trim_heap()
+    save_vocabs(fitted, tmp / "vocab")
+    schema = output_schema(cfg, fitted)
+    tstats = TransformStats()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recemb-parquet") as pool:
+        writers = {s: ShardWriter(tmp / s, schema, cfg.shard_rows, executor=pool) for s in SPLITS}
+        for src in sources:
+            spill = spills / f"{src.index:05d}.arrows"
+            tstats.merge(transform_file(cfg, fitted, plan, src, writers, spill))
+            spill.unlink()
+        shards = {s: [f"{s}/{f}" for f in w.close()] for s, w in writers.items()}
+    shutil.rmtree(spills)
+    fmap = FeatureMap(dataset_id=cfg.dataset_id, label=LABEL_COLUMN if cfg.label else None,
+                      features=fitted.infos, shards=shards, rows=dict(tstats.rows),
+                      count_column=cfg.count_column)
+    fmap.save(tmp / "feature_map.json")
+    seconds = time.perf_counter() - start
+    report = PrepareReport(cfg.dataset_id, str(out), stats.rows_in, dict(tstats.rows),
+                           dict(sorted(stats.rejected.items())), seconds)
+    if stats.rows_in != sum(tstats.rows.values()) + stats.rows_rejected:
+        raise RuntimeError(f"row accounting broken: {report.to_dict()}")  # a bug in recemb
+    write_json_atomic(tmp / "stats.json", _stats_json(cfg, report, stats, fitted, tstats))
     return report
 
 

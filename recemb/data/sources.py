@@ -18,6 +18,7 @@ import io
 import mmap
 import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,9 +178,15 @@ class _CheckedStream(io.RawIOBase):
     chunk with non-ASCII bytes is aligned to a newline and decoded.
     """
 
-    def __init__(self, path: Path, delimiter: str) -> None:
+    def __init__(self, path: Path, delimiter: str, chunk_bytes: int = _CHUNK_BYTES, max_ahead: int = 4) -> None:
         super().__init__()
-        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._f = open(path, "rb", buffering=0)
+        self._chunk_bytes = chunk_bytes
+        # Back-pressure: pyarrow's background reader would otherwise queue up to 32 blocks.
+        self._cond = threading.Condition()
+        self._max_ahead = max_ahead
+        self._handed = 0
+        self._consumed = 0
         self._delim = delimiter.encode()
         self._pending = b""
         self._out = b""
@@ -195,7 +202,17 @@ class _CheckedStream(io.RawIOBase):
         self._f.close()
         super().close()
 
+    def block_consumed(self) -> None:
+        """Called by the consumer after each batch; lets the reader read one chunk further."""
+        with self._cond:
+            self._consumed += 1
+            self._cond.notify_all()
+
     def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        if not self._out and not self._eof:
+            with self._cond:
+                self._cond.wait_for(lambda: self._handed - self._consumed < self._max_ahead, timeout=0.25)
+            self._handed += 1
         while not self._out and not self._eof:
             self._fill()
         if size < 0 or size >= len(self._out):
@@ -210,7 +227,7 @@ class _CheckedStream(io.RawIOBase):
         return len(data)
 
     def _fill(self) -> None:
-        data = self._f.read(_CHUNK_BYTES)
+        data = self._f.read(self._chunk_bytes)
         if not data:
             self._eof = True
             chunk, self._pending = self._pending, b""
@@ -260,7 +277,7 @@ class _LineLocator:
     """Finds the physical line of each row the CSV parser rejected, by its text, in order."""
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "rb")
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         self._pos = 0
         self._line = 1
@@ -283,9 +300,12 @@ class _LineLocator:
         match = pattern.search(self._mm, self._pos)
         if match is None:
             return -1
-        self._line += self._count_newlines(self._pos, match.start())
-        self._pos = match.start()
-        line = self._line
+        line = self._line + self._count_newlines(self._pos, match.start())
+        self._line = line + self._count_newlines(match.start(), match.end())
+        self._pos = match.end()
+        page = (self._pos // mmap.PAGESIZE) * mmap.PAGESIZE
+        if page and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED, 0, page)  # keep RSS bounded on huge files
         return line
 
 
@@ -309,7 +329,7 @@ def _merge_bad(block: RawBlock, rows: np.ndarray, reasons: list[str]) -> None:
 def _iter_csv(cfg: DatasetConfig, src: SourceFile, columns: list[str]) -> Iterator[RawBlock]:
     layout = _layout(cfg)
     names = file_columns(cfg, src)
-    stream = _CheckedStream(src.path, layout.delimiter)
+    stream = _CheckedStream(src.path, layout.delimiter, chunk_bytes=cfg.block_bytes)
     locator = _LineLocator(src.path)
     reported: list[tuple[int, int, str]] = []
 
@@ -355,6 +375,7 @@ def _iter_csv(cfg: DatasetConfig, src: SourceFile, columns: list[str]) -> Iterat
             idx = np.arange(valid_seen, valid_seen + n, dtype=np.int64)
             lines = base + 1 + idx + np.searchsorted(shift, idx, side="right")
             valid_seen += n
+            stream.block_consumed()
             block = RawBlock(str(src.path), pa.Table.from_batches([batch]), lines, invalid=invalid)
             if stream.bad_utf8:
                 rows = np.flatnonzero(np.isin(lines, np.fromiter(stream.bad_utf8, np.int64)))
@@ -411,13 +432,10 @@ def iter_blocks(cfg: DatasetConfig, src: SourceFile, columns: list[str] | None =
     """
     check_columns(cfg, src)
     wanted = list(columns) if columns is not None else required_columns(cfg)
-    if cfg.format == "avazu" and any(c in AVAZU_DERIVED for c in wanted) and "hour" not in wanted:
-        raw_names = file_columns(cfg, src)
-        wanted = wanted + (["hour"] if "hour" in raw_names else [])
-    wanted = [c for c in wanted if not (cfg.format == "avazu" and c in AVAZU_DERIVED)] + [
-        c for c in wanted if cfg.format == "avazu" and c in AVAZU_DERIVED
-    ]
-    read_cols = [c for c in wanted if not (cfg.format == "avazu" and c in AVAZU_DERIVED)]
+    derived = [c for c in wanted if cfg.format == "avazu" and c in AVAZU_DERIVED]
+    read_cols = [c for c in wanted if c not in derived]
+    if derived and "hour" not in read_cols:
+        read_cols.append("hour")
     if cfg.format == "parquet":
         yield from _iter_parquet(cfg, src, read_cols)
     else:
