@@ -44,7 +44,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
     report = run_prepare(
         args.config, overrides=args.overrides, output=args.output, overwrite=args.overwrite,
-        max_reject_fraction=args.max_reject_fraction,
+        max_reject_fraction=args.max_reject_fraction, workers=args.workers, address=args.address or "",
     )
     print(json.dumps(report.to_dict(), indent=2, default=str))
 
@@ -73,7 +73,8 @@ def _cmd_config_show(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from pipelines.demo import run_demo
 
-    run_demo(workdir=Path(args.workdir), rows=args.rows, seed=args.seed)
+    run_demo(workdir=Path(args.workdir), rows=args.rows, seed=args.seed, workers=args.workers,
+             address=args.address or "", mlflow_uri=args.mlflow_uri)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="output folder (default: the YAML's `output`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-reject-fraction", type=float, help="fail when more rows than this are rejected")
+    p.add_argument("--workers", type=int, default=0, help="0 = in this process; N = N Ray tasks over input files")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the dataset YAML")
     p.set_defaults(func=_cmd_prepare)
 
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-out")
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (0 = in this process)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: <workdir>/mlruns.db)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
