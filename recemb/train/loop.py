@@ -82,6 +82,7 @@ class TrainResult:
     full_bytes: int = 0
     seconds: float = 0.0
     run_id: str = ""
+    first_step_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -216,7 +217,7 @@ def train(
                  "best_score": best_score, "bad_evals": bad_evals}
         save_checkpoint(ckpt_dir / name, state, step=step, epoch=epoch, config=cfg.to_dict(), extra=extra)
 
-    step, samples, train_seconds = start_step, 0, 0.0
+    step, samples, train_seconds, first_step_at = start_step, 0, 0.0, 0.0
     # A run resumed after it stopped early (or reached max_steps) has nothing left to train.
     stop = bad_evals > tc.patience or bool(tc.max_steps and step >= tc.max_steps)
     epoch = start_epoch
@@ -245,6 +246,8 @@ def train(
             if table_opt is not None:
                 table_opt.step()
             step += 1
+            if not first_step_at:
+                first_step_at = time.perf_counter() - t_start
             in_epoch += 1
             samples += batch.batch_size
             rows += batch.batch_size
@@ -293,7 +296,7 @@ def train(
         expid=cfg.expid, output_dir=str(out_dir), steps=step, epochs_run=epoch + 1,
         samples_per_s=samples * world / train_seconds if train_seconds else 0.0,
         best_valid=best, test=test, history=history, embedding_bytes=emb_bytes, full_bytes=full_bytes,
-        seconds=time.perf_counter() - t_start,
+        seconds=time.perf_counter() - t_start, first_step_seconds=first_step_at,
     )
     if _is_rank0():
         print(f"[metrics] split=test step={step} " + _fmt(test), flush=True)

@@ -1,0 +1,91 @@
+"""Single-process training vs 1 and 2 Ray Train workers on the same data, in one run.
+
+Each setting trains the same experiment (same prepared data, epochs, seed and
+global batch size) and reports: wall time of the whole call, startup (call start
+to the first training step done inside the worker), steady-state samples/s
+(training time only, evaluations excluded) and test AUC. Ratios are against the
+single-process run. On a 2-core machine no speed-up is expected; the point is
+what Ray and sharding cost.
+
+Example:
+    python tools/bench_scale.py --rows 400000 --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def prepare(rows: int, work: Path) -> Path:
+    """Generate and prepare the synthetic CTR data once; return the prepared folder."""
+    from recemb.data.preprocess import prepare_dataset
+    from recemb.data.schema import load_dataset_config
+    from recemb.data.synthetic import CtrSynthConfig, generate_ctr
+
+    raw = work / "ctr.tsv"
+    generate_ctr(CtrSynthConfig(rows=rows, seed=0, vocab_scale=0.1), raw)
+    cfg = load_dataset_config(CONFIGS / "datasets" / "synthetic_ctr.yaml",
+                              {"paths": [str(raw)], "output": str(work / "prepared")})
+    prepare_dataset(cfg, overwrite=True)
+    return work / "prepared"
+
+
+def run(workers: int, data: Path, work: Path, model: str, epochs: int, batch: int, sharding: str) -> dict:
+    """Train once with ``workers`` (0 = in this process); return the figures."""
+    import torch.distributed as dist
+
+    from pipelines.train import run_train
+    from recemb.config.experiment import load_experiment
+
+    per_worker = batch // max(workers, 1)
+    cfg = load_experiment(CONFIGS / "experiments" / f"{model}_synthetic_ctr.yaml", [
+        f"data_dir={data}", f"train.output_dir={work / f'w{workers}'}", f"train.epochs={epochs}",
+        f"train.batch_size={per_worker}", "train.progress=false", f"embedding.sharding={sharding}",
+    ])
+    t0 = time.perf_counter()
+    result = run_train(cfg, workers=workers, mlflow_uri=f"sqlite:///{work / 'mlruns.db'}")
+    wall = time.perf_counter() - t0
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    inner_start = wall - result.seconds  # Ray/driver time before the worker's train() began
+    return {
+        "workers": workers, "wall_s": wall, "startup_s": inner_start + result.first_step_seconds,
+        "samples_per_s": result.samples_per_s, "test_auc": result.test.get("auc"),
+        "test_logloss": result.test.get("logloss"), "steps": result.steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400_000)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=4096, help="global batch size")
+    parser.add_argument("--model", default="deepfm")
+    parser.add_argument("--sharding", default="table_wise")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/bench_scale.json"))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="recemb-bench-scale-"))
+    data = prepare(args.rows, work)
+    rows = [run(w, data, work, args.model, args.epochs, args.batch, args.sharding) for w in (0, 1, 2)]
+    base = rows[0]
+    print(f"load average at the end: {os.getloadavg()}")
+    print(f"{'setting':<16}{'wall s':>9}{'startup s':>11}{'samples/s':>12}{'ratio':>8}{'test AUC':>10}")
+    for r in rows:
+        name = "single process" if r["workers"] == 0 else f"ray x{r['workers']}"
+        ratio = r["samples_per_s"] / base["samples_per_s"]
+        r["ratio_to_single"] = ratio
+        print(f"{name:<16}{r['wall_s']:>9.1f}{r['startup_s']:>11.1f}{r['samples_per_s']:>12.0f}"
+              f"{ratio:>8.2f}{r['test_auc']:>10.4f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
