@@ -4,7 +4,9 @@ Preparation is fit-then-transform. ``fit_file`` turns one raw file into a mergea
 ``PartialStats`` (train-split counts, moments, quantile sketches; rejects quarantined)
 and spills the parsed rows; ``merge_stats`` folds partials in file order; ``finalize_features``
 fixes vocabularies and transforms; ``transform_file`` maps ids and writes shards.
-``prepare_dataset`` runs the four locally; ``pipelines/prepare.py`` may run them as a Ray map/reduce.
+``prepare_dataset`` runs the four locally; ``prepare_with_runner`` takes the per-file stages
+from a ``FileRunner`` (``fit_into``/``transform_into`` are the self-contained per-file units a
+fan-out calls), so ``pipelines/prepare.py`` runs them as a Ray map/reduce with the same commit.
 
 Example:
     >>> from recemb.data.schema import load_dataset_config
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -974,6 +976,140 @@ def load_vocab(path: str | Path) -> pa.Table:
     return pq.read_table(str(path))
 
 
+# ----------------------------------------------------------------------------- per-file stages
+
+_SPILL_DIR = "_spill"
+_REJECTS_CSV = "rejects.csv"
+
+
+def spill_path(tmp: Path, src: SourceFile) -> Path:
+    """Where the fit of ``src`` spills its parsed rows inside the temp output ``tmp``."""
+    return tmp / _SPILL_DIR / f"{src.index:05d}.arrows"
+
+
+class FileRunner(Protocol):
+    """Runs the per-file stages of a prepare into the temp output ``tmp``.
+
+    ``fit`` returns one ``PartialStats`` per source in file order, leaves each file's
+    spill at ``spill_path`` and ``rejects/rejects.csv`` in file order; ``transform`` writes
+    the shards of every file under ``tmp/<split>/`` and returns them per split (paths
+    relative to ``tmp``, in a deterministic order) with the merged ``TransformStats``.
+    """
+
+    def fit(self, cfg: DatasetConfig, plan: SplitPlan, sources: Sequence[SourceFile],
+            tmp: Path) -> list[PartialStats]: ...
+
+    def transform(self, cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan,
+                  sources: Sequence[SourceFile], tmp: Path) -> tuple[dict[str, list[str]], TransformStats]: ...
+
+
+class LocalRunner:
+    """Files one after another in this process; one sequence of full shards per split.
+
+    Example:
+        >>> prepare_with_runner(cfg, LocalRunner())  # doctest: +SKIP
+    """
+
+    def fit(self, cfg: DatasetConfig, plan: SplitPlan, sources: Sequence[SourceFile],
+            tmp: Path) -> list[PartialStats]:
+        rejects = RejectWriter(tmp / "rejects" / _REJECTS_CSV)
+        try:
+            return [fit_file(cfg, plan, s, spill_path(tmp, s), rejects) for s in sources]
+        finally:
+            rejects.close()
+
+    def transform(self, cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan,
+                  sources: Sequence[SourceFile], tmp: Path) -> tuple[dict[str, list[str]], TransformStats]:
+        schema = output_schema(cfg, fitted)
+        tstats = TransformStats()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recemb-parquet") as pool:
+            writers = {s: ShardWriter(tmp / s, schema, cfg.shard_rows, executor=pool) for s in SPLITS}
+            for src in sources:
+                spill = spill_path(tmp, src)
+                tstats.merge(transform_file(cfg, fitted, plan, src, writers, spill))
+                spill.unlink()
+            shards = {s: [f"{s}/{f}" for f in w.close()] for s, w in writers.items()}
+        return shards, tstats
+
+
+def _file_rejects(tmp: Path, src: SourceFile) -> Path:
+    return tmp / "rejects" / f"part-{src.index:05d}.csv"
+
+
+def fit_into(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, tmp: Path) -> PartialStats:
+    """Fit one file on its own (a fan-out task): spill to ``spill_path``, rejects to a per-file csv.
+
+    ``join_rejects`` later concatenates the per-file rejects in file order.
+
+    Example:
+        >>> parts = [fit_into(cfg, plan, s, tmp) for s in sources]  # doctest: +SKIP
+        >>> join_rejects(tmp, sources)                               # doctest: +SKIP
+    """
+    with _system_memory_pool():
+        rejects = RejectWriter(_file_rejects(tmp, src))
+        try:
+            return fit_file(cfg, plan, src, spill_path(tmp, src), rejects)
+        finally:
+            rejects.close()
+
+
+def join_rejects(tmp: Path, sources: Sequence[SourceFile]) -> None:
+    """Concatenate the per-file rejects of ``fit_into`` into ``rejects/rejects.csv``, in file order."""
+    with open(tmp / "rejects" / _REJECTS_CSV, "wb") as out:
+        for k, src in enumerate(sources):
+            part = _file_rejects(tmp, src)
+            with open(part, "rb") as f:
+                header = f.readline()
+                if k == 0:
+                    out.write(header)
+                shutil.copyfileobj(f, out)
+            part.unlink()
+
+
+def transform_into(cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan, src: SourceFile,
+                   tmp: Path) -> tuple[dict[str, list[str]], TransformStats]:
+    """Transform one file from its spill into ``tmp/<split>/part-<file>-<n>.parquet`` (a fan-out task).
+
+    Returns its shards per split (relative to ``tmp``; a split without rows here has none)
+    and its ``TransformStats``; ``join_shards`` lists the shards of all files.
+
+    Example:
+        >>> shards, ts = transform_into(cfg, fitted, plan, sources[0], tmp)  # doctest: +SKIP
+    """
+    spill = spill_path(tmp, src)
+    schema = output_schema(cfg, fitted)
+    prefix = f"part-{src.index:05d}-"
+    with _system_memory_pool(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="recemb-parquet") as pool:
+        writers = {s: ShardWriter(tmp / s, schema, cfg.shard_rows, prefix=prefix, executor=pool) for s in SPLITS}
+        tstats = transform_file(cfg, fitted, plan, src, writers, spill)
+        shards: dict[str, list[str]] = {}
+        for s, w in writers.items():
+            files = w.close()
+            if not w.rows:  # close() wrote one empty shard: ``join_shards`` adds one only if all are empty
+                (tmp / s / files[0]).unlink()
+                files = []
+            shards[s] = [f"{s}/{f}" for f in files]
+    spill.unlink()
+    return shards, tstats
+
+
+def join_shards(cfg: DatasetConfig, fitted: FittedFeatures, tmp: Path,
+                per_file: Sequence[dict[str, list[str]]]) -> dict[str, list[str]]:
+    """The shards of ``transform_into`` per split in file order; an empty split gets one empty shard.
+
+    Example:
+        >>> join_shards(cfg, fitted, tmp, [{"train": ["train/part-00000-00000.parquet"]}])["train"]  # doctest: +SKIP
+        ['train/part-00000-00000.parquet']
+    """
+    shards: dict[str, list[str]] = {s: [f for part in per_file for f in part.get(s, [])] for s in SPLITS}
+    for s, files in shards.items():
+        if not files:
+            (tmp / s).mkdir(parents=True, exist_ok=True)
+            pq.write_table(output_schema(cfg, fitted).empty_table(), str(tmp / s / "part-00000.parquet"))
+            files.append(f"{s}/part-00000.parquet")
+    return shards
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -1040,6 +1176,19 @@ def prepare_dataset(cfg: DatasetConfig, output: str | Path | None = None, overwr
         >>> prepare_dataset(cfg, "data/criteo", overwrite=True).rows_in  # doctest: +SKIP
         10000
     """
+    return prepare_with_runner(cfg, LocalRunner(), output, overwrite, max_reject_fraction)
+
+
+def prepare_with_runner(cfg: DatasetConfig, runner: FileRunner, output: str | Path | None = None,
+                        overwrite: bool = False, max_reject_fraction: float | None = None) -> PrepareReport:
+    """``prepare_dataset`` with the per-file fit and transform stages run by ``runner``.
+
+    Planning, the merge (in file order), finalizing, ``stats.json``/``feature_map.json`` and
+    the atomic commit are the same whichever runner; so are the results, up to shard names.
+
+    Example:
+        >>> prepare_with_runner(cfg, LocalRunner(), "data/criteo", overwrite=True)  # doctest: +SKIP
+    """
     start = time.perf_counter()
     out = Path(output or cfg.output)
     frac = cfg.max_reject_fraction if max_reject_fraction is None else max_reject_fraction
@@ -1056,7 +1205,7 @@ def prepare_dataset(cfg: DatasetConfig, output: str | Path | None = None, overwr
     tmp.mkdir()
     try:
         with _system_memory_pool():
-            report = _prepare_into(cfg, sources, tmp, out, frac, start)
+            report = _prepare_into(cfg, sources, tmp, out, frac, start, runner)
         _commit(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1066,16 +1215,12 @@ def prepare_dataset(cfg: DatasetConfig, output: str | Path | None = None, overwr
 
 
 def _prepare_into(cfg: DatasetConfig, sources: list[SourceFile], tmp: Path, out: Path, frac: float,
-                  start: float) -> PrepareReport:
+                  start: float, runner: FileRunner) -> PrepareReport:
     """Fit, check rejects, finalize and transform into the temp folder ``tmp`` (renamed later)."""
     plan = plan_split(cfg, sources)
-    spills = tmp / "_spill"
+    spills = tmp / _SPILL_DIR
     spills.mkdir()
-    rejects = RejectWriter(tmp / "rejects" / "rejects.csv")
-    try:
-        parts = [fit_file(cfg, plan, s, spills / f"{s.index:05d}.arrows", rejects) for s in sources]
-    finally:
-        rejects.close()
+    parts = runner.fit(cfg, plan, sources, tmp)
     stats = merge_stats(parts)
     del parts
     check_reject_fraction(stats, frac)
@@ -1083,15 +1228,7 @@ def _prepare_into(cfg: DatasetConfig, sources: list[SourceFile], tmp: Path, out:
     stats.counts = {}  # all distinct values: no longer needed once the vocabularies are fixed
     _trim_heap()
     save_vocabs(fitted, tmp / "vocab")
-    schema = output_schema(cfg, fitted)
-    tstats = TransformStats()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recemb-parquet") as pool:
-        writers = {s: ShardWriter(tmp / s, schema, cfg.shard_rows, executor=pool) for s in SPLITS}
-        for src in sources:
-            spill = spills / f"{src.index:05d}.arrows"
-            tstats.merge(transform_file(cfg, fitted, plan, src, writers, spill))
-            spill.unlink()
-        shards = {s: [f"{s}/{f}" for f in w.close()] for s, w in writers.items()}
+    shards, tstats = runner.transform(cfg, fitted, plan, sources, tmp)
     shutil.rmtree(spills)
     fmap = FeatureMap(dataset_id=cfg.dataset_id, label=LABEL_COLUMN if cfg.label else None,
                       features=fitted.infos, shards=shards, rows=dict(tstats.rows),
