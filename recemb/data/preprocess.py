@@ -36,7 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+import yaml
 
+from recemb.config.loader import to_dict
 from recemb.data.hashing import hash_buckets, hash_strings_multi, row_uniform
 from recemb.data.schema import DatasetConfig, FeatureInfo, FeatureMap, FeatureSpec
 from recemb.data.sources import (
@@ -47,7 +49,7 @@ from recemb.data.sources import (
     resolve_paths,
 )
 from recemb.errors import ConfigError, DataError, OutputExistsError
-from recemb.io import write_json_atomic
+from recemb.io import write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "valid", "test")
 LABEL_COLUMN = "label"
@@ -1169,7 +1171,7 @@ def prepare_dataset(cfg: DatasetConfig, output: str | Path | None = None, overwr
     """Prepare ``cfg``'s raw files into ``output`` (default ``cfg.output``), atomically.
 
     Writes ``{train,valid,test}/part-*.parquet``, ``feature_map.json``, ``vocab/*.parquet``,
-    ``stats.json`` and ``rejects/rejects.csv``. Refuses an existing output unless ``overwrite``.
+    ``stats.json``, ``dataset_config.yaml`` (the resolved config) and ``rejects/rejects.csv``. Refuses an existing output unless ``overwrite``.
 
     Example:
         >>> cfg = load_dataset_config("configs/datasets/criteo.yaml")  # doctest: +SKIP
@@ -1234,6 +1236,7 @@ def _prepare_into(cfg: DatasetConfig, sources: list[SourceFile], tmp: Path, out:
                       features=fitted.infos, shards=shards, rows=dict(tstats.rows),
                       count_column=cfg.count_column)
     fmap.save(tmp / "feature_map.json")
+    write_text_atomic(tmp / "dataset_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     seconds = time.perf_counter() - start
     report = PrepareReport(cfg.dataset_id, str(out), stats.rows_in, dict(tstats.rows),
                            dict(sorted(stats.rejected.items())), seconds)
