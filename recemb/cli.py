@@ -57,6 +57,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=2))
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipelines.evaluate import run_evaluate
+
+    result = run_evaluate(args.run, split=args.split, mlflow_uri=args.mlflow_uri, predictions=args.predictions,
+                          workers=args.workers, batch_size=args.batch_size, address=args.address)
+    print(json.dumps(result, indent=2, default=str))
+
+
 def _cmd_runs_list(args: argparse.Namespace) -> None:
     from recemb.tracking import format_runs_table, list_runs, resolve_tracking_uri
 
@@ -112,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=2")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a split with a trained model on Ray Data; metrics (+ predictions)")
+    p.add_argument("--run", required=True,
+                   help="checkpoint folder, run folder (runs/<expid>: best, else last) or MLflow run id")
+    p.add_argument("--split", default="test", help="split of the run's prepared data (default: test)")
+    p.add_argument("--predictions", type=Path, help="write shard, row, label, logit, prob to this Parquet file")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    p.add_argument("--workers", type=int, default=2, help="scoring actors (default: 2)")
+    p.add_argument("--batch-size", type=int, default=16384, help="rows per scoring batch")
+    p.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("runs", help="tracked runs (MLflow)")
     rsub = p.add_subparsers(dest="runs_verb", required=True)
