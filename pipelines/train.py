@@ -49,6 +49,21 @@ def _finish_tracking(tracker: Tracker, cfg: ExperimentConfig, result: TrainResul
             tracker.log_artifact(data / name, artifact_path="data")
 
 
+def _resume_path(resume: str | Path | None, mlflow_uri: str) -> Path | None:
+    """A path as given, or an MLflow run id's ``<checkpoint_dir>/last``."""
+    if resume is None or Path(resume).exists():
+        return Path(resume) if resume is not None else None
+    text = str(resume)
+    if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
+        from recemb.tracking import resolve_run
+
+        folder = resolve_run(mlflow_uri, text).get("checkpoint_dir")
+        if folder and (Path(folder) / "last").exists():
+            return Path(folder) / "last"
+        raise RecembError(f"MLflow run {text} has no checkpoint folder with a 'last' checkpoint")
+    raise RecembError(f"--resume {text}: no such checkpoint or run folder, and not an MLflow run id")
+
+
 def run_train(
     config: str | Path | ExperimentConfig,
     overrides: list[str] | None = None,
@@ -60,7 +75,8 @@ def run_train(
 ) -> TrainResult:
     """Train the experiment at ``config``, tracked in MLflow; returns its result.
 
-    ``workers``/``address``/``mlflow_uri`` override the config's ``cluster`` block.
+    ``workers``/``address``/``mlflow_uri`` override the config's ``cluster`` block;
+    ``resume`` is a checkpoint folder, a run folder, or an MLflow run id.
     """
     quiet_logs()
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment(config, overrides)
@@ -71,7 +87,8 @@ def run_train(
     if mlflow_uri is not None:
         cfg.cluster.mlflow_uri = mlflow_uri
     tracker = Tracker.from_config(cfg, rank=0)
-    run_id = tracker.start(cfg)
+    resume = _resume_path(resume, tracker.uri)
+    run_id = tracker.start(cfg, tags={"recemb.resumed_from": str(resume)} if resume else None)
     tracker.log_params_from_config(cfg)
     print(f"[mlflow] run {run_id} ({cfg.expid}) in {tracker.uri}", flush=True)
     try:
