@@ -7,8 +7,9 @@ prepared once per session, in about a second, and carries the planted signal of
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +84,15 @@ def make_experiment(prepared_ctr: Path, tmp_path: Path) -> MakeExperiment:
         return experiment_config(model, prepared_ctr, output_dir or tmp_path / "runs", list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[Any]:
+    """A quiet local Ray, started once for the whole test session."""
+    from pipelines.ray_runtime import init_ray
+
+    init_ray()
+    import ray
+
+    yield ray
+    ray.shutdown()

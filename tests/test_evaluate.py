@@ -91,17 +91,6 @@ def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    from pipelines.ray_runtime import init_ray
-
-    init_ray()
-    import ray
-
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def evaluated(ray_local: Any, trained: Trained) -> dict[str, Any]:
     """``run_evaluate`` on the test split by MLflow run id, with predictions (small batches: several per actor)."""
     return run_evaluate(trained.result.run_id, "test", mlflow_uri=trained.uri,

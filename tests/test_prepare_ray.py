@@ -8,7 +8,6 @@ rows the same set, the rejects the same lines in file order; only shard names di
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,6 @@ from recemb.errors import DataError
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "datasets" / "synthetic_ctr.yaml"
 ROWS = 3000
 BAD_LINES = {7: "1\t2\t3", 1500: "", 2999: "x" + "\t" * 39}  # 1-based lines of the second file
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
-    from pipelines.ray_runtime import init_ray
-
-    init_ray()
-    import ray
-
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

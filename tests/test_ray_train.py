@@ -16,17 +16,6 @@ from recemb.data.schema import FeatureMap
 from recemb.tracking import list_runs, resolve_run
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> object:
-    from pipelines.ray_runtime import init_ray
-
-    init_ray()
-    import ray
-
-    yield ray
-    ray.shutdown()
-
-
 def _train_rows(data_dir: Path, world: int) -> int:
     """Rows a world of ``world`` workers trains per epoch (equal splits drop < world rows)."""
     rows = FeatureMap.load(data_dir / "feature_map.json").rows["train"]
