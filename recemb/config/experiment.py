@@ -52,10 +52,10 @@ class EmbeddingConfig:
     budget: float | None = None
     sharding: ShardingType = "auto"
     optimizer: SparseOptimizer = "exact_rowwise_adagrad"
-    lr: float = 0.05
+    lr: float = 0.01
     eps: float = 1e-8
     weight_decay: float = 0.0
-    init_std: float | None = None
+    init_std: float | None = 1e-3
     params: dict[str, Any] = field(default_factory=dict)
     groups: list[EmbeddingGroup] = field(default_factory=list)
 

@@ -1,0 +1,426 @@
+"""Training speed of DeepFM: our fused FBGEMM tables vs plain PyTorch vs the dense-compute ceiling.
+
+All models train side by side in one process on the same pre-built batches held in memory
+(one process per table size). ``fused`` is exactly what ``recemb.train.loop.train`` runs
+(``build_model`` on meta, ``shard_model`` at world size 1, ``dense_optimizer``, the same step);
+``plain`` is the usual CTR-library way (one ``nn.Embedding`` per field, ``torch.optim.Adam``
+over every parameter); ``ceiling`` is the same dense part with the lookups replaced by a
+constant tensor. Diagnostic variants: ``fused-tw`` (every table ``table_wise`` instead of the
+planner's choice), ``fused-nolin`` (no first-order sparse term, i.e. what DeepFM's separate
+4-wide first-order collection costs) and ``fused-merged`` (one 20-wide table per field: 16
+columns for the FM/MLP, 4 summed for the first-order term, a possible design).
+
+Table sizes (``--settings``): ``mincount`` and ``full`` are the prepared synthetic data with
+C1..C26 at min_count 10 and 1; ``4m`` and ``20m`` spread the full-vocabulary ids over bigger
+tables (~4.2M and ~20M rows in all) by a multiplicative hash (same id skew).
+
+Usage::
+
+    python tools/bench_train.py                                    # synth + prepare + all sizes
+    python tools/bench_train.py --settings full --profile          # with a profile of the fused step
+    python tools/bench_train.py --settings 4m --threads 1 --variants fused ceiling
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+OUT = REPO / "bench-out"
+DATA = OUT / "data"
+NUM_SPARSE = 26
+DIM = 16
+BATCH = 4096
+MLP_SIZES = [400, 400, 400]
+# setting -> (min_count of C1..C26, total rows to spread the ids over; 0 = the prepared vocabularies)
+SETTINGS = {"mincount": (10, 0), "full": (1, 0), "4m": (1, 4_200_000), "20m": (1, 20_000_000)}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def synth_tsv(rows: int, seed: int = 0) -> Path:
+    """The synthetic Criteo-format TSV (generated once per row count and seed)."""
+    from recemb.data.synthetic import CtrSynthConfig, generate_ctr
+
+    path = DATA / f"ctr_{rows}_{seed}.tsv"
+    if not Path(f"{path}.json").exists():
+        generate_ctr(CtrSynthConfig(rows=rows, seed=seed), path)
+    return path
+
+
+def prepared(rows: int, min_count: int, seed: int = 0) -> Path:
+    """``configs/datasets/synthetic_ctr.yaml`` over ``synth_tsv`` with C1..C26 at ``min_count``."""
+    from recemb.data.preprocess import prepare_dataset
+    from recemb.data.schema import load_dataset_config
+
+    out = DATA / f"synth_{rows}_{seed}_mc{min_count}"
+    if (out / "feature_map.json").exists():
+        return out
+    tsv = synth_tsv(rows, seed)
+    cfg = load_dataset_config(REPO / "configs/datasets/synthetic_ctr.yaml", {"paths": [str(tsv)]})
+    for spec in cfg.features:
+        if spec.kind == "sparse":
+            spec.min_count = min_count
+    prepare_dataset(cfg, out, overwrite=True)
+    return out
+
+
+def total_rows(fm: Any) -> int:
+    """Embedding rows over all sparse features (one table per feature)."""
+    return sum(fm.feature(f).num_embeddings for f in fm.sparse_features)
+
+
+def load_batches(data_dir: Path, n: int) -> tuple[Any, list[Any]]:
+    """The feature map and the first ``n`` train batches (single-hot checked)."""
+    from recemb.data.batch import ParquetBatches
+    from recemb.data.schema import FeatureMap
+
+    fm = FeatureMap.load(data_dir / "feature_map.json")
+    batches = list(itertools.islice(ParquetBatches(fm, "train", BATCH, root=data_dir, drop_last=True), n))
+    for b in batches:
+        if not bool((b.sparse.lengths() == 1).all()):
+            raise SystemExit("bench_train expects single-hot sparse features")
+    return fm, batches
+
+
+def enlarge(fm: Any, batches: list[Any], target_rows: int) -> tuple[Any, list[Any]]:
+    """A feature map with every vocabulary scaled to ~``target_rows`` rows in all, and batches whose
+    ids are the original ids spread over the bigger tables by a multiplicative hash (same skew,
+    no locality between neighbouring ids)."""
+    import copy
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from recemb.data.batch import Batch
+
+    big = copy.deepcopy(fm)
+    scale = target_rows / total_rows(fm)
+    sizes = []
+    for f in big.features:
+        if f.is_categorical:
+            f.num_embeddings = max(2, int(f.num_embeddings * scale))
+            sizes.append(f.num_embeddings)
+    sizes_t = torch.tensor(sizes, dtype=torch.int64)
+    out = []
+    for b in batches:
+        ids = b.sparse.values().view(len(sizes), -1)
+        field = torch.arange(len(sizes), dtype=torch.int64)[:, None]
+        new = (ids * 2654435761 + field * 97) % sizes_t[:, None]
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=b.sparse.keys(), values=new.reshape(-1),
+                                                  lengths=b.sparse.lengths())
+        out.append(Batch(dense=b.dense, sparse=kjt, labels=b.labels, weights=b.weights))
+    return big, out
+
+
+def dense_ids(batch: Any) -> torch.Tensor:
+    """``[B, F]`` ids of a single-hot batch (KJT values are key-major)."""
+    return batch.sparse.values().view(len(batch.sparse.keys()), -1).t().contiguous()
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class PlainDeepFM(nn.Module):
+    """DeepFM as most CTR libraries write it: one ``nn.Embedding`` (and one 1-wide linear
+    embedding) per field, FM + MLP on top; trained with ``torch.optim.Adam`` over everything.
+    ``init_std`` is FuxiCTR's default embedding initialiser (normal, std 1e-4)."""
+
+    def __init__(self, vocab: list[int], num_dense: int, dim: int = DIM, mlp: list[int] | None = None,
+                 init_std: float = 1e-4) -> None:
+        from recemb.models.ctr.layers import MLP
+
+        super().__init__()
+        self.emb = nn.ModuleList([nn.Embedding(v, dim) for v in vocab])
+        self.lin = nn.ModuleList([nn.Embedding(v, 1) for v in vocab])
+        for e in [*self.emb, *self.lin]:
+            nn.init.normal_(e.weight, std=init_std)
+        self.dense_lin = nn.Linear(num_dense, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.mlp = MLP(len(vocab) * dim + num_dense, mlp or MLP_SIZES, out_dim=1)
+
+    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        from recemb.models.ctr.layers import fm_second_order
+
+        e = torch.stack([m(ids[:, i]) for i, m in enumerate(self.emb)], dim=1)
+        lin = torch.cat([m(ids[:, i]) for i, m in enumerate(self.lin)], dim=1).sum(dim=1)
+        first = lin + self.bias + self.dense_lin(dense).squeeze(-1)
+        deep = self.mlp(torch.cat([e.flatten(1), dense], dim=1)).squeeze(-1)
+        return first + fm_second_order(e) + deep
+
+
+class CeilingDeepFM(nn.Module):
+    """The dense part of DeepFM with the lookups replaced by constant tensors (whose gradients
+    are still computed, as the real lookups' are)."""
+
+    def __init__(self, num_fields: int, num_dense: int, dim: int = DIM) -> None:
+        from recemb.models.ctr.layers import MLP
+
+        super().__init__()
+        self.register_buffer("e", torch.randn(BATCH, num_fields, dim) * 0.01)
+        self.register_buffer("lin", torch.randn(BATCH, num_fields) * 0.01)
+        self.dense_lin = nn.Linear(num_dense, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.mlp = MLP(num_fields * dim + num_dense, MLP_SIZES, out_dim=1)
+
+    def forward(self, ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        from recemb.models.ctr.layers import fm_second_order
+
+        # Fresh leaves that require grad: the backward still computes d(loss)/d(lookup output)
+        # (the MLP's input gradient and the FM's), as with real tables; nothing applies it.
+        e = self.e[: dense.shape[0]].detach().requires_grad_()
+        lin = self.lin[: dense.shape[0]].detach().requires_grad_()
+        first = lin.sum(dim=1) + self.bias + self.dense_lin(dense).squeeze(-1)
+        deep = self.mlp(torch.cat([e.flatten(1), dense], dim=1)).squeeze(-1)
+        return first + fm_second_order(e) + deep
+
+
+class NoLinear(nn.Module):
+    """Stands in for DeepFM's first-order embedding layer: zero weights, no tables."""
+
+    def forward(self, kjt: Any) -> Any:
+        from torchrec.sparse.jagged_tensor import KeyedTensor
+
+        b = kjt.stride()
+        return KeyedTensor(keys=["lin"], length_per_key=[1], values=torch.zeros(b, 1))
+
+
+class MergedDeepFM(nn.Module):
+    """DeepFM with the first-order weights as 4 extra columns of each main table (one collection)."""
+
+    def __init__(self, fm: Any, emb_cfg: Any, device: torch.device) -> None:
+        import dataclasses
+
+        from recemb.embeddings.registry import build_embedding_layer
+        from recemb.models.ctr.layers import MLP
+
+        super().__init__()
+        self.dim = emb_cfg.dim
+        self.embedding = build_embedding_layer(fm, dataclasses.replace(emb_cfg, dim=emb_cfg.dim + 4),
+                                               device=device)
+        num_dense = len(fm.dense_features)
+        self.num_fields = len(fm.sparse_features)
+        self.dense_lin = nn.Linear(num_dense, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.mlp = MLP(self.num_fields * self.dim + num_dense, MLP_SIZES, out_dim=1)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        from recemb.models.ctr.layers import fm_second_order
+
+        v = self.embedding(batch.sparse).values().view(-1, self.num_fields, self.dim + 4)
+        e, lin = v[:, :, : self.dim], v[:, :, self.dim :]
+        first = lin.sum(dim=(1, 2)) + self.bias + self.dense_lin(batch.dense).squeeze(-1)
+        deep = self.mlp(torch.cat([e.flatten(1), batch.dense], dim=1)).squeeze(-1)
+        return first + fm_second_order(e) + deep
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def fused_step(fm: Any, variant: str = "fused") -> tuple[Any, Any]:
+    """(model, step) trained exactly like ``recemb.train.loop.train`` (same step body)."""
+    from recemb.config.experiment import EmbeddingConfig, ModelConfig, TrainConfig
+    from recemb.embeddings.sharding import ensure_process_group, shard_model
+    from recemb.models.ctr.registry import build_model
+    from recemb.train.loop import TrainModel, dense_optimizer
+
+    emb, tc = EmbeddingConfig(dim=DIM), TrainConfig(batch_size=BATCH)
+    meta = torch.device("meta")
+    if variant == "fused-merged":
+        inner: nn.Module = MergedDeepFM(fm, emb, meta)
+    else:
+        inner = build_model(ModelConfig("deepfm", {"mlp": MLP_SIZES}), fm, emb, device=meta)
+        if variant == "fused-nolin":
+            inner.linear = NoLinear()
+    model = TrainModel(inner)
+    overrides = {}
+    if variant == "fused-tw":  # every table whole on the one rank instead of the planner's choice
+        overrides = {t: "table_wise" for t in _table_names(model)}
+    dmp = shard_model(model, emb, torch.device("cpu"), ensure_process_group(), batch_size=BATCH,
+                      overrides=overrides).model
+    opt = dense_optimizer(dmp, tc)
+
+    def step(batch: Any, _ids: Any) -> float:
+        batch = batch.to(torch.device("cpu"))
+        loss, _ = dmp(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return dmp, step
+
+
+def _table_names(model: nn.Module) -> list[str]:
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    return [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+            for t in m.embedding_bag_configs()]
+
+
+def torch_step(model: nn.Module, lr: float = 1e-3) -> Any:
+    """Adam over every parameter of a plain model taking ``(ids, dense)``."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step(batch: Any, ids: torch.Tensor) -> float:
+        logits = model(ids, batch.dense)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    return step
+
+
+def time_steps(step: Any, batches: list[Any], ids: list[torch.Tensor], warmup: int,
+               steps: int) -> tuple[float, float]:
+    """(samples per wall second, samples per CPU second of this process) over ``steps`` steps
+    after ``warmup`` steps, cycling through the batches. The CPU figure is steadier on a busy
+    machine; with one thread it is the single-core throughput."""
+    n = len(batches)
+    for i in range(warmup):
+        step(batches[i % n], ids[i % n])
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        step(batches[(warmup + i) % n], ids[(warmup + i) % n])
+    return steps * BATCH / (time.perf_counter() - t0), steps * BATCH / (time.process_time() - c0)
+
+
+def profile_fused(step: Any, batches: list[Any], ids: list[torch.Tensor], steps: int = 10) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(3):
+        step(batches[i], ids[i])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(batches[i % len(batches)], ids[i % len(batches)])
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+
+
+# ----------------------------------------------------------------------------- one setting
+
+
+def run_setting(setting: str, rows: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Build every model for one table size and time them in interleaved rounds."""
+    torch.manual_seed(0)
+    min_count, spread = SETTINGS[setting]
+    fm, batches = load_batches(prepared(rows, min_count), args.batches)
+    if spread:
+        fm, batches = enlarge(fm, batches, spread)
+    ids = [dense_ids(b) for b in batches]
+    vocab = [fm.feature(f).num_embeddings for f in fm.sparse_features]
+    num_dense = len(fm.dense_features)
+    variants = args.variants
+    steps: dict[str, Any] = {}
+    t = time.perf_counter()
+    for v in variants:
+        if v.startswith("fused"):
+            steps[v] = fused_step(fm, v)[1]
+        elif v == "plain":
+            steps[v] = torch_step(PlainDeepFM(vocab, num_dense))
+        elif v == "ceiling":
+            steps[v] = torch_step(CeilingDeepFM(len(vocab), num_dense))
+    build_s = time.perf_counter() - t
+    best: dict[str, float] = {v: 0.0 for v in variants}
+    best_cpu: dict[str, float] = {v: 0.0 for v in variants}
+    runs: dict[str, list[float]] = {v: [] for v in variants}
+    load0 = os.getloadavg()
+    for _ in range(args.rounds):
+        for v in variants:
+            sps, cps = time_steps(steps[v], batches, ids, args.warmup, args.steps)
+            runs[v].append(sps)
+            best[v] = max(best[v], sps)
+            best_cpu[v] = max(best_cpu[v], cps)
+    result: dict[str, Any] = {
+        "setting": setting, "rows": total_rows(fm), "vocab": vocab, "build_s": build_s,
+        "samples_per_s": best, "samples_per_cpu_s": best_cpu, "runs": runs,
+        "threads": torch.get_num_threads(), "load_avg_before": load0, "load_avg": os.getloadavg(),
+    }
+    if args.profile and "fused" in steps:
+        result["profile"] = profile_fused(steps["fused"], batches, ids)
+    return result
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def print_table(results: list[dict[str, Any]], key: str = "samples_per_s") -> None:
+    variants = [v for v in results[0][key]]
+    head = f"{'setting':<9} {'rows':>11} " + " ".join(f"{v:>13}" for v in variants)
+    head += f" {'fused/plain':>11} {'fused/ceil':>10}"
+    print(head)
+    for r in results:
+        sps = r[key]
+        line = f"{r['setting']:<9} {r['rows']:>11,} " + " ".join(f"{sps[v]:>13,.0f}" for v in variants)
+        line += f" {ratio(sps.get('fused'), sps.get('plain')):>11} {ratio(sps.get('fused'), sps.get('ceiling')):>10}"
+        print(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows of synthetic data")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--variants", nargs="+",
+                    default=["fused", "plain", "ceiling", "fused-nolin", "fused-merged"])
+    ap.add_argument("--batches", type=int, default=24, help="distinct batches held in memory")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (best one counts)")
+    ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table of fused")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(OUT / "bench_train.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        print("RESULT " + json.dumps(run_setting(args.settings[0], args.rows, args)), flush=True)
+        return
+    for s in args.settings:  # data first, so the timed children only read it
+        prepared(args.rows, SETTINGS[s][0])
+    results = []
+    for s in args.settings:
+        cmd = [sys.executable, __file__, "--child", "--settings", s, "--rows", str(args.rows),
+               "--batches", str(args.batches), "--warmup", str(args.warmup), "--steps", str(args.steps),
+               "--rounds", str(args.rounds), "--threads", str(args.threads), "--variants", *args.variants]
+        if args.profile:
+            cmd.append("--profile")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        print(f"[{s}] rows={r['rows']:,} load={r['load_avg'][0]:.2f} runs=" +
+              json.dumps({k: [round(x) for x in v] for k, v in r["runs"].items()}), flush=True)
+        if "profile" in r:
+            print(r["profile"])
+        results.append(r)
+    if results:
+        print(f"samples/s (wall, best of {args.rounds} interleaved rounds of {args.steps} steps, "
+              f"{results[0]['threads']} threads)")
+        print_table(results)
+        print("samples per CPU-second of the process")
+        print_table(results, "samples_per_cpu_s")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
