@@ -162,7 +162,9 @@ def _train_on_ray(
         for split, files in fm.shards.items() if files
     }
     storage = cfg.cluster.storage_path or str(Path(cfg.train.output_dir) / "ray")
-    backend = cfg.cluster.backend if cfg.cluster.backend != "auto" else "gloo"
+    backend = cfg.cluster.backend
+    if backend == "auto":
+        backend = "nccl" if cfg.train.device == "cuda" else "gloo"
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={

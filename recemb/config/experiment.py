@@ -78,7 +78,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     """Training loop settings. ``monitor`` weights metrics for early stopping
-    (``{auc: 1, logloss: -1}`` means higher AUC and lower logloss are better)."""
+    (``{auc: 1, logloss: -1}`` means higher AUC and lower logloss are better);
+    ``device: auto`` trains on CUDA when a GPU is visible (nccl), else on CPU (gloo)."""
 
     epochs: int = 1
     batch_size: int = 4096
@@ -95,6 +96,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs"
     progress: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:

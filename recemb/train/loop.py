@@ -40,6 +40,7 @@ from recemb.embeddings.sharding import (
     table_optimizer,
     unfused_table_params,
 )
+from recemb.errors import ConfigError
 from recemb.eval.metrics import MetricAccumulator
 from recemb.io import write_json_atomic, write_text_atomic
 from recemb.models.ctr.registry import build_model
@@ -109,6 +110,17 @@ def dense_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return kinds[cfg.dense_optimizer](params, lr=cfg.dense_lr, weight_decay=cfg.dense_weight_decay)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when visible, else CPU; ``cuda`` without a GPU is a config error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible (use cpu or auto)")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def monitor_score(metrics: dict[str, float], monitor: dict[str, float]) -> float:
     """Weighted sum of monitored metrics; higher is better (NaN counts as -inf)."""
     score = sum(w * metrics[k] for k, w in monitor.items())
@@ -163,8 +175,8 @@ def train(
     metrics and ``train_rows``, the rows trained in that epoch over all ranks.
     """
     t_start = time.perf_counter()
-    device = device or torch.device("cpu")
     tc = cfg.train
+    device = device or resolve_device(tc.device)
     seed_everything(tc.seed)
     pg = ensure_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
