@@ -2,7 +2,8 @@
 
 Each rank writes the pieces it holds (model shards, fused-optimizer state,
 dense-optimizer state) to ``rank-<r>.safetensors``, each tensor named with its
-global offsets; ``meta.json`` keeps global shapes, step, epoch, RNG and the
+global offsets, and the global shapes of what it holds in the file's metadata (a
+table sharded table-wise lives on one rank only); ``meta.json`` keeps step, epoch, RNG and the
 resolved config. Loading assembles full tensors from every rank's file and
 copies each rank's slices in, so a checkpoint written at one world size loads
 at another.
@@ -23,7 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from recemb.embeddings.sharding import copy_full_into, local_pieces
 from recemb.errors import DataError
@@ -97,7 +99,7 @@ def save_checkpoint(
                 continue
             name = key + _SEP + ",".join(str(o) for o in offsets)
             tensors[name] = local.detach().to("cpu").contiguous().clone()
-    save_file(tensors, str(tmp / f"rank-{rank}.safetensors"))
+    save_file(tensors, str(tmp / f"rank-{rank}.safetensors"), metadata={"shapes": json.dumps(shapes)})
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -107,7 +109,6 @@ def save_checkpoint(
             "step": step,
             "epoch": epoch,
             "world_size": world,
-            "shapes": shapes,
             "param_groups": groups,
             "torch_rng": torch.get_rng_state().tolist(),
             "config": config,
@@ -149,9 +150,12 @@ def assemble_full(path: str | Path) -> dict[str, torch.Tensor]:
         part = path / f"rank-{r}.safetensors"
         if not part.is_file():
             raise DataError(f"{part}: missing (checkpoint written by {meta['world_size']} ranks)")
-        for name, tensor in load_file(str(part)).items():
+        with safe_open(str(part), framework="pt") as fh:
+            shapes = json.loads((fh.metadata() or {}).get("shapes", "{}"))
+            pieces = {name: fh.get_tensor(name) for name in fh.keys()}
+        for name, tensor in pieces.items():
             key, _, offs = name.rpartition(_SEP)
-            shape = meta["shapes"][key]
+            shape = shapes[key]
             if key not in full:
                 full[key] = torch.zeros(shape, dtype=tensor.dtype) if shape else tensor.clone()
             if not shape:
