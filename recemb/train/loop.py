@@ -32,7 +32,6 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from recemb.config.experiment import ExperimentConfig, TrainConfig
 from recemb.data.batch import Batch, BatchSource, ParquetSource
 from recemb.data.schema import FeatureMap
-from recemb.embeddings.base import EmbeddingLayer
 from recemb.embeddings.sharding import (
     ensure_process_group,
     plan_to_dict,
@@ -43,8 +42,8 @@ from recemb.embeddings.sharding import (
 from recemb.errors import ConfigError
 from recemb.eval.metrics import MetricAccumulator
 from recemb.io import write_json_atomic, write_text_atomic
-from recemb.models.ctr.registry import build_model
-from recemb.train.checkpoint import TrainState, load_checkpoint, read_meta, save_checkpoint
+from recemb.models.ctr.registry import build_model, embedding_layers
+from recemb.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("recemb.train")
 MetricsHook = Callable[[int, dict[str, float]], None]
@@ -143,11 +142,6 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -
     return acc.compute()
 
 
-def embedding_layers(model: nn.Module) -> list[EmbeddingLayer]:
-    """The embedding layers of a (possibly wrapped) model."""
-    return [m for m in model.modules() if isinstance(m, EmbeddingLayer)]
-
-
 def _skip(it: Iterator[Batch], n: int) -> Iterator[Batch]:
     for i, batch in enumerate(it):
         if i >= n:
@@ -186,7 +180,7 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
 
     model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")))
-    layers = embedding_layers(model)
+    layers = list(embedding_layers(model.model).values())
     emb_bytes = sum(layer.parameter_bytes() for layer in layers)
     full_bytes = sum(layer.full_bytes() for layer in layers)
     sharded = shard_model(model, cfg.embedding, device, pg, batch_size=tc.batch_size)
@@ -371,12 +365,6 @@ def _append_results_csv(path: Path, cfg: ExperimentConfig, result: TrainResult) 
         if new:
             writer.writeheader()
         writer.writerow(row)
-
-
-def resume_info(path: str | Path) -> dict[str, Any]:
-    """Step/epoch of a checkpoint, for messages (``recemb train --resume``)."""
-    meta = read_meta(path)
-    return {"step": meta["step"], "epoch": meta["epoch"], "world_size": meta["world_size"]}
 
 
 __all__ = ["TrainModel", "TrainResult", "dense_optimizer", "evaluate", "monitor_score", "train"]
