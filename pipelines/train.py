@@ -177,7 +177,9 @@ def _train_on_ray(
         ),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
-            name=cfg.expid, storage_path=storage,
+            # A unique name per run: Ray Train restores a run whose name and storage it
+            # finds again, which would silently reuse an earlier run's checkpoint.
+            name=f"{cfg.expid}-{run_id[:12]}", storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             worker_runtime_env={"env_vars": worker_env()},
         ),

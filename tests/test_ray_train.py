@@ -38,6 +38,12 @@ def test_two_workers_on_local_ray_tracked_in_mlflow(ray_local: object, make_expe
     assert run["metrics"]["train_rows_epoch0"] == _train_rows(prepared_ctr, 2)
     assert run["metrics"]["test_auc"] == pytest.approx(result.test["auc"])
     assert run["params"]["embedding.sharding"] == "row_wise"
+    # The same experiment again, same folders: a new run that trains, not a restore of the old one.
+    again = run_train(make_experiment("dcnv2", "embedding.sharding=row_wise", "train.epochs=1"), workers=2,
+                      mlflow_uri=uri)
+    rerun = resolve_run(uri, again.run_id)
+    assert "recemb.restored_from" not in rerun["tags"]
+    assert rerun["metrics"]["train_rows_epoch0"] == _train_rows(prepared_ctr, 2)
 
 
 @pytest.mark.slow
