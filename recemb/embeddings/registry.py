@@ -57,12 +57,6 @@ def register_variant(kind: str, params_cls: type) -> Callable[[Builder], Builder
     return wrap
 
 
-def variant_kinds() -> list[str]:
-    """Registered variant names."""
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
 @functools.cache
 def _load_builtin() -> None:
     from recemb.embeddings import full  # noqa: F401  (registers itself)
@@ -136,8 +130,3 @@ def build_embedding_layer(
     if project_to is not None and any(d != project_to for d in layer.dims.values()):
         layer = ProjectedLayer(layer, project_to)
     return layer
-
-
-def validate_embedding_config(feature_map: FeatureMap, cfg: EmbeddingConfig) -> None:
-    """Raise ``ConfigError`` now for what ``build_embedding_layer`` would refuse later."""
-    _group_specs(feature_map, cfg, torch.device("meta"))
