@@ -44,7 +44,8 @@ class EmbeddingConfig:
 
     ``budget`` is a fraction of the full tables' bytes (<= 1) or absolute bytes
     (> 1); ``params`` are the variant's own settings; ``groups`` override all of
-    this for named features.
+    this for named features. ``seed`` seeds every hash of the id transforms (and
+    so fixes which ids share physical rows), independently of ``train.seed``.
     """
 
     kind: str = "full"
@@ -58,6 +59,7 @@ class EmbeddingConfig:
     init_std: float | None = 1e-3
     params: dict[str, Any] = field(default_factory=dict)
     groups: list[EmbeddingGroup] = field(default_factory=list)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.dim < 1:

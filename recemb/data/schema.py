@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from recemb.config.loader import from_dict, read_yaml, to_dict
 from recemb.errors import ConfigError, DataError
 from recemb.io import write_json_atomic
@@ -256,4 +258,25 @@ class FeatureMap:
         version = data.get("version", 0)
         if version > FEATURE_MAP_VERSION:
             raise DataError(f"{path}: feature map version {version} is newer than this recemb reads")
-        return from_dict(cls, data, where=str(path))
+        fm = from_dict(cls, data, where=str(path))
+        fm.root = path.parent
+        return fm
+
+    def id_counts(self, name: str) -> np.ndarray | None:
+        """Training-split count of each id of feature ``name`` (length ``num_embeddings``).
+
+        From the vocabulary file that preparation wrote (ids are sorted by count,
+        id ``oov_id`` collects the rest and counts 0 here). ``None`` when the map was
+        not loaded from disk or the feature has no vocabulary (hashed features).
+        Frequency-aware variants (``hybrid``, ``mde``) size themselves from this.
+        """
+        info = self.feature(name)
+        root = getattr(self, "root", None)
+        if root is None or not info.vocab_file:
+            return None
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(Path(root) / info.vocab_file, columns=["id", "count"])
+        counts = np.zeros(info.num_embeddings, dtype=np.int64)
+        counts[table.column("id").to_numpy()] = table.column("count").to_numpy()
+        return counts

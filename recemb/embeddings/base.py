@@ -127,6 +127,20 @@ class EmbeddingLayer(nn.Module, abc.ABC):
         return pooled.values().view(-1, len(self.features), dims.pop())
 
 
+def reset_buffers(module: nn.Module) -> None:
+    """Call ``reset_buffers()`` on every submodule that has one.
+
+    A model built on the meta device loses its buffers' contents (remap arrays,
+    hot-id tables): ``DistributedModelParallel`` materialises them as zeros.
+    Modules that hold such buffers keep the source data as numpy arrays and
+    refill the buffers here; ``shard_model`` calls this after wrapping.
+    """
+    for m in module.modules():
+        fn = getattr(m, "reset_buffers", None)
+        if callable(fn):
+            fn()
+
+
 def table_parameter_bytes(tables: list[EmbeddingBagConfig]) -> int:
     """fp32 bytes of a list of physical tables (works on meta/sharded modules too)."""
     return sum(t.num_embeddings * t.embedding_dim * BYTES_PER_FLOAT for t in tables)

@@ -11,10 +11,13 @@ Example:
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from recemb.config.experiment import EmbeddingConfig
@@ -41,6 +44,12 @@ class VariantSpec:
     prefix: str = ""
     device: torch.device | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    feature_map: FeatureMap | None = None
+    seed: int = 0
+
+    def id_counts(self, name: str) -> np.ndarray | None:
+        """Training counts per id of feature ``name`` (``None`` when unknown), for frequency-aware variants."""
+        return None if self.feature_map is None else self.feature_map.id_counts(name)
 
 
 Builder = Callable[[VariantSpec], EmbeddingLayer]
@@ -57,9 +66,24 @@ def register_variant(kind: str, params_cls: type) -> Callable[[Builder], Builder
     return wrap
 
 
+# Modules of recemb.embeddings that are infrastructure, not variants.
+_NOT_VARIANTS = frozenset({"base", "budget", "hashing", "registry", "sharding"})
+
+
 @functools.cache
 def _load_builtin() -> None:
-    from recemb.embeddings import full  # noqa: F401  (registers itself)
+    """Import every variant module of ``recemb.embeddings`` (each registers itself)."""
+    import recemb.embeddings as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name not in _NOT_VARIANTS and not info.name.startswith("_"):
+            importlib.import_module(f"recemb.embeddings.{info.name}")
+
+
+def variant_kinds() -> list[str]:
+    """Registered ``embedding.kind`` names."""
+    _load_builtin()
+    return sorted(_REGISTRY)
 
 
 def init_fn(std: float | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -102,7 +126,7 @@ def _group_specs(
         spec = VariantSpec(
             features=[feature_map.feature(f) for f in feats], dim=dim, budget=budget, params=typed,
             init_std=cfg.init_std, sharding=sharding, prefix=name_prefix + ("" if name == "default" else f"{name}_"),
-            device=device,
+            device=device, feature_map=feature_map, seed=cfg.seed,
         )
         out.append((name, kind, spec))
     return out

@@ -31,6 +31,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from recemb.config.experiment import EmbeddingConfig
+from recemb.embeddings.base import reset_buffers
 from recemb.errors import ConfigError
 
 SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -207,6 +208,7 @@ def shard_model(
         plan=plan,
         sharders=[CpuRowWiseSharder()],
     )
+    reset_buffers(dmp)
     return ShardedModel(model=dmp, plan=plan)
 
 

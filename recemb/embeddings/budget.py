@@ -1,0 +1,93 @@
+"""Memory budgets: from ``embedding.budget`` to a byte target, and the solvers variants share.
+
+A budget is a fraction of the full tables' bytes (``0 < budget <= 1``) or an
+absolute number of bytes (``budget > 1``). Each compressed variant turns the
+target into its own sizes (rows, chunks, ranks, widths) with a solver that is a
+plain function of integers, so it is tested without building a model. The
+achieved bytes are always computed from what was built and reported next to
+the target; a variant that cannot meet a budget raises ``BudgetError`` saying
+what the smallest feasible budget is.
+
+Example:
+    >>> target = budget_bytes(0.01, full=1_000_000)
+    >>> cap_rows([10, 1000, 50000], budget_rows=target // (16 * 4))
+    73
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from recemb.embeddings.base import BYTES_PER_FLOAT
+from recemb.errors import ConfigError
+
+# The relative gap between achieved and target bytes the solvers aim under.
+TOLERANCE = 0.02
+
+
+class BudgetError(ConfigError):
+    """A budget the variant cannot meet (too small, or not a valid number)."""
+
+
+def budget_bytes(budget: float, full: int) -> int:
+    """Target bytes: ``budget * full`` for a fraction in (0, 1], else ``budget`` bytes."""
+    if not budget > 0 or math.isinf(budget):
+        raise BudgetError(f"embedding.budget must be a fraction in (0, 1] or a byte count > 1, got {budget}")
+    return int(budget * full) if budget <= 1 else int(budget)
+
+
+def full_bytes(rows: Sequence[int], dims: Sequence[int]) -> int:
+    """fp32 bytes of one table per feature with ``rows[i]`` rows of width ``dims[i]``."""
+    return sum(r * d for r, d in zip(rows, dims, strict=True)) * BYTES_PER_FLOAT
+
+
+def largest_at_most(cost: Callable[[int], int], target: int, lo: int, hi: int) -> int | None:
+    """The largest ``x`` in ``[lo, hi]`` with ``cost(x) <= target``, for a non-decreasing ``cost``.
+
+    ``None`` when even ``cost(lo)`` exceeds ``target``.
+
+    Example:
+        >>> largest_at_most(lambda x: 3 * x, target=10, lo=1, hi=100)
+        3
+    """
+    if cost(lo) > target:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def cap_rows(vocab: Sequence[int], budget_rows: int) -> int:
+    """The row cap ``R`` with ``sum(min(v, R)) <= budget_rows``, as large as possible.
+
+    Each feature gets ``min(v, R)`` rows: small vocabularies stay collision-free
+    and large ones share ``R`` rows (water-filling). Raises ``BudgetError`` when
+    not even one row per feature fits.
+
+    Example:
+        >>> cap_rows([5, 100, 1000], budget_rows=205)
+        100
+    """
+    top = max(vocab)
+    if sum(vocab) <= budget_rows:
+        return top
+    cap = largest_at_most(lambda r: sum(min(v, r) for v in vocab), budget_rows, 1, top)
+    if cap is None:
+        raise BudgetError(
+            f"budget of {budget_rows} rows is below one row per feature ({len(vocab)} features)"
+        )
+    return cap
+
+
+def check_achieved(kind: str, achieved: int, target: int, tolerance: float = TOLERANCE) -> None:
+    """Raise ``BudgetError`` when ``achieved`` bytes exceed ``target`` by more than ``tolerance``."""
+    if achieved > target * (1 + tolerance):
+        raise BudgetError(
+            f"embedding.kind={kind}: the smallest layout takes {achieved:,} bytes, over the budget of "
+            f"{target:,} bytes by more than {tolerance:.0%}; raise embedding.budget"
+        )
