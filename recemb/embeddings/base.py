@@ -76,6 +76,36 @@ def in_order(pooled: KeyedTensor, features: list[str]) -> KeyedTensor:
     return KeyedTensor.from_tensor_list(features, [parts[f] for f in features])
 
 
+def split_by_key(kjt: KeyedJaggedTensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(values, lengths)`` of each key of ``kjt``, in key order (views, no copies)."""
+    keys = kjt.keys()
+    lengths = kjt.lengths().view(len(keys), -1)
+    values = torch.split(kjt.values(), kjt.length_per_key())
+    return [(values[i], lengths[i]) for i in range(len(keys))]
+
+
+def join_keys(keys: list[str], parts: list[tuple[torch.Tensor, torch.Tensor]], stride: int) -> KeyedJaggedTensor:
+    """A KJT from per-key ``(values, lengths)`` (the inverse of ``split_by_key``)."""
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat([v for v, _ in parts]),
+        lengths=torch.cat([n for _, n in parts]),
+        stride=stride,
+    )
+
+
+def concat_keyed(pooled: KeyedTensor, groups: dict[str, list[str]]) -> KeyedTensor:
+    """One block per output key: the concatenation of ``pooled``'s blocks listed for it.
+
+    Combiners of chunked variants (unified, ROBE) use it; the input key order may
+    be anything (sharded collections reorder), the output follows ``groups``.
+    """
+    parts = pooled.to_dict()
+    blocks = [parts[k] for ks in groups.values() for k in ks]
+    widths = [sum(parts[k].shape[1] for k in ks) for ks in groups.values()]
+    return KeyedTensor(keys=list(groups), length_per_key=widths, values=torch.cat(blocks, dim=1))
+
+
 @dataclass(frozen=True)
 class LayerBytes:
     """Parameter bytes of a layer next to the full-table baseline at the same dims."""

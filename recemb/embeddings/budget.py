@@ -84,6 +84,29 @@ def cap_rows(vocab: Sequence[int], budget_rows: int) -> int:
     return cap
 
 
+def water_fill(vocab: Sequence[int], budget_rows: int) -> list[int]:
+    """Rows per feature: ``min(v, R)`` with ``R = cap_rows(...)``, plus the rows left over.
+
+    A single cap moves the total in steps of the number of capped features; the
+    remainder goes one row each to the largest capped features, so the total is
+    exactly ``budget_rows`` whenever the vocabularies do not all fit.
+
+    Example:
+        >>> water_fill([5, 100, 1000], budget_rows=206)
+        [5, 100, 101]
+    """
+    cap = cap_rows(vocab, budget_rows)
+    rows = [min(v, cap) for v in vocab]
+    left = budget_rows - sum(rows)
+    for i in sorted(range(len(vocab)), key=lambda i: -vocab[i]):
+        if left <= 0:
+            break
+        if vocab[i] > rows[i]:
+            rows[i] += 1
+            left -= 1
+    return rows
+
+
 def check_achieved(kind: str, achieved: int, target: int, tolerance: float = TOLERANCE) -> None:
     """Raise ``BudgetError`` when ``achieved`` bytes exceed ``target`` by more than ``tolerance``."""
     if achieved > target * (1 + tolerance):

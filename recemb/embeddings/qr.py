@@ -1,0 +1,233 @@
+"""The ``qr`` variant: compositional quotient-remainder embeddings (Shi et al., KDD 2020).
+
+Id ``x`` of a feature with modulus ``m`` reads row ``x // m`` of a quotient table
+(``ceil(V/m)`` rows) and row ``x % m`` of a remainder table (``m`` rows); the two
+vectors combine by ``mult`` (element-wise product), ``add`` or ``concat`` (each
+part half the width). Every id gets a unique pair of rows, so unlike hashing no
+two ids share their whole embedding. Features small enough to fit keep a plain
+table. A ``budget`` solves one row cap ``R`` over all features and, per
+feature, the modulus whose two tables together come closest to ``R`` rows;
+below QR's minimum of about ``2 sqrt(V)`` rows the ids are hashed first.
+
+Example (YAML):
+    embedding: {kind: qr, dim: 16, budget: 0.01, params: {op: mult}}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recemb.embeddings.base import (
+    BYTES_PER_FLOAT,
+    Combiner,
+    EmbeddingLayer,
+    IdTransform,
+    TableEmbeddingLayer,
+    join_keys,
+    split_by_key,
+)
+from recemb.embeddings.budget import BudgetError, budget_bytes, full_bytes, largest_at_most, water_fill
+from recemb.embeddings.hashing import hash_ids, salted_seed
+from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.errors import ConfigError
+
+QrOp = Literal["mult", "add", "concat"]
+
+
+@dataclass
+class QrParams:
+    """``op``: how the parts combine; ``modulus``: remainder rows when no budget is given (0 = sqrt(V))."""
+
+    op: QrOp = "mult"
+    modulus: int = 0
+
+
+def qr_modulus(vocab: int, cap: int) -> int:
+    """Modulus ``m`` for ``vocab`` ids under a cap of ``cap`` rows (0 = keep a full table).
+
+    The largest ``m`` with ``m + ceil(vocab / m) <= cap`` (fewest quotient
+    collisions), or the minimum-rows modulus ``ceil(sqrt(vocab))`` when no ``m`` fits.
+
+    Example:
+        >>> qr_modulus(10_000, 10_000), qr_modulus(10_000, 250), qr_modulus(10_000, 50)
+        (0, 200, 100)
+    """
+    if vocab <= cap:
+        return 0
+    m_min = math.isqrt(vocab - 1) + 1
+    if m_min + -(-vocab // m_min) > cap:
+        return m_min
+    # m + ceil(V/m) increases for m >= sqrt(V): binary search the largest m that fits.
+    return largest_at_most(lambda m: m + -(-vocab // m), cap, m_min, cap) or m_min
+
+
+@dataclass(frozen=True)
+class QrLayout:
+    """One feature's layout: ``buckets`` > 0 hashes ids first (into that many), ``modulus`` 0 = full table."""
+
+    vocab: int
+    buckets: int
+    modulus: int
+
+    @property
+    def ids(self) -> int:
+        """Size of the id range the quotient/remainder split sees."""
+        return self.buckets or self.vocab
+
+    @property
+    def rows(self) -> int:
+        """Rows of the feature's tables together."""
+        return self.vocab if self.modulus == 0 else self.modulus + -(-self.ids // self.modulus)
+
+
+def qr_layout(vocab: int, cap: int) -> QrLayout:
+    """The layout of ``vocab`` ids under ``cap`` rows.
+
+    A full table when it fits; QR when its minimum, about ``2 sqrt(vocab)`` rows,
+    fits; below that the ids are first hashed into the largest range whose QR
+    fits (hashing + QR, as the QR paper combines them for tight budgets).
+
+    Example:
+        >>> qr_layout(10_000, 50).rows, qr_layout(10_000, 20)
+        (200, QrLayout(vocab=10000, buckets=100, modulus=10))
+    """
+    cap = max(cap, 2)
+    modulus = qr_modulus(vocab, cap)
+    if modulus == 0 or modulus + -(-vocab // modulus) <= cap:
+        return QrLayout(vocab, 0, modulus)
+    # m + ceil(H/m) == cap exactly with m = cap // 2 and H = m * (cap - m), the largest such H.
+    modulus = cap // 2
+    return QrLayout(vocab, modulus * (cap - modulus), modulus)
+
+
+def solve_qr(vocab: dict[str, int], row_budget: int) -> dict[str, QrLayout]:
+    """Layout per feature for at most ``row_budget`` rows in total (2 rows per feature at the least).
+
+    Rows are shared out by water-filling (small features keep full tables),
+    then each feature takes the QR layout of its share.
+
+    Example:
+        >>> {f: (l.buckets, l.modulus) for f, l in solve_qr({"a": 10, "b": 10_000}, row_budget=310).items()}
+        {'a': (0, 0), 'b': (0, 261)}
+    """
+    if row_budget < 2 * len(vocab):
+        raise BudgetError(f"qr needs at least 2 rows per feature ({2 * len(vocab)}), the budget gives {row_budget}")
+    shares = water_fill(list(vocab.values()), row_budget)
+    return {f: qr_layout(v, r) for (f, v), r in zip(vocab.items(), shares, strict=True)}
+
+
+class QrTransform(IdTransform):
+    """Feature ``f`` -> keys ``f__q`` (``x // m``) and ``f__r`` (``x % m``), after an optional seeded hash;
+    full-table features pass through."""
+
+    def __init__(self, features: list[str], layout: dict[str, QrLayout], seed: int) -> None:
+        super().__init__()
+        self.features = list(features)
+        self.layout = dict(layout)
+        self.seeds = {f: salted_seed(seed, i) for i, f in enumerate(features)}
+        self.out_keys = [k for f in features for k in ((f"{f}__q", f"{f}__r") if layout[f].modulus else (f,))]
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        parts = []
+        for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):
+            lay = self.layout[f]
+            if lay.buckets:
+                values = hash_ids(values, self.seeds[f], lay.buckets)
+            if lay.modulus:
+                m = lay.modulus
+                parts += [(torch.div(values, m, rounding_mode="floor"), lengths), (values % m, lengths)]
+            else:
+                parts.append((values, lengths))
+        return join_keys(self.out_keys, parts, kjt.stride())
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "kind": "quotient_remainder",
+            "features": {
+                f: {"modulus": lay.modulus, "hash_buckets": lay.buckets,
+                    "hash_seed": self.seeds[f] if lay.buckets else None}
+                for f, lay in self.layout.items()
+            },
+        }
+
+
+class QrCombiner(Combiner):
+    """``q op r`` per compressed feature; other features pass through."""
+
+    def __init__(self, features: list[str], modulus: dict[str, int], op: QrOp) -> None:
+        super().__init__()
+        self.features = list(features)
+        self.modulus = dict(modulus)  # 0 = full table
+        self.op = op
+
+    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+        parts = pooled.to_dict()
+        out: list[torch.Tensor] = []
+        for f in self.features:
+            if not self.modulus[f]:
+                out.append(parts[f])
+                continue
+            q, r = parts[f"{f}__q"], parts[f"{f}__r"]
+            out.append(q * r if self.op == "mult" else q + r if self.op == "add" else torch.cat([q, r], dim=1))
+        return KeyedTensor(keys=self.features, length_per_key=[t.shape[1] for t in out], values=torch.cat(out, 1))
+
+
+def _remainder_init(std: float | None) -> Any:
+    """Remainder tables of ``mult`` start near 1, so ``q * r`` starts near ``q`` (a product of two
+    small random vectors would start at ~std**2 and barely train)."""
+    scale = 1e-3 if std is None else std
+
+    def init(weight: torch.Tensor) -> torch.Tensor:
+        return nn.init.normal_(weight, mean=1.0, std=scale)
+
+    return init
+
+
+@register_variant("qr", QrParams)
+def build_qr(spec: VariantSpec) -> EmbeddingLayer:
+    """Quotient and remainder tables per feature (or one full table where it fits)."""
+    params: QrParams = spec.params
+    if params.op == "concat" and spec.dim % 8:
+        raise ConfigError(f"embedding.params.op=concat needs dim divisible by 8 (two halves of 4k), got {spec.dim}")
+    names = [f.name for f in spec.features]
+    vocab = {f.name: f.num_embeddings for f in spec.features}
+    part_dim = spec.dim // 2 if params.op == "concat" else spec.dim
+    if spec.budget is not None:
+        target = budget_bytes(spec.budget, full_bytes(list(vocab.values()), [spec.dim] * len(vocab)))
+        layout = solve_qr(vocab, target // (part_dim * BYTES_PER_FLOAT))
+    else:
+        layout = {}
+        for f, v in vocab.items():
+            m = params.modulus or math.isqrt(v - 1) + 1
+            layout[f] = QrLayout(v, 0, 0 if m >= v else m)
+    modulus = {f: lay.modulus for f, lay in layout.items()}
+    tables: list[EmbeddingBagConfig] = []
+    for f in names:
+        lay = layout[f]
+        if not lay.modulus:
+            tables.append(EmbeddingBagConfig(
+                name=f"{spec.prefix}t_{f}", num_embeddings=vocab[f], embedding_dim=spec.dim, feature_names=[f],
+                pooling=PoolingType.SUM, init_fn=init_fn(spec.init_std)))
+            continue
+        rest_init = _remainder_init(spec.init_std) if params.op == "mult" else init_fn(spec.init_std)
+        tables += [
+            EmbeddingBagConfig(
+                name=f"{spec.prefix}q_{f}", num_embeddings=-(-lay.ids // lay.modulus), embedding_dim=part_dim,
+                feature_names=[f"{f}__q"], pooling=PoolingType.SUM, init_fn=init_fn(spec.init_std)),
+            EmbeddingBagConfig(
+                name=f"{spec.prefix}r_{f}", num_embeddings=lay.modulus, embedding_dim=part_dim,
+                feature_names=[f"{f}__r"], pooling=PoolingType.SUM, init_fn=rest_init),
+        ]
+    layer = TableEmbeddingLayer(
+        features=names, dims={f: spec.dim for f in names}, full_rows=vocab, tables=tables,
+        transform=QrTransform(names, layout, spec.seed), combiner=QrCombiner(names, modulus, params.op), device=spec.device,
+    )
+    layer.sharding = {t.name: spec.sharding for t in tables}
+    return layer
