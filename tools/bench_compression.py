@@ -45,7 +45,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "tt": ("tt", {}, True),
     "dhe": ("dhe", {}, True),
     "robe": ("robe", {}, True),
-    "mde": ("mde", {}, True),
+    "mde": ("mde", {"alpha": 0.3, "blocks": 4}, True),
     "hybrid": ("hybrid", {}, True),
     "lowprec": ("lowprec", {}, False),
 }

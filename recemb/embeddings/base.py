@@ -195,6 +195,7 @@ class TableEmbeddingLayer(EmbeddingLayer):
         transform: IdTransform | None = None,
         combiner: Combiner | None = None,
         device: torch.device | None = None,
+        is_weighted: bool = False,
     ) -> None:
         super().__init__()
         self.features = list(features)
@@ -202,7 +203,8 @@ class TableEmbeddingLayer(EmbeddingLayer):
         self.full_rows = dict(full_rows)
         self.tables = list(tables)
         self.transform = transform or IdentityTransform()
-        self.ebc = EmbeddingBagCollection(tables=self.tables, device=device)
+        # Weighted: the transform's KJT carries a weight per id (e.g. ROBE's sign hash).
+        self.ebc = EmbeddingBagCollection(tables=self.tables, is_weighted=is_weighted, device=device)
         self.combiner = combiner or Combiner()
         self._identity = isinstance(self.transform, IdentityTransform)
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
@@ -187,9 +186,8 @@ def build_robe(spec: VariantSpec) -> EmbeddingLayer:
         tables=[table],
         transform=transform,
         combiner=BlockConcat(features, blocks, spec.dim),
-        device=torch.device("meta"),
+        device=spec.device,
+        is_weighted=params.signed,
     )
-    # TableEmbeddingLayer builds an unweighted collection; the sign hash needs a weighted one.
-    layer.ebc = EmbeddingBagCollection(tables=layer.tables, is_weighted=params.signed, device=spec.device)
     layer.sharding = {table.name: spec.sharding}
     return layer
