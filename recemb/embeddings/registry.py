@@ -33,6 +33,8 @@ class VariantSpec:
 
     ``prefix`` makes physical table names unique across groups; ``sharding``
     is recorded on the layer for the planner (see ``recemb.embeddings.sharding``).
+    ``extra`` carries ``embedding.lr`` and ``eps`` for variants that update their own
+    storage (``lowprec``).
     """
 
     features: list[FeatureInfo]
@@ -126,7 +128,7 @@ def _group_specs(
         spec = VariantSpec(
             features=[feature_map.feature(f) for f in feats], dim=dim, budget=budget, params=typed,
             init_std=cfg.init_std, sharding=sharding, prefix=name_prefix + ("" if name == "default" else f"{name}_"),
-            device=device, feature_map=feature_map, seed=cfg.seed,
+            device=device, feature_map=feature_map, seed=cfg.seed, extra={"lr": cfg.lr, "eps": cfg.eps},
         )
         out.append((name, kind, spec))
     return out
