@@ -5,7 +5,11 @@ embedding bytes are the variant's bytes alone) on the same prepared data and
 split with ``recemb.train.loop.train``, in a fresh subprocess, and records the
 achieved bytes (from the built layer, never the target), test AUC and logloss,
 training samples/s and the inference lookup latency of the embedding layer
-alone (a batch of 4096 test rows, unsharded, eval mode, median of repeats).
+alone (a batch of 4096 test rows, unsharded, eval mode, one thread, median of
+repeats). ``--speed`` is the side-by-side speed pass: every variant's training
+steps and lookups timed in one process with ``full`` as the baseline (ratios);
+run it on a quiet machine (2 cores: another busy process makes OpenMP spin and
+times grow tenfold).
 
 Outputs under ``bench-out/compression/<dataset>/``: one JSON per run (reused on
 the next call unless ``--fresh``), ``results.json``, ``results.md`` (the
@@ -21,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -47,7 +52,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "robe": ("robe", {}, True),
     "mde": ("mde", {"alpha": 0.3, "blocks": 4}, True),
     "hybrid": ("hybrid", {}, True),
-    "lowprec": ("lowprec", {}, False),
+    "lowprec": ("lowprec", {"bits": 8}, False),
+    "lowprec16": ("lowprec", {"bits": 16}, False),
+    # Post-training row-wise quantisation of the trained ``full`` run's tables (no training of its own).
+    "quant-fp16": ("quant", {"dtype": "fp16"}, False),
+    "quant-int8": ("quant", {"dtype": "int8"}, False),
+    "quant-int4": ("quant", {"dtype": "int4"}, False),
 }
 DATASETS = {
     "synthetic": {"model": "dcnv2", "settings": {"train.epochs": 1}},
@@ -80,6 +90,7 @@ def lookup_latency(cfg: Any, repeats: int = 20) -> float:
     fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
     layer = build_embedding_layer(fm, cfg.embedding).eval()
     batch = next(iter(ParquetBatches(fm, "test", 4096, root=Path(cfg.data_dir))))
+    torch.set_num_threads(1)  # serving-style latency; also immune to OpenMP spinning on a busy machine
     times = []
     with torch.no_grad():
         for _ in range(repeats + 3):
@@ -89,11 +100,43 @@ def lookup_latency(cfg: Any, repeats: int = 20) -> float:
     return float(sorted(times[3:])[len(times[3:]) // 2])
 
 
+def quantized_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Test metrics and bytes of the trained ``full`` run with its tables quantised to ``dtype``."""
+    import torch
+
+    from recemb.data.batch import ParquetBatches
+    from recemb.data.schema import FeatureMap
+    from recemb.embeddings.quant import quantize_layer
+    from recemb.train.loop import TrainModel, evaluate
+    from recemb.train.restore import load_trained_model
+
+    model, cfg = load_trained_model(OUT / "runs" / spec["from_expid"] / "checkpoints" / "best")
+    full_layer = model.embedding
+    model.embedding = quantize_layer(full_layer, spec["params"]["dtype"])
+    fm = FeatureMap.load(Path(spec["data_dir"]) / "feature_map.json")
+    test = evaluate(TrainModel(model), ParquetBatches(fm, "test", 16384, root=Path(spec["data_dir"])),
+                    torch.device("cpu"))
+    batch = next(iter(ParquetBatches(fm, "test", 4096, root=Path(spec["data_dir"]))))
+    torch.set_num_threads(1)
+    times = []
+    with torch.no_grad():
+        for _ in range(23):
+            t0 = time.perf_counter()
+            model.embedding(batch.sparse)
+            times.append(time.perf_counter() - t0)
+    return {"test": test, "samples_per_s": float("nan"), "embedding_bytes": model.embedding.parameter_bytes(),
+            "full_bytes": full_layer.full_bytes(), "lookup_s": float(sorted(times[3:])[10])}
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One training run of ``spec`` (model, data, embedding kind/budget/params, settings)."""
     import logging
 
     logging.disable(logging.WARNING)
+    if spec["kind"] == "quant":
+        return quantized_child(spec)
+    if spec["kind"] == "speed":
+        return speed_child(spec)
     from recemb.config.experiment import load_experiment
     from recemb.train.loop import train
 
@@ -113,6 +156,76 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "embedding_bytes": result.embedding_bytes, "full_bytes": result.full_bytes,
         "seconds": result.seconds, "steps": result.steps, "lookup_s": lookup_latency(cfg),
     }
+
+
+def speed_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train-step samples/s and lookup latency of every run in ``spec["runs"]``, side by side in one process.
+
+    Each run builds the model on meta, wraps it with ``shard_model`` (one gloo
+    rank, fused tables) and times ``steps`` training steps (after ``warmup``) on
+    the same pre-loaded batches; then it times the unsharded layer's eval
+    forward. Ratios are taken against the ``full`` run of the same process.
+    """
+    import logging
+
+    import torch
+
+    logging.disable(logging.WARNING)
+    from recemb.config.experiment import load_experiment
+    from recemb.data.batch import ParquetBatches
+    from recemb.data.schema import FeatureMap
+    from recemb.embeddings.registry import build_embedding_layer
+    from recemb.embeddings.sharding import ensure_process_group, shard_model, table_optimizer
+    from recemb.errors import ConfigError
+    from recemb.models.ctr.registry import build_model
+    from recemb.train.loop import TrainModel, dense_optimizer
+
+    root = Path(spec["data_dir"])
+    fm = FeatureMap.load(root / "feature_map.json")
+    need = spec["warmup"] + spec["steps"]
+    loaded = list(itertools.islice(iter(ParquetBatches(fm, "train", 4096, root=root)), need))
+    batches = [loaded[i % len(loaded)] for i in range(need)]  # small data: the same batches again
+    ensure_process_group()
+    out: dict[str, Any] = {}
+    for run_name, kind, budget, params in spec["runs"]:
+        cfg = load_experiment(REPO / "configs/experiments" / f"{spec['model']}_synthetic_ctr.yaml")
+        cfg.embedding.kind, cfg.embedding.budget, cfg.embedding.params = kind, budget, params
+        torch.manual_seed(0)
+        try:
+            model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")))
+        except ConfigError as exc:  # e.g. a budget below the variant's minimum on a small dataset
+            out[run_name] = {"error": str(exc)}
+            continue
+        dmp = shard_model(model, cfg.embedding, torch.device("cpu"), batch_size=4096).model
+        opt, table_opt = dense_optimizer(dmp, cfg.train), table_optimizer(dmp, cfg.embedding)
+        t0 = 0.0
+        for i, batch in enumerate(batches):
+            if i == spec["warmup"]:
+                t0 = time.perf_counter()
+            loss, _ = dmp(batch)
+            opt.zero_grad()
+            if table_opt is not None:
+                table_opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if table_opt is not None:
+                table_opt.step()
+        train_sps = spec["steps"] * 4096 / (time.perf_counter() - t0)
+        layer = build_embedding_layer(fm, cfg.embedding).eval()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        times = []
+        with torch.no_grad():
+            for batch in batches[:3] + batches[: spec["steps"]]:
+                t1 = time.perf_counter()
+                layer(batch.sparse)
+                times.append(time.perf_counter() - t1)
+        torch.set_num_threads(threads)
+        lookup = float(sorted(times[3:])[len(times[3:]) // 2])
+        out[run_name] = {"train_samples_per_s": train_sps, "lookup_s": lookup}
+        print(f"speed {run_name}: {train_sps:,.0f} samples/s, lookup {1000 * lookup:.2f} ms", file=sys.stderr,
+              flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -142,6 +255,10 @@ def pareto(rows: list[dict[str, Any]]) -> set[str]:
     return front
 
 
+def _speed(value: float) -> str:
+    return "(no training)" if value != value else f"{value:,.0f}"
+
+
 def table(rows: list[dict[str, Any]], front: set[str], header: str) -> str:
     lines = [header, "", "| variant | budget | achieved bytes | ratio to full | test AUC | logloss | "
              "train samples/s | lookup ms (4096 rows) | Pareto |", "|---|---|---|---|---|---|---|---|---|"]
@@ -152,7 +269,7 @@ def table(rows: list[dict[str, Any]], front: set[str], header: str) -> str:
             continue
         lines.append(
             f"| {r['variant']} | {r['budget']} | {r['bytes']:,} | {r['ratio']:.4f} | {r['auc']:.5f} | "
-            f"{r['logloss']:.5f} | {r['samples_per_s']:,.0f} | {1000 * r['lookup_s']:.2f} | "
+            f"{r['logloss']:.5f} | {_speed(r['samples_per_s'])} | {1000 * r['lookup_s']:.2f} | "
             f"{'*' if r['run'] in front else ''} |"
         )
     return "\n".join(lines) + "\n"
@@ -185,6 +302,33 @@ def plot(rows: list[dict[str, Any]], front: set[str], path: Path, title: str) ->
     plt.close(fig)
 
 
+def speed_pass(args: argparse.Namespace, model: str, data_dir: Path, out: Path) -> None:
+    """Side-by-side speed of every trained variant (not quant-*) in one child process; ratios to full."""
+    runs = [["full", "full", None, {}]]
+    for variant in args.variants:
+        kind, params, takes_budget = VARIANTS[variant]
+        if kind in ("full", "quant"):
+            continue
+        for budget in (args.budgets if takes_budget else [None]):
+            runs.append([f"{variant}@{budget}" if budget is not None else variant, kind, budget, params])
+    res = run({"kind": "speed", "model": model, "data_dir": str(data_dir), "runs": runs, "warmup": 3,
+               "steps": args.steps})
+    if "error" in res:
+        raise SystemExit(res["error"])
+    base = res["full"]
+    lines = ["| run | train samples/s | ratio to full | lookup ms (4096 rows) | ratio to full |", "|---|---|---|---|---|"]
+    for name, r in res.items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error'][:90]} | | | |")
+            continue
+        lines.append(f"| {name} | {r['train_samples_per_s']:,.0f} | {r['train_samples_per_s'] / base['train_samples_per_s']:.3f} "
+                     f"| {1000 * r['lookup_s']:.2f} | {r['lookup_s'] / base['lookup_s']:.2f} |")
+    md = "\n".join(lines) + "\n"
+    (out / "speed.md").write_text(md)
+    (out / "speed.json").write_text(json.dumps(res, indent=1))
+    print(md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic")
@@ -192,6 +336,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     ap.add_argument("--fresh", action="store_true", help="re-run even when a result file exists")
+    ap.add_argument("--speed", action="store_true",
+                    help="only the speed pass: timed train steps and lookups of every run in one process, "
+                         "ratios to full (run on a quiet machine)")
+    ap.add_argument("--steps", type=int, default=20, help="speed pass: timed steps per run (after 3 warm-up)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -219,6 +367,9 @@ def main() -> None:
         header = f"criteo-10k.txt, model {ds['model']}"
     out = OUT / args.dataset
     out.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        speed_pass(args, ds["model"], data_dir, out)
+        return
     rows: list[dict[str, Any]] = []
     for variant in args.variants:
         kind, params, takes_budget = VARIANTS[variant]
@@ -229,7 +380,8 @@ def main() -> None:
                 res = json.loads(path.read_text())
             else:
                 spec = {"model": ds["model"], "data_dir": str(data_dir), "expid": f"cmp_{args.dataset}_{name}",
-                        "kind": kind, "budget": budget, "params": params, "settings": ds["settings"]}
+                        "kind": kind, "budget": budget, "params": params, "settings": ds["settings"],
+                        "from_expid": f"cmp_{args.dataset}_full"}
                 t0 = time.perf_counter()
                 res = run(spec)
                 res["wall_s"] = time.perf_counter() - t0
@@ -244,7 +396,7 @@ def main() -> None:
                            auc=res["test"]["auc"], logloss=res["test"]["logloss"],
                            samples_per_s=res["samples_per_s"], lookup_s=res["lookup_s"])
                 print(f"{name}: bytes={row['bytes']:,} ratio={row['ratio']:.4f} auc={row['auc']:.5f} "
-                      f"logloss={row['logloss']:.5f} {row['samples_per_s']:,.0f} samples/s "
+                      f"logloss={row['logloss']:.5f} {_speed(row['samples_per_s'])} samples/s "
                       f"lookup {1000 * row['lookup_s']:.2f} ms", flush=True)
             rows.append(row)
     # Merge with earlier runs of variants not requested this time, so the table stays whole.
