@@ -6,6 +6,7 @@ else is a bug and keeps its traceback.
 Example:
     $ recemb synth ctr --rows 100000 --out data/synthetic/ctr.tsv
     $ recemb prepare --config configs/datasets/synthetic_ctr.yaml --overwrite
+    $ recemb search --config configs/experiments/optembed_synthetic_ctr.yaml
     $ recemb config show --config configs/experiments/deepfm_synthetic_ctr.yaml train.epochs=2
 """
 
@@ -55,6 +56,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     result = run_train(args.config, overrides=args.overrides, resume=args.resume, workers=args.workers,
                        address=args.address, mlflow_uri=args.mlflow_uri)
     print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}, indent=2))
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    from pipelines.search import run_search
+
+    summary = run_search(args.config, overrides=args.overrides, mlflow_uri=args.mlflow_uri)
+    print(json.dumps({k: v for k, v in summary.items() if k != "search"} | {
+        "search": {k: v for k, v in summary["search"].items() if k != "history"}}, indent=2))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -120,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=2")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("search", help="OptEmbed: supernet, dim search, retrain on pruned tables (resumable)")
+    p.add_argument("--config", required=True, type=Path, help="experiment YAML with embedding.kind=optembed")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. search.generations=5")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("evaluate", help="score a split with a trained model on Ray Data; metrics (+ predictions)")
     p.add_argument("--run", required=True,

@@ -120,8 +120,35 @@ class ClusterConfig:
 
 
 @dataclass
+class SearchConfig:
+    """``recemb search`` (OptEmbed): supernet, evolutionary dim search, retraining on compact tables.
+
+    ``*_epochs``/``*_max_steps`` override ``train.epochs``/``train.max_steps`` per stage (0 = keep);
+    ``valid_rows`` caps the validation rows scoring each candidate (0 = all; rounded up to
+    whole ``train.eval_batch_size`` batches); ``bytes_penalty``
+    subtracts that times the candidate's bytes/full bytes from its AUC (0 = AUC only, as in the
+    paper); ``retrain_init``: ``initial`` (the supernet's initial weights of the kept rows and
+    dims, lottery-ticket style) or ``scratch``.
+    """
+
+    supernet_epochs: int = 0
+    supernet_max_steps: int = 0
+    retrain_epochs: int = 0
+    retrain_max_steps: int = 0
+    population: int = 20
+    generations: int = 10
+    parents: int = 5
+    mutation_prob: float = 0.1
+    crossover_share: float = 0.5
+    valid_rows: int = 100_000
+    bytes_penalty: float = 0.0
+    seed: int = 0
+    retrain_init: Literal["initial", "scratch"] = "initial"
+
+
+@dataclass
 class ExperimentConfig:
-    """A whole experiment: dataset, model, embedding, train, cluster."""
+    """A whole experiment: dataset, model, embedding, train, cluster (and ``search`` for OptEmbed)."""
 
     dataset_id: str
     dataset: DatasetConfig | None = None
@@ -131,6 +158,7 @@ class ExperimentConfig:
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         if not self.expid:

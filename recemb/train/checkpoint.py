@@ -47,12 +47,15 @@ class TrainState:
     dense_optimizer: torch.optim.Optimizer
     fused_optimizer: Any | None = None
     table_optimizer: torch.optim.Optimizer | None = None
+    aux_optimizer: torch.optim.Optimizer | None = None
 
     def plain_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The unfused optimizers by checkpoint prefix (dense, data-parallel tables)."""
+        """The unfused optimizers by checkpoint prefix (dense, data-parallel tables, aux groups)."""
         out = {"dense": self.dense_optimizer}
         if self.table_optimizer is not None:
             out["table"] = self.table_optimizer
+        if self.aux_optimizer is not None:
+            out["aux"] = self.aux_optimizer
         return out
 
     def tensors(self) -> dict[str, Any]:

@@ -48,22 +48,32 @@ from recemb.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 log = logging.getLogger("recemb.train")
 MetricsHook = Callable[[int, dict[str, float]], None]
 EpochHook = Callable[[int, int, Path, dict[str, float]], None]
+StartHook = Callable[[nn.Module, int], None]
 
 
 class TrainModel(nn.Module):
     """Model + loss: returns ``(loss, (loss, logits, labels))`` like torchrec's examples.
 
     The loss is the mean binary cross-entropy, weighted by ``batch.weights`` when set.
+    In training mode, every submodule with a ``regularization() -> Tensor`` method
+    (e.g. OptEmbed's threshold prior) adds its term to the first (optimised) loss;
+    the reported loss stays the data loss.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        # Modules (not parameters) are kept: DMP re-creates meta parameters but keeps modules.
+        self._regularized = [m for m in model.modules() if callable(getattr(m, "regularization", None))]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         logits = self.model(batch)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, weight=batch.weights)
-        return loss, (loss.detach(), logits.detach(), batch.labels)
+        data_loss = loss.detach()
+        if self.training:
+            for module in self._regularized:
+                loss = loss + module.regularization()
+        return loss, (data_loss, logits.detach(), batch.labels)
 
 
 @dataclass
@@ -96,9 +106,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def aux_param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Parameter groups that modules ask to train apart from the dense optimizer.
+
+    A module with ``optimizer_groups() -> list[{"params": [...], "lr": float}]`` (e.g.
+    OptEmbed's pruning thresholds, which need their own learning rate) gets those
+    parameters stepped by the auxiliary Adam of ``aux_optimizer`` instead.
+    """
+    groups: list[dict[str, Any]] = []
+    for m in model.modules():
+        fn = getattr(m, "optimizer_groups", None)
+        if callable(fn):
+            groups.extend(g for g in fn() if g["params"])
+    return groups
+
+
+def aux_optimizer(model: nn.Module) -> torch.optim.Optimizer | None:
+    """Adam over ``aux_param_groups(model)`` (each group's own lr), or None when there are none."""
+    groups = aux_param_groups(model)
+    return torch.optim.Adam(groups) if groups else None
+
+
 def dense_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizer for the dense parameters: neither fused tables nor data-parallel tables."""
+    """Optimizer for the dense parameters: neither fused tables, data-parallel tables nor aux groups."""
     tables = {id(p) for p in unfused_table_params(model)}
+    tables |= {id(p) for g in aux_param_groups(model) for p in g["params"]}
     params = [
         p for _, p in in_backward_optimizer_filter(model.named_parameters())
         if p.requires_grad and id(p) not in tables
@@ -156,6 +188,7 @@ def train(
     stop_after_steps: int = 0,
     source: BatchSource | None = None,
     on_epoch_end: EpochHook | None = None,
+    on_start: StartHook | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on this process group; evaluate on valid (and test at the end).
 
@@ -167,6 +200,9 @@ def train(
     ``on_epoch_end(epoch, step, checkpoint, metrics)`` runs on every rank after
     each completed epoch's checkpoint; ``metrics`` holds the last validation
     metrics and ``train_rows``, the rows trained in that epoch over all ranks.
+    ``on_start(model, step)`` runs on every rank once the sharded model is built
+    (and restored when resuming, ``step`` > 0) and before the first step: to save
+    initial weights or to load given ones.
     """
     t_start = time.perf_counter()
     tc = cfg.train
@@ -187,13 +223,17 @@ def train(
     dmp = sharded.model
     opt = dense_optimizer(dmp, tc)
     table_opt = table_optimizer(dmp, cfg.embedding)
+    aux_opt = aux_optimizer(dmp)
     state = TrainState(model=dmp, dense_optimizer=opt, fused_optimizer=dmp.fused_optimizer,
-                       table_optimizer=table_opt)
+                       table_optimizer=table_opt, aux_optimizer=aux_opt)
 
     if _is_rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json_atomic(out_dir / "sharding_plan.json", plan_to_dict(sharded.plan))
+        ratio = emb_bytes / full_bytes if full_bytes else float("nan")
+        print(f"[embedding] kind={cfg.embedding.kind} budget={cfg.embedding.budget} bytes={emb_bytes:,} "
+              f"full={full_bytes:,} ratio={ratio:.4f}", flush=True)
         log.info("sharding plan:\n%s", sharded.plan)
 
     start_step, start_epoch, skip_batches = 0, 0, 0
@@ -211,6 +251,8 @@ def train(
         best = meta["extra"].get("best", {})
         best_score = meta["extra"].get("best_score", -math.inf)
         bad_evals = meta["extra"].get("bad_evals", 0)
+    if on_start is not None:
+        on_start(dmp, start_step)
 
     source = source or ParquetSource(fm, data_dir, shuffle_rows=tc.shuffle_rows, seed=tc.seed,
                                      rank=rank, world_size=world)
@@ -244,6 +286,8 @@ def train(
             opt.zero_grad()
             if table_opt is not None:
                 table_opt.zero_grad()
+            if aux_opt is not None:
+                aux_opt.zero_grad()
             loss.backward()
             if tc.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
@@ -251,6 +295,8 @@ def train(
             opt.step()
             if table_opt is not None:
                 table_opt.step()
+            if aux_opt is not None:
+                aux_opt.step()
             step += 1
             if not first_step_at:
                 first_step_at = time.perf_counter() - t_start
@@ -367,4 +413,5 @@ def _append_results_csv(path: Path, cfg: ExperimentConfig, result: TrainResult) 
         writer.writerow(row)
 
 
-__all__ = ["TrainModel", "TrainResult", "dense_optimizer", "evaluate", "monitor_score", "train"]
+__all__ = ["TrainModel", "TrainResult", "aux_optimizer", "aux_param_groups", "dense_optimizer", "evaluate",
+           "monitor_score", "train"]
