@@ -52,6 +52,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "robe": ("robe", {}, True),
     "mde": ("mde", {"alpha": 0.3, "blocks": 4}, True),
     "hybrid": ("hybrid", {}, True),
+    # OptEmbed: supernet + evolutionary dim search + retrain on pruned tables (recemb search);
+    # its bytes are whatever the search reaches. Settings: configs/experiments/optembed_synthetic_ctr.yaml.
+    "optembed": ("search", {}, False),
     "lowprec": ("lowprec", {"bits": 8}, False),
     "lowprec16": ("lowprec", {"bits": 16}, False),
     # Post-training row-wise quantisation of the trained ``full`` run's tables (no training of its own).
@@ -128,6 +131,29 @@ def quantized_child(spec: dict[str, Any]) -> dict[str, Any]:
             "full_bytes": full_layer.full_bytes(), "lookup_s": float(sorted(times[3:])[10])}
 
 
+def search_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """``recemb search`` (OptEmbed, three stages) on the data; the retrained model's metrics and bytes."""
+    from pipelines.search import run_search
+    from recemb.config.experiment import load_experiment
+
+    cfg = load_experiment(REPO / "configs/experiments/optembed_synthetic_ctr.yaml")
+    cfg.data_dir = spec["data_dir"]
+    cfg.expid = spec["expid"]
+    cfg.train.output_dir = str(OUT / "runs")
+    cfg.train.progress = False
+    for k, v in spec.get("settings", {}).items():
+        _set(cfg, k, v)
+    summary = run_search(cfg, mlflow_uri=f"sqlite:///{OUT / 'mlruns.db'}")
+    retrain = summary["retrain"]
+    rcfg = load_experiment(REPO / "configs/experiments/optembed_synthetic_ctr.yaml")
+    rcfg.data_dir = spec["data_dir"]
+    rcfg.embedding.kind = "pruned"
+    rcfg.embedding.params = {"path": str(OUT / "runs" / spec["expid"] / "search" / "pruned")}
+    return {"test": retrain["test"], "best_valid": retrain["best_valid"], "samples_per_s": float("nan"),
+            "embedding_bytes": retrain["embedding_bytes"], "full_bytes": retrain["full_bytes"],
+            "lookup_s": lookup_latency(rcfg), "search": {k: summary[k] for k in ("supernet", "search")}}
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One training run of ``spec`` (model, data, embedding kind/budget/params, settings)."""
     import logging
@@ -137,6 +163,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         return quantized_child(spec)
     if spec["kind"] == "speed":
         return speed_child(spec)
+    if spec["kind"] == "search":
+        return search_child(spec)
     from recemb.config.experiment import load_experiment
     from recemb.train.loop import train
 
@@ -256,7 +284,7 @@ def pareto(rows: list[dict[str, Any]]) -> set[str]:
 
 
 def _speed(value: float) -> str:
-    return "(no training)" if value != value else f"{value:,.0f}"
+    return "-" if value != value else f"{value:,.0f}"
 
 
 def table(rows: list[dict[str, Any]], front: set[str], header: str) -> str:
@@ -307,7 +335,7 @@ def speed_pass(args: argparse.Namespace, model: str, data_dir: Path, out: Path) 
     runs = [["full", "full", None, {}]]
     for variant in args.variants:
         kind, params, takes_budget = VARIANTS[variant]
-        if kind in ("full", "quant"):
+        if kind in ("full", "quant", "search"):
             continue
         for budget in (args.budgets if takes_budget else [None]):
             runs.append([f"{variant}@{budget}" if budget is not None else variant, kind, budget, params])
