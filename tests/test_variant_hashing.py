@@ -224,3 +224,19 @@ def test_unified_trains_at_a_hundredth_of_the_bytes(make_experiment: Any) -> Non
     result = train(cfg)
     assert result.embedding_bytes <= 0.0102 * result.full_bytes
     assert result.test["auc"] > 0.6, result.test
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dcnv2", "lr"])
+@pytest.mark.parametrize("budget", [0.01, 100_000.0])
+def test_budget_covers_every_embedding_layer_of_the_model(model: str, budget: float) -> None:
+    """First-order tables follow the variant, so a fraction or a byte count bounds the whole model."""
+    from recemb.config.experiment import ModelConfig
+    from recemb.models.ctr.registry import build_model, embedding_layers
+
+    built = build_model(ModelConfig(name=model), bench_map(), EmbeddingConfig(kind="unified", dim=DIM, budget=budget),
+                        device=torch.device("meta"))
+    layers = embedding_layers(built)
+    achieved = sum(layer.parameter_bytes() for layer in layers.values())
+    full = sum(layer.full_bytes() for layer in layers.values())
+    target = budget * full if budget <= 1 else budget
+    assert 0.97 * target <= achieved <= 1.001 * target, (achieved, target, sorted(layers))

@@ -42,10 +42,11 @@ _LOW63 = (1 << 63) - 1
 
 @dataclass
 class RobeParams:
-    """``block``: Z, floats per hashed block (divides ``dim``, multiple of 4 for FBGEMM);
+    """``block``: Z, floats per hashed block (divides ``dim``, multiple of 4 for FBGEMM;
+    0 = 8 when ``dim`` is a multiple of 8, else 4);
     ``rows``: rows of Z floats when ``budget`` is unset; ``signed``: ±1 sign hash per block."""
 
-    block: int = 8
+    block: int = 0
     rows: int = 65536
     signed: bool = True
 
@@ -156,7 +157,7 @@ class BlockConcat(Combiner):
 def build_robe(spec: VariantSpec) -> EmbeddingLayer:
     """One shared table of ``rows`` x ``block`` floats; ``dim / block`` hashed blocks per id."""
     params: RobeParams = spec.params
-    z = params.block
+    z = params.block or (8 if spec.dim % 8 == 0 else 4)
     if z < 4 or z % 4 or spec.dim % z:
         raise ConfigError(
             f"embedding.params.block={z}: must be a multiple of 4 (FBGEMM) that divides embedding.dim={spec.dim}"

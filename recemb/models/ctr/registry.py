@@ -89,17 +89,58 @@ def model_needs(name: str) -> ModelNeeds:
 LINEAR_DIM = 4
 
 
-def linear_embedding_config(embedding_cfg: EmbeddingConfig) -> EmbeddingConfig:
+# Variants that cannot also serve the first-order tables (no budget of their own, or search-only).
+_LINEAR_STAYS_FULL = frozenset({"full", "optembed", "pruned", "lowprec"})
+
+
+def linear_embedding_config(embedding_cfg: EmbeddingConfig, alone: bool = False) -> EmbeddingConfig:
     """The config of the first-order tables (``LINEAR_DIM`` wide) derived from the main embedding config.
 
-    For now the linear part is always a plain ``full`` layer without groups or
-    budget, whatever variant the main layer uses: it is ``1/dim`` of the main
-    tables' bytes, and compressing it too is a later choice (it would keep
-    ``kind``/``params`` here instead).
+    With a ``budget``, the first-order tables use the same variant at the same
+    budget (with the variant's default params, which the main layer's may not
+    suit at width 4), so the budget covers all of the model's embedding bytes (a
+    byte budget is split between the two layers in proportion to their widths, see
+    ``main_embedding_config``; ``alone``: the model has no main layer, e.g. LR,
+    and a byte budget is all the first-order tables');
+    otherwise, and for variants in ``_LINEAR_STAYS_FULL``, they are plain
+    ``full`` tables (``1/4`` of the main tables' bytes at dim 16). Groups keep
+    their kind and budget the same way.
     """
+    def linear_kind(kind: str, budget: float | None, dim: int) -> tuple[str, float | None]:
+        if budget is None or kind in _LINEAR_STAYS_FULL:
+            return "full", None
+        return kind, budget if budget <= 1 or alone else _byte_share(budget, LINEAR_DIM, dim)
+
+    kind, budget = linear_kind(embedding_cfg.kind, embedding_cfg.budget, embedding_cfg.dim)
+    groups = []
+    for g in embedding_cfg.groups:
+        g_kind, g_budget = linear_kind(g.kind or embedding_cfg.kind,
+                                       g.budget if g.budget is not None else embedding_cfg.budget,
+                                       g.dim or embedding_cfg.dim)
+        groups.append(dataclasses.replace(g, kind=g_kind, budget=g_budget, dim=None, params={}, sharding=g.sharding))
+    return dataclasses.replace(embedding_cfg, kind=kind, dim=LINEAR_DIM, budget=budget, params={}, groups=groups)
+
+
+def _byte_share(budget: float, width: int, main_dim: int) -> float:
+    """The part of a byte budget (> 1) that a layer of ``width`` gets next to a ``main_dim`` layer and the
+    ``LINEAR_DIM`` first-order layer: ``width / (main_dim + LINEAR_DIM)``, so both keep the same fraction."""
+    return max(2.0, budget * width / (main_dim + LINEAR_DIM))
+
+
+def main_embedding_config(embedding_cfg: EmbeddingConfig, with_linear: bool) -> EmbeddingConfig:
+    """The main layer's config: byte budgets (> 1) shrink to their share when first-order tables share them."""
+    if not with_linear:
+        return embedding_cfg
+
+    def share(budget: float | None, kind: str, dim: int) -> float | None:
+        if budget is None or budget <= 1 or kind in _LINEAR_STAYS_FULL:
+            return budget
+        return _byte_share(budget, dim, dim)
+
+    groups = [dataclasses.replace(g, budget=share(g.budget, g.kind or embedding_cfg.kind, g.dim or embedding_cfg.dim))
+              for g in embedding_cfg.groups]
     return dataclasses.replace(
-        embedding_cfg, kind="full", dim=LINEAR_DIM, budget=None, params={}, groups=[]
-    )
+        embedding_cfg, budget=share(embedding_cfg.budget, embedding_cfg.kind, embedding_cfg.dim), groups=groups)
 
 
 def build_model(
@@ -120,10 +161,12 @@ def build_model(
     kwargs: dict[str, object] = {"num_dense": len(feature_map.dense_features), "params": params}
     if needs.embedding:
         project_to = embedding_cfg.dim if needs.equal_dims else None
-        kwargs["embedding"] = build_embedding_layer(feature_map, embedding_cfg, device=device, project_to=project_to)
+        main_cfg = main_embedding_config(embedding_cfg, with_linear=needs.linear)
+        kwargs["embedding"] = build_embedding_layer(feature_map, main_cfg, device=device, project_to=project_to)
     if needs.linear:
         kwargs["linear"] = build_embedding_layer(
-            feature_map, linear_embedding_config(embedding_cfg), device=device, name_prefix="lin_"
+            feature_map, linear_embedding_config(embedding_cfg, alone=not needs.embedding), device=device,
+            name_prefix="lin_",
         )
     model = model_cls(**kwargs)
     if device is not None:
