@@ -21,7 +21,7 @@ from recemb.config.experiment import ExperimentConfig, load_experiment
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
 from recemb.errors import RecembError
-from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, Tracker
+from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, TAG_WORLD_SIZE, Tracker
 from recemb.train.loop import TrainResult, train
 
 
@@ -88,7 +88,11 @@ def run_train(
         cfg.cluster.mlflow_uri = mlflow_uri
     tracker = Tracker.from_config(cfg, rank=0)
     resume = _resume_path(resume, tracker.uri)
-    run_id = tracker.start(cfg, tags={"recemb.resumed_from": str(resume)} if resume else None)
+    # The run's world is the Ray workers (or this one process), whatever group the driver may hold.
+    tags = {TAG_WORLD_SIZE: str(max(1, cfg.cluster.workers))}
+    if resume:
+        tags["recemb.resumed_from"] = str(resume)
+    run_id = tracker.start(cfg, tags=tags)
     tracker.log_params_from_config(cfg)
     print(f"[mlflow] run {run_id} ({cfg.expid}) in {tracker.uri}", flush=True)
     try:

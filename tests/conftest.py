@@ -96,3 +96,14 @@ def ray_local() -> Iterator[Any]:
 
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_stray_process_group() -> Iterator[None]:
+    """In-process ``train`` calls leave a one-rank gloo group; drop it after each test module
+    so a later module (e.g. a Ray driver that tags its run's world size) starts clean."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
