@@ -305,6 +305,14 @@ def test_count_aware_layouts_on_prepared_data(prepared_ctr: Path) -> None:
     assert any(len(w) > 1 for w in per_feature.values()), "no feature was split into frequency blocks"
     assert all(w == sorted(w, reverse=True) for w in per_feature.values()), "a rarer block got wider rows"
 
+    # A budget too small for three blocks' tables per feature falls back to one table per feature.
+    # One 4-wide row (16 bytes) and its 4x16 projection (256 bytes) per table, with room for more rows.
+    one_each = int(len(mde.features) * (16 + 256) * 1.5)
+    tight = build_embedding_layer(fm, EmbeddingConfig(kind="mde", dim=16, budget=float(one_each), params={"blocks": 3}),
+                                  device=torch.device("meta"))
+    assert len(tight.transform.tables) == len(tight.features)
+    assert tight.parameter_bytes() <= one_each
+
 
 # ------------------------------------------------------------------------------ two ranks
 

@@ -37,7 +37,8 @@ MIN_DIM = 4  # FBGEMM's row widths are multiples of 4
 @dataclass
 class MdeParams:
     """``alpha``: power-law exponent (0 = all widths equal; the paper uses 0.1-0.5);
-    ``blocks``: frequency blocks per feature (needs training counts; 1 = one table per feature)."""
+    ``blocks``: frequency blocks per feature (needs training counts; 1 = one table per feature;
+    a budget too small for the blocks' tables falls back to one table per feature)."""
 
     alpha: float = 0.3
     blocks: int = 1
@@ -257,17 +258,24 @@ def build_mde(spec: VariantSpec) -> EmbeddingLayer:
         raise ConfigError(
             f"embedding.params: alpha={params.alpha} must be >= 0 and blocks={params.blocks} >= 1"
         )
-    layout: list[tuple[int, int, int, int, float]] = []  # feature, block, start, size, p
-    for fi, f in enumerate(spec.features):
-        counts = spec.id_counts(f.name) if params.blocks > 1 else None
-        for b, (start, size, p) in enumerate(frequency_blocks(counts, f.num_embeddings, params.blocks)):
-            layout.append((fi, b, start, size, p))
-    sizes = [s for _, _, _, s, _ in layout]
     target = None
     if spec.budget is not None:
         full = sum(f.num_embeddings for f in spec.features) * spec.dim * BYTES_PER_FLOAT
         target = budget_bytes(spec.budget, full)
-    widths, cap = solve_mde(sizes, [p for *_, p in layout], spec.dim, params.alpha, target)
+    # Blocks multiply the tables (and their minimum bytes): a budget too small for them gets one per feature.
+    for n_blocks in dict.fromkeys((params.blocks, 1)):
+        layout: list[tuple[int, int, int, int, float]] = []  # feature, block, start, size, p
+        for fi, f in enumerate(spec.features):
+            counts = spec.id_counts(f.name) if n_blocks > 1 else None
+            for b, (start, size, p) in enumerate(frequency_blocks(counts, f.num_embeddings, n_blocks)):
+                layout.append((fi, b, start, size, p))
+        sizes = [s for _, _, _, s, _ in layout]
+        try:
+            widths, cap = solve_mde(sizes, [p for *_, p in layout], spec.dim, params.alpha, target)
+            break
+        except BudgetError:
+            if n_blocks == 1:
+                raise
     tables = [
         MdeTable(feature=fi, block=b, start=start, size=size, width=int(w),
                  rows=size if cap is None else min(size, cap), seed=salted_seed(spec.seed, fi, b))
