@@ -97,14 +97,14 @@ def linear_embedding_config(embedding_cfg: EmbeddingConfig, alone: bool = False)
     """The config of the first-order tables (``LINEAR_DIM`` wide) derived from the main embedding config.
 
     With a ``budget``, the first-order tables use the same variant at the same
-    budget (with the variant's default params, which the main layer's may not
-    suit at width 4), so the budget covers all of the model's embedding bytes (a
-    byte budget is split between the two layers in proportion to their widths, see
-    ``main_embedding_config``; ``alone``: the model has no main layer, e.g. LR,
-    and a byte budget is all the first-order tables');
-    otherwise, and for variants in ``_LINEAR_STAYS_FULL``, they are plain
-    ``full`` tables (``1/4`` of the main tables' bytes at dim 16). Groups keep
-    their kind and budget the same way.
+    budget, with the variant's default params (the main layer's may not suit
+    width 4), so the budget covers all of the model's embedding bytes. A byte
+    budget (> 1) is split between the two layers in proportion to their widths
+    (see ``main_embedding_config``), unless the model has no main layer
+    (``alone``, e.g. LR). Without a budget, and for variants in
+    ``_LINEAR_STAYS_FULL``, they are plain ``full`` tables (``1/4`` of the main
+    tables' bytes at dim 16). Groups keep their kind and budget the same way;
+    those that end up like the rest (only their dim or params differed) merge in.
     """
     def linear_kind(kind: str, budget: float | None, dim: int) -> tuple[str, float | None]:
         if budget is None or kind in _LINEAR_STAYS_FULL:
@@ -117,7 +117,8 @@ def linear_embedding_config(embedding_cfg: EmbeddingConfig, alone: bool = False)
         g_kind, g_budget = linear_kind(g.kind or embedding_cfg.kind,
                                        g.budget if g.budget is not None else embedding_cfg.budget,
                                        g.dim or embedding_cfg.dim)
-        groups.append(dataclasses.replace(g, kind=g_kind, budget=g_budget, dim=None, params={}, sharding=g.sharding))
+        if (g_kind, g_budget, g.sharding or embedding_cfg.sharding) != (kind, budget, embedding_cfg.sharding):
+            groups.append(dataclasses.replace(g, kind=g_kind, budget=g_budget, dim=None, params={}))
     return dataclasses.replace(embedding_cfg, kind=kind, dim=LINEAR_DIM, budget=budget, params={}, groups=groups)
 
 
