@@ -288,8 +288,10 @@ def _speed(value: float) -> str:
 
 
 def table(rows: list[dict[str, Any]], front: set[str], header: str) -> str:
-    lines = [header, "", "| variant | budget | achieved bytes | ratio to full | test AUC | logloss | "
-             "train samples/s | lookup ms (4096 rows) | Pareto |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "Speed columns come from the side-by-side `--speed` pass when it has the run (marked s), "
+             "else from the training run itself.", "",
+             "| variant | budget | achieved bytes | ratio to full | test AUC | logloss | "
+             "train samples/s | lookup ms (4096 rows, 1 thread) | Pareto |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | {r['budget']} | error: {r['error'].splitlines()[-1][:80]} "
@@ -297,7 +299,8 @@ def table(rows: list[dict[str, Any]], front: set[str], header: str) -> str:
             continue
         lines.append(
             f"| {r['variant']} | {r['budget']} | {r['bytes']:,} | {r['ratio']:.4f} | {r['auc']:.5f} | "
-            f"{r['logloss']:.5f} | {_speed(r['samples_per_s'])} | {1000 * r['lookup_s']:.2f} | "
+            f"{r['logloss']:.5f} | {_speed(r['samples_per_s'])}{' s' if r.get('speed_pass') else ''} | "
+            f"{1000 * r['lookup_s']:.2f}{' s' if r.get('speed_pass') else ''} | "
             f"{'*' if r['run'] in front else ''} |"
         )
     return "\n".join(lines) + "\n"
@@ -439,6 +442,14 @@ def main() -> None:
                          "bytes": res["embedding_bytes"], "ratio": res["embedding_bytes"] / res["full_bytes"],
                          "auc": res["test"]["auc"], "logloss": res["test"]["logloss"],
                          "samples_per_s": res["samples_per_s"], "lookup_s": res["lookup_s"]})
+    # Speed from the side-by-side pass (one process, quiet machine) where it exists: the training runs'
+    # own samples/s and latencies are taken one after another, under whatever else the machine ran.
+    speed_file = out / "speed.json"
+    speed = json.loads(speed_file.read_text()) if speed_file.exists() else {}
+    for r in rows:
+        timed = speed.get(r["run"], {})
+        if "train_samples_per_s" in timed and "auc" in r:
+            r.update(samples_per_s=timed["train_samples_per_s"], lookup_s=timed["lookup_s"], speed_pass=True)
     order = list(VARIANTS)
     rows.sort(key=lambda r: (order.index(r["variant"]), -(r["budget"] if isinstance(r["budget"], float) else 1.0)))
     front = pareto(rows)
