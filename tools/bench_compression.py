@@ -314,11 +314,12 @@ def plot(rows: list[dict[str, Any]], front: set[str], path: Path, title: str) ->
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ok = [r for r in rows if "auc" in r]
-    for variant in dict.fromkeys(r["variant"] for r in ok):
+    colors = plt.get_cmap("tab20").colors
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in ok)):
         pts = sorted((r["bytes"], r["auc"]) for r in ok if r["variant"] == variant)
-        marker = "*" if variant == "full" else "o"
+        marker = "*" if variant == "full" else "o" if len(pts) > 1 else "s"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, markersize=12 if marker == "*" else 6,
-                label=variant)
+                color=colors[i % len(colors)], label=variant)
     fr = sorted((r["bytes"], r["auc"]) for r in ok if r["run"] in front)
     ax.plot([p[0] for p in fr], [p[1] for p in fr], color="black", linestyle=":", linewidth=1, label="Pareto front")
     ax.scatter([p[0] for p in fr], [p[1] for p in fr], s=120, facecolors="none", edgecolors="black")
