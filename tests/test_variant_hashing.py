@@ -240,3 +240,15 @@ def test_budget_covers_every_embedding_layer_of_the_model(model: str, budget: fl
     full = sum(layer.full_bytes() for layer in layers.values())
     target = budget * full if budget <= 1 else budget
     assert 0.97 * target <= achieved <= 1.001 * target, (achieved, target, sorted(layers))
+
+
+@pytest.mark.parametrize("kind", ["hashed", "qr", "unified"])
+def test_input_key_order_does_not_matter(kind: str) -> None:
+    vocab = {"a": 300, "b": 5000, "c": 7}
+    params = {"tables": 2, "chunk": 4, "exempt": ["c"], "chunks": {"b": 3}} if kind == "unified" else {}
+    layer = build_embedding_layer(feature_map(vocab), EmbeddingConfig(kind=kind, dim=8, budget=0.2, params=params))
+    ids = {"a": [1, 299, 5], "b": [4999, 0, 17], "c": [6, 2, 0]}
+    forward = layer(kjt(ids))
+    backward = layer(kjt({k: ids[k] for k in reversed(list(ids))}))
+    assert list(backward.keys()) == list(vocab)
+    assert torch.equal(forward.values(), backward.values())

@@ -132,10 +132,9 @@ class QrTransform(IdTransform):
         self.features = list(features)
         self.layout = dict(layout)
         self.seeds = {f: salted_seed(seed, i) for i, f in enumerate(features)}
-        self.out_keys = [k for f in features for k in ((f"{f}__q", f"{f}__r") if layout[f].modulus else (f,))]
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        parts = []
+        parts, out_keys = [], []
         for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):
             lay = self.layout[f]
             if lay.buckets:
@@ -143,9 +142,11 @@ class QrTransform(IdTransform):
             if lay.modulus:
                 m = lay.modulus
                 parts += [(torch.div(values, m, rounding_mode="floor"), lengths), (values % m, lengths)]
+                out_keys += [f"{f}__q", f"{f}__r"]
             else:
                 parts.append((values, lengths))
-        return join_keys(self.out_keys, parts, kjt.stride())
+                out_keys.append(f)
+        return join_keys(out_keys, parts, kjt.stride())
 
     def to_manifest(self) -> dict[str, Any]:
         return {

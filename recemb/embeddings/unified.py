@@ -146,16 +146,17 @@ class MultiProbeTransform(IdTransform):
             for j in range(layout.chunks[f]):
                 self.probes[f].append((chunk_key(f, j), salted_seed(seed, i, j), n % layout.tables))
                 n += 1
-        self.out_keys = [k for f in features for k in ([f] if f in self.exempt else [p[0] for p in self.probes[f]])]
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        parts = []
-        for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):
+        parts, out_keys = [], []
+        for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):  # input order
             if f in self.exempt:
                 parts.append((values, lengths))
+                out_keys.append(f)
             else:
                 parts += [(hash_ids(values, s, self.rows), lengths) for _, s, _ in self.probes[f]]
-        return join_keys(self.out_keys, parts, kjt.stride())
+                out_keys += [k for k, _, _ in self.probes[f]]
+        return join_keys(out_keys, parts, kjt.stride())
 
     def to_manifest(self) -> dict[str, Any]:
         return {
