@@ -36,7 +36,7 @@ from recemb.embeddings.optembed import OptEmbedMask, optembed_masks, row_keep_ma
 from recemb.embeddings.pruned import FeaturePruning, PrunedLayer, PruningPlan, remap_from_mask, save_pruning
 from recemb.embeddings.sharding import copy_full_into, ensure_process_group, local_pieces, shard_model
 from recemb.errors import ConfigError, RecembError
-from recemb.io import write_json_atomic, write_text_atomic
+from recemb.io import atomic_path, write_json_atomic, write_text_atomic
 from recemb.models.ctr.registry import build_model, embedding_layers, model_needs
 from recemb.search.evolution import EvolutionSettings, Generation, evolve
 from recemb.tracking import TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, Tracker
@@ -142,7 +142,8 @@ def _run_supernet(cfg: ExperimentConfig, root: Path, tracker: Tracker) -> dict[s
         if step == 0:
             tables = _supernet_tables(model)
             weights = _full_tables(model, [t for t, _ in tables.values()])
-            save_file({f: weights[t].contiguous() for f, (t, _) in tables.items()}, str(init_path))
+            with atomic_path(init_path) as tmp:
+                save_file({f: weights[t].contiguous() for f, (t, _) in tables.items()}, str(tmp))
 
     last = root / "supernet" / "checkpoints" / "last"
     resume = last if (last / "meta.json").is_file() else None
@@ -221,7 +222,8 @@ def _run_search(cfg: ExperimentConfig, root: Path, tracker: Tracker) -> dict[str
         initial = load_file(str(root / INITIAL_TABLES))
         compact = {f: initial[f][torch.from_numpy(keep[f])][:, : dims[f]].contiguous()
                    for f in features if kept[f]}
-        save_file(compact, str(root / COMPACT_INITIAL))
+        with atomic_path(root / COMPACT_INITIAL) as tmp:
+            save_file(compact, str(tmp))
     rows = sum(k.shape[0] for k in keep.values())
     out = {
         "dims": dims, "kept_rows": kept, "kept_rows_total": sum(kept.values()), "rows_total": rows,

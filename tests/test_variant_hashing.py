@@ -20,7 +20,7 @@ import torch
 from dist_utils import run_ranks
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recemb.config.experiment import EmbeddingConfig
+from recemb.config.experiment import EmbeddingConfig, EmbeddingGroup
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.budget import BudgetError
 from recemb.embeddings.hashed import HashedParams, hashed_rows
@@ -29,6 +29,7 @@ from recemb.embeddings.qr import solve_qr
 from recemb.embeddings.registry import build_embedding_layer
 from recemb.embeddings.sharding import load_full_state, shard_model
 from recemb.embeddings.unified import UnifiedParams, solve_unified
+from recemb.errors import ConfigError
 
 # The 1M-row synthetic benchmark's vocabularies (min_count 2), the solvers' real workload.
 BENCH_VOCAB = [11, 252, 6302, 25196, 26, 632, 13870, 24188, 64, 1586, 21569, 25189, 159, 3982, 24791, 17,
@@ -252,3 +253,51 @@ def test_input_key_order_does_not_matter(kind: str) -> None:
     backward = layer(kjt({k: ids[k] for k in reversed(list(ids))}))
     assert list(backward.keys()) == list(vocab)
     assert torch.equal(forward.values(), backward.values())
+
+
+# ---------------------------------------------------------------- config edges (review findings)
+
+
+def test_qr_mult_refuses_multi_hot_and_concat_keeps_its_budget() -> None:
+    feats = [FeatureInfo(name="tags", kind="multihot", source="tags", num_embeddings=1000)]
+    multi = FeatureMap(dataset_id="toy", label="label", features=feats)
+    with pytest.raises(ConfigError, match="multi-hot"):
+        build_embedding_layer(multi, EmbeddingConfig(kind="qr", dim=8, params={"op": "mult"}))
+    build_embedding_layer(multi, EmbeddingConfig(kind="qr", dim=8, params={"op": "add"}))  # linear in the bag: fine
+    for vocab, budget in [({"s": 2000, "b": 100_000}, 0.05), ({"a": 50, "b": 20_000, "c": 300_000}, 0.5)]:
+        layer = build_embedding_layer(feature_map(vocab), EmbeddingConfig(kind="qr", dim=16, budget=budget,
+                                                                         params={"op": "concat"}),
+                                      device=torch.device("meta"))
+        got = layer.bytes()
+        assert got.achieved <= 1.02 * budget * got.full, (vocab, got)
+
+
+def test_groups_inherit_budget_and_params_only_of_their_own_kind() -> None:
+    fm = bench_map()
+    small = ["C1", "C5", "C16"]
+    cfg = EmbeddingConfig(kind="unified", dim=DIM, budget=0.01, params={"tables": 3},
+                          groups=[EmbeddingGroup(features=small, kind="full"),
+                                  EmbeddingGroup(features=["C4"], kind="hashed")])
+    layer = build_embedding_layer(fm, cfg, device=torch.device("meta"))
+    full_group, hashed_group = layer.layers["g0"], layer.layers["g1"]
+    assert full_group.bytes().ratio == 1.0  # no budget inherited by another kind
+    assert hashed_group.bytes().ratio == 1.0  # nor params: hashed without a budget keeps its rows
+    # A byte budget is shared by the blocks that inherit it, not given whole to each.
+    cfg = EmbeddingConfig(kind="unified", dim=DIM, budget=50_000.0, groups=[EmbeddingGroup(features=["C4", "C8"])])
+    shared = build_embedding_layer(fm, cfg, device=torch.device("meta"))
+    assert 0.98 * 50_000 <= shared.parameter_bytes() <= 50_000
+
+
+def test_budget_mistakes_are_config_errors() -> None:
+    fm = feature_map({"a": 1000, "b": 50})
+    with pytest.raises(BudgetError, match="byte counts"):
+        build_embedding_layer(fm, EmbeddingConfig(kind="hashed", dim=16, budget=1.5))
+    with pytest.raises(ConfigError, match="takes no budget"):
+        build_embedding_layer(fm, EmbeddingConfig(kind="full", dim=16, budget=0.1))
+    with pytest.raises(BudgetError, match="per_feature"):
+        build_embedding_layer(fm, EmbeddingConfig(kind="hashed", dim=16, budget=0.01,
+                                                  params={"per_feature": {"a": 1000, "b": 50}}))
+    for kind, params in [("hashed", {"rows": -5}), ("qr", {"modulus": -3}), ("unified", {"rows": 0}),
+                         ("unified", {"chunks": {"a": 0}})]:
+        with pytest.raises(ConfigError):
+            build_embedding_layer(fm, EmbeddingConfig(kind=kind, dim=16, params=params))

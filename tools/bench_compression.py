@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
+from recemb.io import write_json_atomic  # noqa: E402
+
 OUT = REPO / "bench-out" / "compression"
 BUDGETS = [0.1, 0.01, 0.001]
 
@@ -357,7 +359,7 @@ def speed_pass(args: argparse.Namespace, model: str, data_dir: Path, out: Path) 
                      f"| {1000 * r['lookup_s']:.2f} | {r['lookup_s'] / base['lookup_s']:.2f} |")
     md = "\n".join(lines) + "\n"
     (out / "speed.md").write_text(md)
-    (out / "speed.json").write_text(json.dumps(res, indent=1))
+    write_json_atomic(out / "speed.json", res)
     print(md)
 
 
@@ -408,17 +410,21 @@ def main() -> None:
         for budget in (args.budgets if takes_budget else [None]):
             name = f"{variant}@{budget}" if budget is not None else variant
             path = out / f"{name}.json"
-            if path.exists() and not args.fresh:
-                res = json.loads(path.read_text())
+            spec = {"model": ds["model"], "data_dir": str(data_dir), "expid": f"cmp_{args.dataset}_{name}",
+                    "kind": kind, "budget": budget, "params": params, "settings": ds["settings"],
+                    "from_expid": f"cmp_{args.dataset}_full"}
+            cached = json.loads(path.read_text()) if path.exists() and not args.fresh else None
+            # A cached result counts only for the same run (data, params, settings); files written
+            # before the spec was stored are taken as they are.
+            if cached is not None and cached.get("spec", spec) == spec:
+                res = cached
             else:
-                spec = {"model": ds["model"], "data_dir": str(data_dir), "expid": f"cmp_{args.dataset}_{name}",
-                        "kind": kind, "budget": budget, "params": params, "settings": ds["settings"],
-                        "from_expid": f"cmp_{args.dataset}_full"}
                 t0 = time.perf_counter()
                 res = run(spec)
                 res["wall_s"] = time.perf_counter() - t0
+                res["spec"] = spec
                 if "error" not in res:
-                    path.write_text(json.dumps(res, indent=1))
+                    write_json_atomic(path, res)
             row: dict[str, Any] = {"run": name, "variant": variant, "budget": budget if budget is not None else "-"}
             if "error" in res:
                 row["error"] = res["error"]
@@ -456,7 +462,7 @@ def main() -> None:
     front = pareto(rows)
     md = table(rows, front, header)
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    write_json_atomic(out / "results.json", {"header": header, "rows": rows})
     plot(rows, front, out / "auc_vs_bytes.png", header)
     print("\n" + md)
     print(f"wrote {out / 'results.md'} and {out / 'auc_vs_bytes.png'}")

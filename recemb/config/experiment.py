@@ -28,7 +28,12 @@ SparseOptimizer = Literal["exact_rowwise_adagrad", "exact_adagrad", "exact_sgd",
 
 @dataclass
 class EmbeddingGroup:
-    """A per-feature-group override of the embedding block (e.g. huge id fields)."""
+    """A per-feature-group override of the embedding block (e.g. huge id fields).
+
+    A group of the top-level ``kind`` (or none) inherits the top-level ``budget``
+    and ``params``; a byte budget is then shared among the inheriting blocks in
+    proportion to their full bytes. A group of another kind inherits neither.
+    """
 
     features: list[str]
     kind: str | None = None
@@ -144,6 +149,17 @@ class SearchConfig:
     bytes_penalty: float = 0.0
     seed: int = 0
     retrain_init: Literal["initial", "scratch"] = "initial"
+
+    def __post_init__(self) -> None:
+        counts = {k: getattr(self, k) for k in ("supernet_epochs", "supernet_max_steps", "retrain_epochs",
+                                               "retrain_max_steps", "valid_rows")}
+        if any(v < 0 for v in counts.values()):
+            raise ValueError(f"search: epochs, max_steps and valid_rows must be >= 0, got {counts}")
+        if self.population < 2 or self.generations < 1 or self.parents < 1:
+            raise ValueError("search: population must be >= 2, generations >= 1 and parents >= 1 "
+                             "(parents are capped at population - 1)")
+        if not (0 <= self.mutation_prob <= 1 and 0 <= self.crossover_share <= 1 and self.bytes_penalty >= 0):
+            raise ValueError("search: mutation_prob and crossover_share must be in [0, 1], bytes_penalty >= 0")
 
 
 @dataclass

@@ -24,6 +24,8 @@ from recemb.errors import ConfigError
 
 # The relative gap between achieved and target bytes the solvers aim under.
 TOLERANCE = 0.02
+# Byte budgets below this are surely a mistyped fraction (e.g. 1.5): one fp32 row of width 16 is 64 bytes.
+MIN_BYTE_BUDGET = 64
 
 
 class BudgetError(ConfigError):
@@ -32,9 +34,19 @@ class BudgetError(ConfigError):
 
 def budget_bytes(budget: float, full: int) -> int:
     """Target bytes: ``budget * full`` for a fraction in (0, 1], else ``budget`` bytes."""
+    check_budget(budget)
+    return int(budget * full) if budget <= 1 else int(budget)
+
+
+def check_budget(budget: float) -> None:
+    """Raise ``BudgetError`` for a budget that is neither a fraction in (0, 1] nor a plausible byte count."""
     if not budget > 0 or math.isinf(budget):
         raise BudgetError(f"embedding.budget must be a fraction in (0, 1] or a byte count > 1, got {budget}")
-    return int(budget * full) if budget <= 1 else int(budget)
+    if 1 < budget < MIN_BYTE_BUDGET:
+        raise BudgetError(
+            f"embedding.budget={budget}: values above 1 are byte counts, and {budget} bytes holds nothing; "
+            f"write a fraction in (0, 1] or at least {MIN_BYTE_BUDGET} bytes"
+        )
 
 
 def full_bytes(rows: Sequence[int], dims: Sequence[int]) -> int:

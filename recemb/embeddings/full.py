@@ -30,6 +30,11 @@ class FullParams:
 def build_full(spec: VariantSpec) -> EmbeddingLayer:
     """One table per feature, ``spec.dim`` wide; features in a ``shared`` list share one."""
     params: FullParams = spec.params
+    if spec.budget is not None:
+        raise ConfigError(
+            "embedding.kind=full takes no budget (it is the uncompressed baseline); pick a compressed kind "
+            "such as unified or hashed, or drop embedding.budget"
+        )
     by_name = {f.name: f for f in spec.features}
     grouped: dict[str, list[str]] = {}
     for i, names in enumerate(params.shared):

@@ -27,7 +27,7 @@ from recemb.embeddings.base import (
     join_keys,
     split_by_key,
 )
-from recemb.embeddings.budget import budget_bytes, full_bytes, water_fill
+from recemb.embeddings.budget import BudgetError, budget_bytes, full_bytes, water_fill
 from recemb.embeddings.hashing import hash_ids, salted_seed
 from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
 from recemb.errors import ConfigError
@@ -51,11 +51,23 @@ def hashed_rows(vocab: dict[str, int], dim: int, budget: float | None, params: H
     unknown = sorted(set(params.per_feature) - set(vocab))
     if unknown:
         raise ConfigError(f"embedding.params.per_feature: unknown feature '{unknown[0]}'")
+    bad = {f: r for f, r in params.per_feature.items() if r < 1}
+    if params.rows < 0 or bad:
+        raise ConfigError(f"embedding.params: rows must be >= 0 and per_feature rows >= 1 (got rows={params.rows}, "
+                          f"per_feature={bad or {}})")
     fixed = {f: min(r, vocab[f]) for f, r in params.per_feature.items()}
     rest = {f: v for f, v in vocab.items() if f not in fixed}
-    if budget is not None and rest:
+    if budget is not None:
         target = budget_bytes(budget, full_bytes(list(vocab.values()), [dim] * len(vocab)))
         row_budget = target // (dim * BYTES_PER_FLOAT) - sum(fixed.values())
+        if fixed and row_budget < len(rest):
+            raise BudgetError(
+                f"embedding.params.per_feature takes {sum(fixed.values()):,} rows of the budget's "
+                f"{target // (dim * BYTES_PER_FLOAT):,}, leaving less than one row for each other feature; "
+                "lower per_feature or raise embedding.budget"
+            )
+        if not rest:
+            return fixed
         fitted = dict(zip(rest, water_fill(list(rest.values()), row_budget), strict=True))
         return {f: fixed.get(f, fitted.get(f, 0)) for f in vocab}
     cap = params.rows or max(vocab.values())

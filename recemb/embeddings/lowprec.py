@@ -96,13 +96,14 @@ def _gather_rows(ids: torch.Tensor, grads: torch.Tensor, group: Any) -> tuple[to
     gradient of the global batch's mean loss, as DDP and torchrec do.
     """
     world = dist.get_world_size(group)
-    size = torch.tensor([ids.numel()], dtype=torch.int64)
+    device = ids.device  # nccl gathers CUDA tensors only: everything stays on the ids' device
+    size = torch.tensor([ids.numel()], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
     most = int(max(int(s) for s in sizes))
-    pad_ids = torch.zeros(most, dtype=ids.dtype)
+    pad_ids = torch.zeros(most, dtype=ids.dtype, device=device)
     pad_ids[: ids.numel()] = ids
-    pad_grads = torch.zeros(most, grads.shape[1], dtype=grads.dtype)
+    pad_grads = torch.zeros(most, grads.shape[1], dtype=grads.dtype, device=device)
     pad_grads[: ids.numel()] = grads
     all_ids = [torch.empty_like(pad_ids) for _ in range(world)]
     all_grads = [torch.empty_like(pad_grads) for _ in range(world)]
@@ -111,7 +112,8 @@ def _gather_rows(ids: torch.Tensor, grads: torch.Tensor, group: Any) -> tuple[to
     cat_ids = torch.cat([t[: int(n)] for t, n in zip(all_ids, sizes, strict=True)])
     cat_grads = torch.cat([t[: int(n)] for t, n in zip(all_grads, sizes, strict=True)])
     uniq, inverse = torch.unique(cat_ids, return_inverse=True)
-    summed = torch.zeros(uniq.numel(), grads.shape[1], dtype=grads.dtype).index_add_(0, inverse, cat_grads)
+    summed = torch.zeros(uniq.numel(), grads.shape[1], dtype=grads.dtype, device=device).index_add_(
+        0, inverse, cat_grads)
     return uniq, summed / world
 
 

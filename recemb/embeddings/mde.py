@@ -254,7 +254,7 @@ def build_mde(spec: VariantSpec) -> EmbeddingLayer:
     params: MdeParams = spec.params
     if spec.dim % MIN_DIM:
         raise ConfigError(f"embedding.kind=mde: embedding.dim={spec.dim} must be a multiple of {MIN_DIM}")
-    if params.alpha < 0 or params.blocks < 1:
+    if not 0 <= params.alpha < float("inf") or params.blocks < 1:
         raise ConfigError(
             f"embedding.params: alpha={params.alpha} must be >= 0 and blocks={params.blocks} >= 1"
         )

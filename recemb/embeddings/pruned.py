@@ -92,9 +92,13 @@ def save_pruning(path: str | Path, plan: PruningPlan) -> Path:
         "extra": plan.extra,
     }
     write_json_atomic(tmp / PRUNING_JSON, meta)
+    # Move an old plan aside before the rename, so a crash leaves either plan, never none.
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
-        shutil.rmtree(path)
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -32,8 +32,16 @@ from recemb.embeddings.base import (
     TableEmbeddingLayer,
     join_keys,
     split_by_key,
+    table_parameter_bytes,
 )
-from recemb.embeddings.budget import BudgetError, budget_bytes, full_bytes, largest_at_most, water_fill
+from recemb.embeddings.budget import (
+    BudgetError,
+    budget_bytes,
+    check_achieved,
+    full_bytes,
+    largest_at_most,
+    water_fill,
+)
 from recemb.embeddings.hashing import hash_ids, salted_seed
 from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
 from recemb.errors import ConfigError
@@ -87,27 +95,31 @@ class QrLayout:
         return self.vocab if self.modulus == 0 else self.modulus + -(-self.ids // self.modulus)
 
 
-def qr_layout(vocab: int, cap: int) -> QrLayout:
+def qr_layout(vocab: int, cap: int, full_cost: int = 1) -> QrLayout:
     """The layout of ``vocab`` ids under ``cap`` rows.
 
     A full table when it fits; QR when its minimum, about ``2 sqrt(vocab)`` rows,
     fits; below that the ids are first hashed into the largest range whose QR
     fits (hashing + QR, as the QR paper combines them for tight budgets).
+    ``full_cost``: what a full-table row costs in part rows (2 for ``concat``,
+    whose parts are half as wide as the full table).
 
     Example:
-        >>> qr_layout(10_000, 50).rows, qr_layout(10_000, 20)
-        (200, QrLayout(vocab=10000, buckets=100, modulus=10))
+        >>> qr_layout(10_000, 250).rows, qr_layout(10_000, 20)
+        (250, QrLayout(vocab=10000, buckets=100, modulus=10))
     """
     cap = max(cap, 2)
-    modulus = qr_modulus(vocab, cap)
-    if modulus == 0 or modulus + -(-vocab // modulus) <= cap:
+    if vocab * full_cost <= cap:
+        return QrLayout(vocab, 0, 0)
+    modulus = qr_modulus(vocab, cap) or math.isqrt(vocab - 1) + 1
+    if modulus + -(-vocab // modulus) <= cap:
         return QrLayout(vocab, 0, modulus)
     # m + ceil(H/m) == cap exactly with m = cap // 2 and H = m * (cap - m), the largest such H.
     modulus = cap // 2
     return QrLayout(vocab, modulus * (cap - modulus), modulus)
 
 
-def solve_qr(vocab: dict[str, int], row_budget: int) -> dict[str, QrLayout]:
+def solve_qr(vocab: dict[str, int], row_budget: int, full_cost: int = 1) -> dict[str, QrLayout]:
     """Layout per feature for at most ``row_budget`` rows in total (2 rows per feature at the least).
 
     Rows are shared out by water-filling (small features keep full tables),
@@ -119,8 +131,8 @@ def solve_qr(vocab: dict[str, int], row_budget: int) -> dict[str, QrLayout]:
     """
     if row_budget < 2 * len(vocab):
         raise BudgetError(f"qr needs at least 2 rows per feature ({2 * len(vocab)}), the budget gives {row_budget}")
-    shares = water_fill(list(vocab.values()), row_budget)
-    return {f: qr_layout(v, r) for (f, v), r in zip(vocab.items(), shares, strict=True)}
+    shares = water_fill([v * full_cost for v in vocab.values()], row_budget)
+    return {f: qr_layout(v, r, full_cost) for (f, v), r in zip(vocab.items(), shares, strict=True)}
 
 
 class QrTransform(IdTransform):
@@ -197,12 +209,20 @@ def build_qr(spec: VariantSpec) -> EmbeddingLayer:
     params: QrParams = spec.params
     if params.op == "concat" and spec.dim % 8:
         raise ConfigError(f"embedding.params.op=concat needs dim divisible by 8 (two halves of 4k), got {spec.dim}")
+    multi = [f.name for f in spec.features if f.kind == "multihot"]
+    if params.op == "mult" and multi:
+        raise ConfigError(
+            f"embedding.params.op=mult: '{multi[0]}' is multi-hot, and a pooled bag would give "
+            "(sum q) * (sum r) instead of sum(q * r); use op: add or concat for multi-hot features"
+        )
+    if params.modulus < 0:
+        raise ConfigError(f"embedding.params.modulus must be >= 0 (0 = sqrt of the vocabulary), got {params.modulus}")
     names = [f.name for f in spec.features]
     vocab = {f.name: f.num_embeddings for f in spec.features}
     part_dim = spec.dim // 2 if params.op == "concat" else spec.dim
     if spec.budget is not None:
         target = budget_bytes(spec.budget, full_bytes(list(vocab.values()), [spec.dim] * len(vocab)))
-        layout = solve_qr(vocab, target // (part_dim * BYTES_PER_FLOAT))
+        layout = solve_qr(vocab, target // (part_dim * BYTES_PER_FLOAT), full_cost=spec.dim // part_dim)
     else:
         layout = {}
         for f, v in vocab.items():
@@ -226,6 +246,8 @@ def build_qr(spec: VariantSpec) -> EmbeddingLayer:
                 name=f"{spec.prefix}r_{f}", num_embeddings=lay.modulus, embedding_dim=part_dim,
                 feature_names=[f"{f}__r"], pooling=PoolingType.SUM, init_fn=rest_init),
         ]
+    if spec.budget is not None:
+        check_achieved("qr", table_parameter_bytes(tables), target)
     layer = TableEmbeddingLayer(
         features=names, dims={f: spec.dim for f in names}, full_rows=vocab, tables=tables,
         transform=QrTransform(names, layout, spec.seed), combiner=QrCombiner(names, modulus, params.op), device=spec.device,

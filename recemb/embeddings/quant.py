@@ -112,7 +112,7 @@ def row_error_bound(rows: torch.Tensor, dtype: QuantDtype) -> torch.Tensor:
 
     Example:
         >>> row_error_bound(torch.tensor([[0.0, 2.55]]), "int8")  # ~ 0.005 + fp16 slack
-        tensor([0.0062])
+        tensor([0.0063])
     """
     _check_dtype(dtype)
     rows = rows.detach().float()

@@ -24,6 +24,7 @@ from recemb.config.experiment import EmbeddingConfig
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.base import EmbeddingLayer, GroupedEmbeddingLayer, ProjectedLayer
+from recemb.embeddings.budget import MIN_BYTE_BUDGET, check_budget
 from recemb.errors import ConfigError
 
 
@@ -95,6 +96,20 @@ def init_fn(std: float | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return functools.partial(torch.nn.init.normal_, mean=0.0, std=std)
 
 
+def _split_byte_budget(
+    feature_map: FeatureMap, blocks: list[Any], inherits: list[bool], budget: float
+) -> list[Any]:
+    """Share a byte budget (> 1) among the blocks that inherit it, in proportion to their full bytes."""
+    full = [sum(feature_map.feature(f).num_embeddings for f in b[1]) * b[3] for b in blocks]
+    total = sum(n for n, inherit in zip(full, inherits, strict=True) if inherit)
+    out = []
+    for block, n, inherit in zip(blocks, full, inherits, strict=True):
+        if inherit and total:
+            block = (*block[:4], max(float(MIN_BYTE_BUDGET), budget * n / total), *block[5:])
+        out.append(block)
+    return out
+
+
 def _group_specs(
     feature_map: FeatureMap, cfg: EmbeddingConfig, device: torch.device | None, name_prefix: str = ""
 ) -> list[tuple[str, str, VariantSpec]]:
@@ -110,14 +125,25 @@ def _group_specs(
     out: list[tuple[str, str, VariantSpec]] = []
     rest = [f for f in sparse if f not in owner]
     blocks: list[tuple[str, list[str], str, int, float | None, str, dict[str, Any]]] = []
+    inherits: list[bool] = []  # whether the block takes the top-level budget
     if rest:
         blocks.append(("default", rest, cfg.kind, cfg.dim, cfg.budget, cfg.sharding, cfg.params))
+        inherits.append(True)
     for gi, group in enumerate(cfg.groups):
+        # Budget and params are the top-level ones only for a group of the same kind: another
+        # variant's params would not fit, and a group switched to e.g. `full` asks for no compression.
+        same = group.kind is None or group.kind == cfg.kind
         blocks.append((
             f"g{gi}", group.features, group.kind or cfg.kind, group.dim or cfg.dim,
-            group.budget if group.budget is not None else cfg.budget,
-            group.sharding or cfg.sharding, group.params if group.params else cfg.params,
+            group.budget if group.budget is not None else cfg.budget if same else None,
+            group.sharding or cfg.sharding, group.params if group.params or not same else cfg.params,
         ))
+        inherits.append(same and group.budget is None)
+    for block in blocks:
+        if block[4] is not None:
+            check_budget(block[4])
+    if cfg.budget is not None and cfg.budget > 1:
+        blocks = _split_byte_budget(feature_map, blocks, inherits, cfg.budget)
     _load_builtin()
     for name, feats, kind, dim, budget, sharding, params in blocks:
         if kind not in _REGISTRY:

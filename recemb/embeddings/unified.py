@@ -97,8 +97,13 @@ def solve_unified(
     unknown = sorted((set(params.chunks) | set(params.exempt)) - set(vocab))
     if unknown:
         raise ConfigError(f"embedding.params: unknown feature '{unknown[0]}' in chunks/exempt")
-    if params.tables < 1:
-        raise ConfigError("embedding.params.tables must be >= 1")
+    if params.tables < 1 or params.rows < 1 or not 0 <= params.exempt_share <= 1:
+        raise ConfigError(
+            f"embedding.params: tables and rows must be >= 1 and exempt_share in [0, 1] (got tables={params.tables}, "
+            f"rows={params.rows}, exempt_share={params.exempt_share})"
+        )
+    if any(k < 1 for k in params.chunks.values()):
+        raise ConfigError(f"embedding.params.chunks: every feature needs >= 1 chunk, got {params.chunks}")
     chunks = {f: params.chunks.get(f, max(1, dim // c)) for f in vocab}
     exempt = list(params.exempt)
     if budget is None:

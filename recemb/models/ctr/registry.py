@@ -24,6 +24,7 @@ from recemb.config.experiment import EmbeddingConfig, ModelConfig
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
 from recemb.embeddings.base import EmbeddingLayer
+from recemb.embeddings.budget import MIN_BYTE_BUDGET
 from recemb.embeddings.registry import build_embedding_layer
 from recemb.errors import ConfigError
 from recemb.models.ctr.dcnv2 import DCNv2, DCNv2Params
@@ -125,7 +126,7 @@ def linear_embedding_config(embedding_cfg: EmbeddingConfig, alone: bool = False)
 def _byte_share(budget: float, width: int, main_dim: int) -> float:
     """The part of a byte budget (> 1) that a layer of ``width`` gets next to a ``main_dim`` layer and the
     ``LINEAR_DIM`` first-order layer: ``width / (main_dim + LINEAR_DIM)``, so both keep the same fraction."""
-    return max(2.0, budget * width / (main_dim + LINEAR_DIM))
+    return max(float(MIN_BYTE_BUDGET), budget * width / (main_dim + LINEAR_DIM))
 
 
 def main_embedding_config(embedding_cfg: EmbeddingConfig, with_linear: bool) -> EmbeddingConfig:

@@ -1,0 +1,18 @@
+"""The examples in the embedding modules' docstrings run and give what they show."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["budget", "hashing", "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec",
+           "quant", "optembed", "pruned"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(f"recemb.embeddings.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {module.__name__} failed"
