@@ -319,3 +319,18 @@ def test_lowprec_two_ranks_stay_bit_identical() -> None:
     assert (r0["table"] != r0["start"]).any()
     assert np.array_equal(r0["table"], r1["table"])
     assert np.array_equal(r0["scale"], r1["scale"]) and (r0["scale"] != r0["scale"][0]).any()
+
+
+def test_dense_weight_decay_spares_lowprec_step_sizes() -> None:
+    from recemb.config.experiment import TrainConfig
+    from recemb.train.loop import dense_optimizer
+
+    feats = [FeatureInfo(name=n, kind="sparse", source=n, num_embeddings=v) for n, v in {"a": 50, "b": 9}.items()]
+    fm = FeatureMap(dataset_id="toy", label="label", features=feats)
+    layer = build_embedding_layer(fm, EmbeddingConfig(kind="lowprec", dim=8))
+    head = nn.Linear(8, 1)
+    model = nn.ModuleDict({"emb": layer, "head": head})
+    opt = dense_optimizer(model, TrainConfig(dense_weight_decay=0.1))
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(layer.log_scale)] == 0.0
+    assert decay[id(head.weight)] == 0.1

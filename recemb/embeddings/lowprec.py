@@ -208,6 +208,10 @@ class LowPrecEmbeddingLayer(EmbeddingLayer):
             self.reset_parameters()
             self.reset_buffers()
 
+    def no_weight_decay(self) -> list[torch.nn.Parameter]:
+        """The learned log step sizes: L2 towards 0 would pull every step size towards 1."""
+        return [self.log_scale] if self.learned else []
+
     def reset_parameters(self) -> None:
         """Every step size back to ``s0`` (DMP calls this after materialising meta parameters)."""
         with torch.no_grad():

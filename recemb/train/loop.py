@@ -128,7 +128,10 @@ def aux_optimizer(model: nn.Module) -> torch.optim.Optimizer | None:
 
 
 def dense_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Optimizer for the dense parameters: neither fused tables, data-parallel tables nor aux groups."""
+    """Optimizer for the dense parameters: neither fused tables, data-parallel tables nor aux groups.
+
+    Parameters a module lists in ``no_weight_decay()`` get no ``dense_weight_decay``.
+    """
     tables = {id(p) for p in unfused_table_params(model)}
     tables |= {id(p) for g in aux_param_groups(model) for p in g["params"]}
     params = [
@@ -138,7 +141,15 @@ def dense_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     kinds: dict[str, type[torch.optim.Optimizer]] = {
         "adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD,
     }
-    return kinds[cfg.dense_optimizer](params, lr=cfg.dense_lr, weight_decay=cfg.dense_weight_decay)
+    # Modules name parameters that weight decay would harm (e.g. lowprec's log step sizes).
+    exempt = {id(p) for m in model.modules() if callable(getattr(m, "no_weight_decay", None))
+              for p in m.no_weight_decay()}
+    groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in exempt]}]
+    if exempt and cfg.dense_weight_decay:
+        groups.append({"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0})
+    else:
+        groups[0]["params"] = params
+    return kinds[cfg.dense_optimizer](groups, lr=cfg.dense_lr, weight_decay=cfg.dense_weight_decay)
 
 
 def resolve_device(name: str) -> torch.device:
