@@ -24,7 +24,7 @@ from recemb.models.ctr import MODELS, build_model, embedding_layers, model_needs
 from recemb.models.ctr.dcnv2 import DCNv2
 from recemb.models.ctr.dlrm import DLRM, DotInteraction
 from recemb.models.ctr.layers import MLP, CrossLayer, fm_second_order
-from recemb.models.ctr.registry import LINEAR_DIM
+from recemb.models.ctr.registry import LINEAR_DIM, takes_linear_layer
 
 DIM = 8
 SMALL: dict[str, dict[str, object]] = {
@@ -104,9 +104,10 @@ def test_gradient_reaches_every_parameter(name: str) -> None:
         tables += "embedding_bags" in pname
     layers = embedding_layers(model)
     needs = model_needs(name)
-    expect = {n for n, wanted in (("embedding", needs.embedding), ("linear", needs.linear)) if wanted}
+    linear = takes_linear_layer(needs, model.params)
+    expect = {n for n, wanted in (("embedding", needs.embedding), ("linear", linear)) if wanted}
     assert set(layers) == expect
-    assert tables == len(SPARSE) * (needs.embedding + needs.linear)
+    assert tables == len(SPARSE) * (needs.embedding + linear)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -119,7 +120,7 @@ def test_seeded_build_is_deterministic(name: str) -> None:
 
 def test_first_order_layer_is_narrow_full() -> None:
     emb = EmbeddingConfig(kind="full", dim=DIM, groups=[EmbeddingGroup(features=["c3"], dim=4)])
-    model = build("deepfm", embedding=emb)
+    model = build("deepfm", params={**SMALL["deepfm"], "first_order": "table"}, embedding=emb)
     # FBGEMM's fused kernels need widths divisible by 4: first-order tables are LINEAR_DIM wide.
     assert all(d == LINEAR_DIM for d in model.linear.dims.values())
     assert all(t.name.startswith("lin_") for t in model.linear.tables)
@@ -128,6 +129,10 @@ def test_first_order_layer_is_narrow_full() -> None:
     wdl = build("wdl", embedding=emb)
     assert wdl.embedding.dims["c3"] == 4
     assert wdl(make_batch(4, torch.Generator().manual_seed(0))).shape == (4,)
+    # DeepFM's first_order: embedding takes the term from the main embeddings: no first-order tables.
+    fwfm = build("deepfm", params={**SMALL["deepfm"], "first_order": "embedding"}, embedding=emb)
+    assert fwfm.linear is None and set(embedding_layers(fwfm)) == {"embedding"}
+    assert fwfm.field_weights.in_features == sum(fwfm.embedding.dims.values())
 
 
 def test_unknown_model_lists_known_names() -> None:

@@ -5,10 +5,11 @@ All models train side by side in one process on the same pre-built batches held 
 (``build_model`` on meta, ``shard_model`` at world size 1, ``dense_optimizer``, the same step);
 ``plain`` is the usual CTR-library way (one ``nn.Embedding`` per field, ``torch.optim.Adam``
 over every parameter); ``ceiling`` is the same dense part with the lookups replaced by a
-constant tensor. Diagnostic variants: ``fused-tw`` (every table ``table_wise`` instead of the
-planner's choice), ``fused-nolin`` (no first-order sparse term, i.e. what DeepFM's separate
-4-wide first-order collection costs) and ``fused-merged`` (one 20-wide table per field: 16
-columns for the FM/MLP, 4 summed for the first-order term, a possible design).
+constant tensor. ``fused`` is DeepFM as configured by default (separate 4-wide first-order
+tables: a second lookup of every id). Other variants: ``fused-fwfm`` (``first_order:
+embedding``: the first-order term from the main embeddings, no second lookup), ``fused-tw``
+(every table ``table_wise`` instead of the planner's choice) and ``fused-merged`` (one
+20-wide table per field: 16 columns for the FM/MLP, 4 summed for the first-order term).
 
 Table sizes (``--settings``): ``mincount`` and ``full`` are the prepared synthetic data with
 C1..C26 at min_count 10 and 1; ``4m`` and ``20m`` spread the full-vocabulary ids over bigger
@@ -188,16 +189,6 @@ class CeilingDeepFM(nn.Module):
         return first + fm_second_order(e) + deep
 
 
-class NoLinear(nn.Module):
-    """Stands in for DeepFM's first-order embedding layer: zero weights, no tables."""
-
-    def forward(self, kjt: Any) -> Any:
-        from torchrec.sparse.jagged_tensor import KeyedTensor
-
-        b = kjt.stride()
-        return KeyedTensor(keys=["lin"], length_per_key=[1], values=torch.zeros(b, 1))
-
-
 class MergedDeepFM(nn.Module):
     """DeepFM with the first-order weights as 4 extra columns of each main table (one collection)."""
 
@@ -242,9 +233,9 @@ def fused_step(fm: Any, variant: str = "fused") -> tuple[Any, Any]:
     if variant == "fused-merged":
         inner: nn.Module = MergedDeepFM(fm, emb, meta)
     else:
-        inner = build_model(ModelConfig("deepfm", {"mlp": MLP_SIZES}), fm, emb, device=meta)
-        if variant == "fused-nolin":
-            inner.linear = NoLinear()
+        first_order = "embedding" if variant == "fused-fwfm" else "table"
+        inner = build_model(ModelConfig("deepfm", {"mlp": MLP_SIZES, "first_order": first_order}), fm, emb,
+                            device=meta)
     model = TrainModel(inner)
     overrides = {}
     if variant == "fused-tw":  # every table whole on the one rank instead of the planner's choice
@@ -376,7 +367,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of synthetic data")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--variants", nargs="+",
-                    default=["fused", "plain", "ceiling", "fused-nolin", "fused-merged"])
+                    default=["fused", "plain", "ceiling", "fused-fwfm"])
     ap.add_argument("--batches", type=int, default=24, help="distinct batches held in memory")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)

@@ -88,7 +88,11 @@ class FirstOrder(nn.Module):
 
     def forward(self, weights: KeyedTensor, dense: torch.Tensor) -> torch.Tensor:
         """``weights``: the 1-dim layer's output (``[B, F]`` values); returns ``[B]``."""
-        out = weights.values().sum(dim=1) + self.bias
+        return self.add_dense(weights.values().sum(dim=1), dense)
+
+    def add_dense(self, sparse_logit: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """``sparse_logit`` (``[B]``, however the sparse part was computed) + dense linear + bias."""
+        out = sparse_logit + self.bias
         if self.dense is not None:
             out = out + self.dense(dense).squeeze(-1)
         return out

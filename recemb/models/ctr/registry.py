@@ -85,6 +85,12 @@ def model_needs(name: str) -> ModelNeeds:
     return _NEEDS[name]
 
 
+def takes_linear_layer(needs: ModelNeeds, params: object) -> bool:
+    """Whether a model with ``params`` gets a first-order embedding layer: it needs a linear term
+    and does not take it from the main embeddings (DeepFM's ``first_order: embedding``)."""
+    return needs.linear and getattr(params, "first_order", "table") == "table"
+
+
 # FBGEMM's fused kernels need table widths divisible by 4, so the "1-dim" first-order
 # tables are 4 wide and FirstOrder sums the 4 columns (4 weights per id, same function class).
 LINEAR_DIM = 4
@@ -165,7 +171,9 @@ def build_model(
         project_to = embedding_cfg.dim if needs.equal_dims else None
         main_cfg = main_embedding_config(embedding_cfg, with_linear=needs.linear)
         kwargs["embedding"] = build_embedding_layer(feature_map, main_cfg, device=device, project_to=project_to)
-    if needs.linear:
+    if needs.linear and not takes_linear_layer(needs, params):
+        kwargs["linear"] = None
+    elif needs.linear:
         kwargs["linear"] = build_embedding_layer(
             feature_map, linear_embedding_config(embedding_cfg, alone=not needs.embedding), device=device,
             name_prefix="lin_",
