@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
+from bench_quality import _set  # noqa: E402  (dotted config settings, shared with the quality benchmark)
+
 from recemb.io import write_json_atomic  # noqa: E402
 
 OUT = REPO / "bench-out" / "compression"
@@ -72,16 +74,6 @@ DATASETS = {
 
 
 # ----------------------------------------------------------------------------- child side
-
-
-def _set(cfg: Any, key: str, value: Any) -> None:
-    node = cfg
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = getattr(node, p)
-    if not hasattr(node, parts[-1]):
-        raise SystemExit(f"unknown setting {key}")
-    setattr(node, parts[-1], value)
 
 
 def lookup_latency(cfg: Any, repeats: int = 20) -> float:
