@@ -98,6 +98,18 @@ def ray_local() -> Iterator[Any]:
     ray.shutdown()
 
 
+@pytest.fixture
+def no_process_group() -> Iterator[None]:
+    """The test starts and ends without a default process group (in-process ``train`` leaves one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_stray_process_group() -> Iterator[None]:
     """In-process ``train`` calls leave a one-rank gloo group; drop it after each test module

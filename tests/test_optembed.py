@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import CONFIGS, SMALL_MODEL_PARAMS, SMALL_RUN
 
 from recemb.config.experiment import EmbeddingConfig, ModelConfig, load_experiment
@@ -46,14 +45,7 @@ from recemb.train.checkpoint import read_meta
 DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def no_process_group() -> Iterator[None]:
-    """Each test starts and ends without a default process group (``train`` leaves one)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("no_process_group")  # each test starts and ends without a group
 
 
 @pytest.fixture(autouse=True, scope="module")

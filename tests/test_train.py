@@ -34,14 +34,7 @@ MakeExperiment = Callable[..., ExperimentConfig]  # the conftest fixture
 STEPS_PER_EPOCH = 16030 // 512  # training rows of the session dataset // batch size (drop_last)
 
 
-@pytest.fixture(autouse=True)
-def no_process_group() -> Iterator[None]:
-    """Each test starts and ends without a default process group."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("no_process_group")  # each test starts and ends without a group
 
 
 @pytest.fixture(autouse=True, scope="module")

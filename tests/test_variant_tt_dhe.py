@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_ranks
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -363,15 +362,6 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(ranks: list[dict[s
 
 
 # ---------------------------------------------------------------- end to end
-
-
-@pytest.fixture
-def no_process_group() -> Iterator[None]:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.mark.usefixtures("no_process_group")
