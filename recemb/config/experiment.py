@@ -51,6 +51,13 @@ class EmbeddingConfig:
     (> 1); ``params`` are the variant's own settings; ``groups`` override all of
     this for named features. ``seed`` seeds every hash of the id transforms (and
     so fixes which ids share physical rows), independently of ``train.seed``.
+    ``l2`` adds ``l2/2 * mean over samples of sum_f |e_f|^2`` (the looked-up pooled
+    vectors of every embedding layer) to the training loss: each row is pulled to zero
+    in proportion to how often the batch reads it. It works the same for every
+    variant, optimizer and device. ``weight_decay`` is FBGEMM's own decay inside fused
+    row-wise Adagrad (``l2``: ``weight_decay * w`` added to the gradient of each touched
+    row; ``decoupled``: the row shrinks after the update); FBGEMM's CPU kernel ignores
+    it, so on CPU it is refused in favour of ``l2``.
     """
 
     kind: str = "full"
@@ -60,7 +67,9 @@ class EmbeddingConfig:
     optimizer: SparseOptimizer = "exact_rowwise_adagrad"
     lr: float = 0.01
     eps: float = 1e-8
+    l2: float = 0.0
     weight_decay: float = 0.0
+    weight_decay_mode: Literal["l2", "decoupled"] = "l2"
     init_std: float | None = 1e-3
     params: dict[str, Any] = field(default_factory=dict)
     groups: list[EmbeddingGroup] = field(default_factory=list)
@@ -71,6 +80,8 @@ class EmbeddingConfig:
             raise ValueError("embedding dim must be >= 1")
         if self.budget is not None and self.budget <= 0:
             raise ValueError("embedding budget must be > 0")
+        if self.weight_decay < 0 or self.l2 < 0:
+            raise ValueError("embedding weight_decay and l2 must be >= 0")
 
 
 @dataclass

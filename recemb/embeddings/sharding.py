@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torchrec import optim as trec_optim
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -86,9 +87,44 @@ def check_sparse_optimizer(name: str, device: torch.device) -> None:
         )
 
 
+def check_weight_decay(cfg: EmbeddingConfig, device: torch.device | None = None) -> None:
+    """Refuse an ``embedding.weight_decay`` the configured fused optimizer would ignore.
+
+    FBGEMM applies weight decay in row-wise Adagrad only when a mode is set (L2 or
+    decoupled) and in Adam only decoupled; exact Adagrad and SGD have none. Its CPU
+    row-wise Adagrad kernel (fbgemm-gpu-cpu 1.8.0) takes the setting and leaves the
+    rows as without it (``tests/test_weight_decay.py`` pins this), so on CPU the
+    loss-side ``embedding.l2`` is the way to regularise the tables.
+    """
+    if not cfg.weight_decay:
+        return
+    if device is not None and device.type == "cpu" and cfg.optimizer == "exact_rowwise_adagrad":
+        raise ConfigError(
+            f"embedding.weight_decay={cfg.weight_decay}: FBGEMM's CPU row-wise Adagrad kernel ignores weight "
+            "decay; use embedding.l2 (an L2 penalty on the looked-up embeddings, the same on every device)"
+        )
+    if cfg.optimizer in ("exact_adagrad", "exact_sgd"):
+        raise ConfigError(
+            f"embedding.weight_decay={cfg.weight_decay}: FBGEMM's fused {cfg.optimizer} has no weight decay; "
+            "use embedding.optimizer=exact_rowwise_adagrad or set weight_decay to 0"
+        )
+    if cfg.optimizer == "adam" and cfg.weight_decay_mode != "decoupled":
+        raise ConfigError("embedding.weight_decay with optimizer adam is decoupled only: set weight_decay_mode=decoupled")
+
+
+def fused_params(cfg: EmbeddingConfig) -> dict[str, Any]:
+    """Sharder-level FBGEMM settings that are not optimizer arguments (the weight decay mode)."""
+    check_weight_decay(cfg)
+    if cfg.weight_decay and cfg.optimizer == "exact_rowwise_adagrad":
+        mode = WeightDecayMode.L2 if cfg.weight_decay_mode == "l2" else WeightDecayMode.DECOUPLE
+        return {"weight_decay_mode": mode}
+    return {}
+
+
 def apply_sparse_optimizer(model: nn.Module, cfg: EmbeddingConfig, device: torch.device) -> None:
     """Attach the fused (in-backward) optimizer to every embedding table of ``model``."""
     check_sparse_optimizer(cfg.optimizer, device)
+    check_weight_decay(cfg, device)
     kwargs: dict[str, Any] = {"lr": cfg.lr}
     if cfg.optimizer != "exact_sgd":
         kwargs["eps"] = cfg.eps
@@ -121,6 +157,11 @@ def table_optimizer(model: nn.Module, cfg: EmbeddingConfig) -> torch.optim.Optim
     if cfg.optimizer != "exact_sgd":
         kwargs["eps"] = cfg.eps
     if cfg.weight_decay:
+        if cfg.weight_decay_mode != "l2":
+            raise ConfigError(
+                "embedding.weight_decay_mode=decoupled is not available for data_parallel tables "
+                f"({', '.join(sorted(n for n, p in model.named_parameters() if any(p is q for q in params)))}); use l2"
+            )
         kwargs["weight_decay"] = cfg.weight_decay
     return UNFUSED_OPTIMIZERS[cfg.optimizer](params, **kwargs)
 
@@ -206,7 +247,7 @@ def shard_model(
         device=device,
         env=ShardingEnv.from_process_group(pg),
         plan=plan,
-        sharders=[CpuRowWiseSharder()],
+        sharders=[CpuRowWiseSharder(fused_params=fused_params(cfg) or None)],
     )
     reset_buffers(dmp)
     return ShardedModel(model=dmp, plan=plan)

@@ -56,23 +56,39 @@ class TrainModel(nn.Module):
 
     The loss is the mean binary cross-entropy, weighted by ``batch.weights`` when set.
     In training mode, every submodule with a ``regularization() -> Tensor`` method
-    (e.g. OptEmbed's threshold prior) adds its term to the first (optimised) loss;
-    the reported loss stays the data loss.
+    (e.g. OptEmbed's threshold prior) adds its term to the first (optimised) loss, and
+    so does ``embedding_l2 / 2 * mean_b sum |e|^2`` over the pooled outputs of every
+    top-level embedding layer (``embedding_layers``) when ``embedding_l2 > 0``; the reported loss stays the
+    data loss.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, embedding_l2: float = 0.0) -> None:
         super().__init__()
         self.model = model
         # Modules (not parameters) are kept: DMP re-creates meta parameters but keeps modules.
         self._regularized = [m for m in model.modules() if callable(getattr(m, "regularization", None))]
+        self.embedding_l2 = embedding_l2
+        self._pooled: list[torch.Tensor] = []
+        if embedding_l2 > 0:
+            for layer in embedding_layers(model).values():
+                layer.register_forward_hook(self._keep_pooled)
+
+    def _keep_pooled(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        if self.training:
+            self._pooled.append(output.values())
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self._pooled = []
         logits = self.model(batch)
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, weight=batch.weights)
         data_loss = loss.detach()
         if self.training:
             for module in self._regularized:
                 loss = loss + module.regularization()
+            if self._pooled:
+                squares = sum(v.square().sum() for v in self._pooled)
+                loss = loss + 0.5 * self.embedding_l2 * squares / logits.shape[0]
+                self._pooled = []
         return loss, (data_loss, logits.detach(), batch.labels)
 
 
@@ -226,7 +242,8 @@ def train(
     out_dir = Path(tc.output_dir) / cfg.expid
     ckpt_dir = out_dir / "checkpoints"
 
-    model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")))
+    model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")),
+                       embedding_l2=cfg.embedding.l2)
     layers = list(embedding_layers(model.model).values())
     emb_bytes = sum(layer.parameter_bytes() for layer in layers)
     full_bytes = sum(layer.full_bytes() for layer in layers)
