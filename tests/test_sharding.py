@@ -393,3 +393,17 @@ def test_single_rank_shard_model_refuses_adam_on_cpu(ranks: list[dict[str, Any]]
     name, message = result["error"]
     assert name == "ConfigError"
     assert "adam" in message and "exact_rowwise_adagrad" in message, message
+
+
+def test_one_rank_places_auto_tables_table_wise(no_process_group: None) -> None:
+    """On one rank ``auto`` means table_wise (no bucketize, no splits exchange); explicit kinds stay."""
+    from recemb.config.experiment import EmbeddingGroup
+    from recemb.embeddings.sharding import make_plan
+    from recemb.models.ctr.registry import build_model
+
+    cfg = EmbeddingConfig(dim=DIM, groups=[EmbeddingGroup(features=["item"], sharding="row_wise")])
+    model = build_model(MODEL, feature_map(), cfg, device=torch.device("meta"))
+    kinds = {table: t["sharding_type"] for tables in plan_to_dict(
+        make_plan(model, torch.device("cpu"), ensure_process_group())).values() for table, t in tables.items()}
+    assert kinds and {k for t, k in kinds.items() if "item" not in t} == {"table_wise"}, kinds
+    assert {k for t, k in kinds.items() if "item" in t} == {"row_wise"}, kinds

@@ -27,6 +27,8 @@ from recemb.data.synthetic import (
     generate_ctr,
     generate_events,
     hex_ids,
+    iter_ctr_chunks,
+    observable_oracle_p,
     roc_auc,
 )
 from recemb.errors import ConfigError
@@ -90,6 +92,38 @@ def test_default_config_is_learnable(small_tsv: tuple[Path, SynthReport]) -> Non
     _, report = small_tsv
     assert 0.2 < report.label_rate < 0.3
     assert report.oracle_auc is not None and report.oracle_auc > 0.75
+
+
+def test_iter_ctr_chunks_are_the_written_rows(small_tsv: tuple[Path, SynthReport]) -> None:
+    out, _ = small_tsv
+    chunks = list(iter_ctr_chunks(CtrSynthConfig(**SMALL)))
+    assert [len(c["label"]) for c in chunks] == [7_000, 7_000, 6_000]
+    p = pq.read_table(f"{out}.oracle.parquet").column("p").to_numpy()
+    labels = np.array([int(line[0]) for line in out.read_text().splitlines()])
+    np.testing.assert_array_equal(np.concatenate([c["p"] for c in chunks]), p)
+    np.testing.assert_array_equal(np.concatenate([c["label"] for c in chunks]), labels)
+    first = out.read_text().splitlines()[0].split("\t")
+    counts, missing = chunks[0]["counts"][0], chunks[0]["dense_missing"][0]
+    assert first[1:14] == ["" if m else str(c) for c, m in zip(counts, missing, strict=True)]
+
+
+def test_observable_oracle_is_the_oracle_given_what_is_seen() -> None:
+    # Without dense signal every input of p is observed: the observable oracle is p itself.
+    cfg = CtrSynthConfig(**{**SMALL, "num_dense_signal": 0, "num_dense_correlated": 0})
+    chunk = next(iter_ctr_chunks(cfg))
+    np.testing.assert_allclose(observable_oracle_p(build_planted_model(cfg), chunk), chunk["p"], rtol=1e-12)
+    # With it, E[p | seen] averages p over the hidden latents: the same mean (tower rule), and
+    # rows whose signal counts are missing (nothing seen) are pulled further toward the middle.
+    cfg = CtrSynthConfig(**{**SMALL, "rows": 60_000, "chunk_rows": 60_000, "dense_effect": 1.0})
+    model = build_planted_model(cfg)
+    chunk = next(iter_ctr_chunks(cfg, model))
+    q, p = observable_oracle_p(model, chunk), chunk["p"]
+    assert ((q > 0) & (q < 1)).all()
+    assert q.mean() == pytest.approx(p.mean(), abs=2e-3)
+    hidden = chunk["dense_missing"][:, np.flatnonzero(model.dense_beta)].any(axis=1)
+    shrink = np.abs(q - p)
+    assert shrink[hidden].mean() > 2 * shrink[~hidden].mean()
+    assert roc_auc(q, chunk["label"]) < roc_auc(p, chunk["label"])
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path, small_tsv: tuple[Path, SynthReport]) -> None:

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -395,6 +396,7 @@ class _CtrSampler:
         return {
             "ids": ids,
             "sparse_missing": sparse_missing,
+            "sparse_logit": sparse_logit,
             "counts": counts,
             "dense_missing": dense_missing,
             "p": p,
@@ -420,6 +422,61 @@ def _calibrate(cfg: CtrSynthConfig, model: PlantedCtrModel) -> None:
         else:
             hi = mid
     model.bias = (lo + hi) / 2.0
+
+
+def iter_ctr_chunks(cfg: CtrSynthConfig, model: PlantedCtrModel | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """The rows ``generate_ctr`` writes, as arrays, chunk by chunk in file order.
+
+    Each chunk has ``ids`` (n, F) (id ranks, 0 most frequent), ``sparse_missing``,
+    ``sparse_logit``, ``counts`` (n, D), ``dense_missing``, ``p`` (true click
+    probability) and ``label``. For analyses that need the generator's latent state.
+
+    Example: ``next(iter_ctr_chunks(CtrSynthConfig(rows=10, vocab_scale=0.01)))["p"]``.
+    """
+    model = model or build_planted_model(cfg)
+    sampler = _CtrSampler(cfg, model)
+    for index, row0 in enumerate(range(0, cfg.rows, cfg.chunk_rows)):
+        yield sampler.chunk(_rng(cfg.seed, _TAG_CHUNK, index), min(cfg.chunk_rows, cfg.rows - row0))
+
+
+def observable_oracle_p(model: PlantedCtrModel, chunk: dict[str, np.ndarray], grid: int = 24) -> np.ndarray:
+    """``E[p | what a model sees]``: the click probability given the observed row only.
+
+    The oracle ``p`` uses the dense latents, but the data carry ``floor(exp(.))``
+    counts (or nothing, when missing). The signal latents are independent standard
+    normals, so each is integrated over the interval its count leaves open
+    (midpoint rule on ``grid`` quantiles per field). The sparse part is seen exactly.
+    """
+    import torch  # for the normal CDF and its inverse in float64 (numpy has neither)
+
+    def ndtr(x: np.ndarray) -> np.ndarray:
+        return torch.special.ndtr(torch.from_numpy(x)).numpy()
+
+    def ndtri(x: np.ndarray) -> np.ndarray:
+        return torch.special.ndtri(torch.from_numpy(x)).numpy()
+
+    signal = np.flatnonzero(model.dense_beta)
+    if np.any(model.dense_rho[signal]):
+        raise ValueError("observable_oracle_p assumes the signal latents are uncorrelated with the ids")
+    counts, missing = chunk["counts"], chunk["dense_missing"]
+    base = model.bias + chunk["sparse_logit"]
+    q = (np.arange(grid) + 0.5) / grid
+    latents = []
+    for j in signal:
+        c = counts[:, j].astype(np.float64)
+        lo = np.where(c > 0, (np.log(np.maximum(c, 1.0)) - model.dense_mu[j]) / model.dense_sigma[j], -np.inf)
+        hi = (np.log(c + 1.0) - model.dense_mu[j]) / model.dense_sigma[j]
+        a = np.where(missing[:, j], 0.0, ndtr(lo))
+        b = np.where(missing[:, j], 1.0, ndtr(hi))
+        u = np.clip(a[:, None] + (b - a)[:, None] * q[None, :], 1e-12, 1 - 1e-12)
+        latents.append(model.dense_beta[j] * ndtri(u))  # (n, grid): the term's conditional quantiles
+    if not latents:
+        return 1.0 / (1.0 + np.exp(-base))
+    # Average the sigmoid over the product grid of the fields' quantiles.
+    total = base[:, None]
+    for term in latents:
+        total = (total[:, :, None] + term[:, None, :]).reshape(len(base), -1)
+    return (1.0 / (1.0 + np.exp(-total))).mean(axis=1)
 
 
 def _ctr_table(chunk: dict[str, np.ndarray], with_p: bool) -> pa.Table:
@@ -454,15 +511,12 @@ def generate_ctr(cfg: CtrSynthConfig, out_path: str | os.PathLike[str], fmt: str
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = build_planted_model(cfg)
-    sampler = _CtrSampler(cfg, model)
     tmp = _tmp_for(out)
     probs: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     writer: pacsv.CSVWriter | pq.ParquetWriter | None = None
     try:
-        for index, row0 in enumerate(range(0, cfg.rows, cfg.chunk_rows)):
-            n = min(cfg.chunk_rows, cfg.rows - row0)
-            chunk = sampler.chunk(_rng(cfg.seed, _TAG_CHUNK, index), n)
+        for chunk in iter_ctr_chunks(cfg, model):
             table = _ctr_table(chunk, with_p=fmt == "parquet")
             if writer is None:
                 if fmt == "tsv":

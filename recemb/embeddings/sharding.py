@@ -201,10 +201,20 @@ def make_plan(
     """Plan the sharding of ``model``'s tables over ``pg``'s ranks.
 
     ``overrides`` (table -> sharding type) win over what the variants recorded.
+    On one rank, ``auto`` tables are placed ``table_wise``: every plan holds the
+    whole table there anyway, and the planner's cost model (made for GPUs) would
+    often pick ``row_wise``, which adds an id bucketize and a splits exchange to
+    every step (about 5% of a DeepFM step on CPU, ``tools/bench_train.py``).
     """
     requested = table_sharding(model)
     requested.update(overrides or {})
     world_size = dist.get_world_size(pg)
+    if world_size == 1:
+        tables = [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+                  for t in m.embedding_bag_configs()]
+        for table in tables:
+            if requested.get(table, "auto") == "auto":
+                requested[table] = ShardingType.TABLE_WISE.value
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device=device.type, local_world_size=world_size),
         batch_size=batch_size,
