@@ -11,6 +11,10 @@ embedding``: the first-order term from the main embeddings, no second lookup), `
 (every table ``table_wise`` instead of the planner's choice) and ``fused-merged`` (one
 20-wide table per field: 16 columns for the FM/MLP, 4 summed for the first-order term).
 
+``kernel`` times FBGEMM's table-batched kernel alone (forward, backward and the in-backward
+row-wise Adagrad update over the same tables; ``kernel-1t`` at one thread): the table
+prints the fused/ceiling ratio a model could reach if nothing but those kernels cost time.
+
 Table sizes (``--settings``): ``mincount`` and ``full`` are the prepared synthetic data with
 C1..C26 at min_count 10 and 1; ``4m`` and ``20m`` spread the full-vocabulary ids over bigger
 tables (~4.2M and ~20M rows in all) by a multiplicative hash (same id skew).
@@ -255,6 +259,42 @@ def fused_step(fm: Any, variant: str = "fused") -> tuple[Any, Any]:
     return dmp, step
 
 
+def kernel_step(vocab: list[int], threads: int = 0) -> Any:
+    """Only FBGEMM's work in the fused step: the CPU table-batched kernel (row-wise Adagrad) over
+    the same tables, forward and backward with the in-backward update, nothing around it.
+
+    ``1 / (1 / ceiling + 1 / kernel)`` is then the most a fused model can reach (everything but
+    the kernels free), so ``kernel`` says how much of the fused/ceiling gap the kernels alone
+    explain. ``threads`` > 0 runs it at that intra-op thread count (FBGEMM's CPU backward does
+    not use more than one)."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    from recemb.config.experiment import EmbeddingConfig
+
+    cfg = EmbeddingConfig()
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(v, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU) for v in vocab],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=cfg.lr, eps=cfg.eps)
+    upstream = torch.full((BATCH, len(vocab) * DIM), 1e-4)
+
+    def step(batch: Any, _ids: Any) -> float:
+        previous = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        kjt = batch.sparse
+        out = tbe(kjt.values(), kjt.offsets())
+        out.backward(upstream[: out.shape[0]])
+        torch.set_num_threads(previous)
+        return 0.0
+
+    return step
+
+
 def _table_names(model: nn.Module) -> list[str]:
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -325,6 +365,8 @@ def run_setting(setting: str, rows: int, args: argparse.Namespace) -> dict[str, 
             steps[v] = torch_step(PlainDeepFM(vocab, num_dense))
         elif v == "ceiling":
             steps[v] = torch_step(CeilingDeepFM(len(vocab), num_dense))
+        elif v.startswith("kernel"):  # kernel, kernel-1t (one thread)
+            steps[v] = kernel_step(vocab, threads=1 if v == "kernel-1t" else 0)
     build_s = time.perf_counter() - t
     best: dict[str, float] = {v: 0.0 for v in variants}
     best_cpu: dict[str, float] = {v: 0.0 for v in variants}
@@ -360,6 +402,10 @@ def print_table(results: list[dict[str, Any]], key: str = "samples_per_s") -> No
         line = f"{r['setting']:<9} {r['rows']:>11,} " + " ".join(f"{sps[v]:>13,.0f}" for v in variants)
         line += f" {ratio(sps.get('fused'), sps.get('plain')):>11} {ratio(sps.get('fused'), sps.get('ceiling')):>10}"
         print(line)
+        if sps.get("kernel") and sps.get("ceiling"):
+            best = 1.0 / (1.0 / sps["ceiling"] + 1.0 / sps["kernel"])
+            print(f"{'':<9} FBGEMM kernels alone {sps['kernel']:,.0f}/s: with nothing else, fused <= {best:,.0f}/s "
+                  f"= {best / sps['ceiling']:.2f} of the ceiling")
 
 
 def main() -> None:
