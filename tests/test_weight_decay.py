@@ -106,3 +106,14 @@ def test_weight_decay_refusals() -> None:
             check_weight_decay(EmbeddingConfig(optimizer=optimizer, weight_decay=1e-4), cpu)
         check_weight_decay(EmbeddingConfig(optimizer=optimizer), cpu)  # zero decay is fine
     check_weight_decay(EmbeddingConfig(weight_decay=1e-4), torch.device("meta"))  # a GPU run would take it
+    # Only data_parallel tables: their unfused optimizer applies the decay on any device.
+    check_weight_decay(EmbeddingConfig(optimizer="exact_sgd", weight_decay=1e-4), cpu, fused=False)
+    check_weight_decay(EmbeddingConfig(weight_decay=1e-4), cpu, fused=False)
+    with pytest.raises(ConfigError, match=r"lowprec tables update themselves without weight decay; use embedding.l2"):
+        check_weight_decay(EmbeddingConfig(kind="lowprec", weight_decay=1e-4), torch.device("meta"), fused=False)
+
+
+def test_embedding_l2_is_validated() -> None:
+    for bad in (-1e-3, float("nan")):
+        with pytest.raises(ValueError, match="l2 must be >= 0"):
+            EmbeddingConfig(l2=bad)

@@ -214,7 +214,8 @@ def speed_child(spec: dict[str, Any]) -> dict[str, Any]:
         cfg.embedding.kind, cfg.embedding.budget, cfg.embedding.params = kind, budget, params
         torch.manual_seed(0)
         try:
-            model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")))
+            model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")),
+                               embedding_l2=cfg.embedding.l2)
         except ConfigError as exc:  # e.g. a budget below the variant's minimum on a small dataset
             out[run_name] = {"error": str(exc)}
             continue

@@ -324,7 +324,8 @@ def part_bound(rows: int, seed: int = 0, max_epochs: int = 15, patience: int = 3
             r = sum((e[:-1] ** 2).sum() / (2 * stds[f] ** 2) + 1e3 * e[-1] ** 2
                     for e, f in zip(self.effects, fields, strict=True))
             r = r + sum((u_**2).sum() + (v_**2).sum() for u_, v_ in zip(self.u, self.v, strict=True)) / (2 * pair_std**2)
-            return r + 50.0 * (self.dense[:, 1:] - self.dense[:, :-1]).pow(2).sum()
+            counts = self.dense[:, : max_count + 1]  # the missing slot (last) is its own value
+            return r + 50.0 * (counts[:, 1:] - counts[:, :-1]).pow(2).sum()
 
     torch.manual_seed(seed)
     model = Structured()

@@ -2,7 +2,9 @@
 
 All models train side by side in one process on the same pre-built batches held in memory
 (one process per table size). ``fused`` is exactly what ``recemb.train.loop.train`` runs
-(``build_model`` on meta, ``shard_model`` at world size 1, ``dense_optimizer``, the same step);
+(``build_model`` on meta, ``shard_model`` at world size 1, ``dense_optimizer``, the same step;
+since ``make_plan`` places ``auto`` tables ``table_wise`` on one CPU rank, ``fused-tw`` below
+is now the same plan as ``fused``);
 ``plain`` is the usual CTR-library way (one ``nn.Embedding`` per field, ``torch.optim.Adam``
 over every parameter); ``ceiling`` is the same dense part with the lookups replaced by a
 constant tensor. ``fused`` is DeepFM as configured by default (separate 4-wide first-order
@@ -286,10 +288,12 @@ def kernel_step(vocab: list[int], threads: int = 0) -> Any:
         previous = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
-        kjt = batch.sparse
-        out = tbe(kjt.values(), kjt.offsets())
-        out.backward(upstream[: out.shape[0]])
-        torch.set_num_threads(previous)
+        try:
+            kjt = batch.sparse
+            out = tbe(kjt.values(), kjt.offsets())
+            out.backward(upstream[: out.shape[0]])
+        finally:
+            torch.set_num_threads(previous)
         return 0.0
 
     return step

@@ -51,13 +51,15 @@ class EmbeddingConfig:
     (> 1); ``params`` are the variant's own settings; ``groups`` override all of
     this for named features. ``seed`` seeds every hash of the id transforms (and
     so fixes which ids share physical rows), independently of ``train.seed``.
-    ``l2`` adds ``l2/2 * mean over samples of sum_f |e_f|^2`` (the looked-up pooled
-    vectors of every embedding layer) to the training loss: each row is pulled to zero
-    in proportion to how often the batch reads it. It works the same for every
-    variant, optimizer and device. ``weight_decay`` is FBGEMM's own decay inside fused
-    row-wise Adagrad (``l2``: ``weight_decay * w`` added to the gradient of each touched
-    row; ``decoupled``: the row shrinks after the update); FBGEMM's CPU kernel ignores
-    it, so on CPU it is refused in favour of ``l2``.
+    ``l2`` adds ``l2/2 * mean over samples of sum_f |e_f|^2`` (each layer's pooled
+    output vectors) to the training loss; for single-id features of plain tables that
+    pulls each row to zero in proportion to how often the batch reads it (multi-hot
+    bags and composed variants are penalised on the pooled or composed vector). It
+    works the same for every variant, optimizer and device. ``weight_decay`` is the
+    tables' optimizer's own decay (FBGEMM's fused row-wise Adagrad: ``l2`` adds
+    ``weight_decay * w`` to each touched row's gradient, ``decoupled`` shrinks the row
+    after the update); FBGEMM's CPU kernel ignores it, so on CPU it is refused for
+    fused tables in favour of ``l2``.
     """
 
     kind: str = "full"
@@ -80,7 +82,7 @@ class EmbeddingConfig:
             raise ValueError("embedding dim must be >= 1")
         if self.budget is not None and self.budget <= 0:
             raise ValueError("embedding budget must be > 0")
-        if self.weight_decay < 0 or self.l2 < 0:
+        if not (self.weight_decay >= 0 and self.l2 >= 0):  # also refuses NaN
             raise ValueError("embedding weight_decay and l2 must be >= 0")
 
 

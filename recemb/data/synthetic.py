@@ -10,9 +10,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -458,25 +458,24 @@ def observable_oracle_p(model: PlantedCtrModel, chunk: dict[str, np.ndarray], gr
     signal = np.flatnonzero(model.dense_beta)
     if np.any(model.dense_rho[signal]):
         raise ValueError("observable_oracle_p assumes the signal latents are uncorrelated with the ids")
-    counts, missing = chunk["counts"], chunk["dense_missing"]
-    base = model.bias + chunk["sparse_logit"]
     q = (np.arange(grid) + 0.5) / grid
-    latents = []
-    for j in signal:
-        c = counts[:, j].astype(np.float64)
-        lo = np.where(c > 0, (np.log(np.maximum(c, 1.0)) - model.dense_mu[j]) / model.dense_sigma[j], -np.inf)
-        hi = (np.log(c + 1.0) - model.dense_mu[j]) / model.dense_sigma[j]
-        a = np.where(missing[:, j], 0.0, ndtr(lo))
-        b = np.where(missing[:, j], 1.0, ndtr(hi))
-        u = np.clip(a[:, None] + (b - a)[:, None] * q[None, :], 1e-12, 1 - 1e-12)
-        latents.append(model.dense_beta[j] * ndtri(u))  # (n, grid): the term's conditional quantiles
-    if not latents:
-        return 1.0 / (1.0 + np.exp(-base))
-    # Average the sigmoid over the product grid of the fields' quantiles.
-    total = base[:, None]
-    for term in latents:
-        total = (total[:, :, None] + term[:, None, :]).reshape(len(base), -1)
-    return (1.0 / (1.0 + np.exp(-total))).mean(axis=1)
+    out = np.empty(len(chunk["sparse_logit"]))
+    block = max(1, (1 << 22) // grid ** max(1, len(signal)))  # rows per block: ~32 MB of grid points
+    for start in range(0, len(out), block):
+        rows = slice(start, start + block)
+        total = (model.bias + chunk["sparse_logit"][rows])[:, None]
+        for j in signal:  # the product grid of each field's conditional quantiles
+            c = chunk["counts"][rows, j].astype(np.float64)
+            missing = chunk["dense_missing"][rows, j]
+            lo = np.where(c > 0, (np.log(np.maximum(c, 1.0)) - model.dense_mu[j]) / model.dense_sigma[j], -np.inf)
+            hi = (np.log(c + 1.0) - model.dense_mu[j]) / model.dense_sigma[j]
+            a = np.where(missing, 0.0, ndtr(lo))
+            b = np.where(missing, 1.0, ndtr(hi))
+            u = np.clip(a[:, None] + (b - a)[:, None] * q[None, :], 1e-12, 1 - 1e-12)
+            term = model.dense_beta[j] * ndtri(u)
+            total = (total[:, :, None] + term[:, None, :]).reshape(total.shape[0], -1)
+        out[rows] = (1.0 / (1.0 + np.exp(-total))).mean(axis=1)
+    return out
 
 
 def _ctr_table(chunk: dict[str, np.ndarray], with_p: bool) -> pa.Table:

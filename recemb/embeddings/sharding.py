@@ -87,26 +87,36 @@ def check_sparse_optimizer(name: str, device: torch.device) -> None:
         )
 
 
-def check_weight_decay(cfg: EmbeddingConfig, device: torch.device | None = None) -> None:
-    """Refuse an ``embedding.weight_decay`` the configured fused optimizer would ignore.
+def check_weight_decay(cfg: EmbeddingConfig, device: torch.device | None = None, fused: bool = True) -> None:
+    """Refuse an ``embedding.weight_decay`` that some table's optimizer would ignore.
 
-    FBGEMM applies weight decay in row-wise Adagrad only when a mode is set (L2 or
-    decoupled) and in Adam only decoupled; exact Adagrad and SGD have none. Its CPU
-    row-wise Adagrad kernel (fbgemm-gpu-cpu 1.8.0) takes the setting and leaves the
-    rows as without it (``tests/test_weight_decay.py`` pins this), so on CPU the
-    loss-side ``embedding.l2`` is the way to regularise the tables.
+    ``fused``: some tables run FBGEMM's fused kernels (not only ``data_parallel`` ones,
+    whose unfused optimizer in ``table_optimizer`` applies the decay). FBGEMM applies
+    weight decay in row-wise Adagrad only when a mode is set (L2 or decoupled) and in
+    Adam only decoupled; exact Adagrad and SGD have none. Its CPU row-wise Adagrad
+    kernel (fbgemm-gpu-cpu 1.8.0) takes the setting and leaves the rows as without it
+    (``tests/test_weight_decay.py`` pins this), so on CPU the loss-side
+    ``embedding.l2`` is the way to regularise the tables. ``lowprec`` tables run their
+    own update, which has no weight decay.
     """
     if not cfg.weight_decay:
         return
+    if "lowprec" in {cfg.kind, *(g.kind for g in cfg.groups)}:
+        raise ConfigError(
+            f"embedding.weight_decay={cfg.weight_decay}: lowprec tables update themselves without weight decay; "
+            "use embedding.l2"
+        )
+    if not fused:
+        return
+    if cfg.optimizer in ("exact_adagrad", "exact_sgd"):
+        raise ConfigError(
+            f"embedding.weight_decay={cfg.weight_decay}: FBGEMM's fused {cfg.optimizer} has no weight decay; "
+            "use embedding.l2, or embedding.optimizer=exact_rowwise_adagrad on GPU"
+        )
     if device is not None and device.type == "cpu" and cfg.optimizer == "exact_rowwise_adagrad":
         raise ConfigError(
             f"embedding.weight_decay={cfg.weight_decay}: FBGEMM's CPU row-wise Adagrad kernel ignores weight "
             "decay; use embedding.l2 (an L2 penalty on the looked-up embeddings, the same on every device)"
-        )
-    if cfg.optimizer in ("exact_adagrad", "exact_sgd"):
-        raise ConfigError(
-            f"embedding.weight_decay={cfg.weight_decay}: FBGEMM's fused {cfg.optimizer} has no weight decay; "
-            "use embedding.optimizer=exact_rowwise_adagrad or set weight_decay to 0"
         )
     if cfg.optimizer == "adam" and cfg.weight_decay_mode != "decoupled":
         raise ConfigError("embedding.weight_decay with optimizer adam is decoupled only: set weight_decay_mode=decoupled")
@@ -114,7 +124,6 @@ def check_weight_decay(cfg: EmbeddingConfig, device: torch.device | None = None)
 
 def fused_params(cfg: EmbeddingConfig) -> dict[str, Any]:
     """Sharder-level FBGEMM settings that are not optimizer arguments (the weight decay mode)."""
-    check_weight_decay(cfg)
     if cfg.weight_decay and cfg.optimizer == "exact_rowwise_adagrad":
         mode = WeightDecayMode.L2 if cfg.weight_decay_mode == "l2" else WeightDecayMode.DECOUPLE
         return {"weight_decay_mode": mode}
@@ -124,7 +133,6 @@ def fused_params(cfg: EmbeddingConfig) -> dict[str, Any]:
 def apply_sparse_optimizer(model: nn.Module, cfg: EmbeddingConfig, device: torch.device) -> None:
     """Attach the fused (in-backward) optimizer to every embedding table of ``model``."""
     check_sparse_optimizer(cfg.optimizer, device)
-    check_weight_decay(cfg, device)
     kwargs: dict[str, Any] = {"lr": cfg.lr}
     if cfg.optimizer != "exact_sgd":
         kwargs["eps"] = cfg.eps
@@ -156,14 +164,18 @@ def table_optimizer(model: nn.Module, cfg: EmbeddingConfig) -> torch.optim.Optim
     kwargs: dict[str, Any] = {"lr": cfg.lr}
     if cfg.optimizer != "exact_sgd":
         kwargs["eps"] = cfg.eps
+    optimizer = UNFUSED_OPTIMIZERS[cfg.optimizer]
     if cfg.weight_decay:
-        if cfg.weight_decay_mode != "l2":
+        if cfg.weight_decay_mode == "decoupled" and cfg.optimizer == "adam":
+            optimizer = torch.optim.AdamW
+        elif cfg.weight_decay_mode == "decoupled":
             raise ConfigError(
-                "embedding.weight_decay_mode=decoupled is not available for data_parallel tables "
-                f"({', '.join(sorted(n for n, p in model.named_parameters() if any(p is q for q in params)))}); use l2"
+                f"embedding.weight_decay_mode=decoupled is not available with {cfg.optimizer} for data_parallel "
+                f"tables ({', '.join(sorted(n for n, p in model.named_parameters() if any(p is q for q in params)))})"
+                "; use l2"
             )
         kwargs["weight_decay"] = cfg.weight_decay
-    return UNFUSED_OPTIMIZERS[cfg.optimizer](params, **kwargs)
+    return optimizer(params, **kwargs)
 
 
 def table_sharding(model: nn.Module) -> dict[str, str]:
@@ -201,15 +213,16 @@ def make_plan(
     """Plan the sharding of ``model``'s tables over ``pg``'s ranks.
 
     ``overrides`` (table -> sharding type) win over what the variants recorded.
-    On one rank, ``auto`` tables are placed ``table_wise``: every plan holds the
-    whole table there anyway, and the planner's cost model (made for GPUs) would
-    often pick ``row_wise``, which adds an id bucketize and a splits exchange to
-    every step (about 5% of a DeepFM step on CPU, ``tools/bench_train.py``).
+    On one CPU rank, ``auto`` tables are placed ``table_wise``: every plan holds
+    the whole table there anyway, and the planner's cost model (made for GPUs)
+    would often pick ``row_wise``, which adds an id bucketize and a splits exchange
+    to every step (a few % of a DeepFM step, ``tools/bench_train.py --profile``).
+    On a GPU the planner keeps its choice (it may need a UVM-caching kernel).
     """
     requested = table_sharding(model)
     requested.update(overrides or {})
     world_size = dist.get_world_size(pg)
-    if world_size == 1:
+    if world_size == 1 and device.type == "cpu":
         tables = [t.name for m in model.modules() if isinstance(m, EmbeddingBagCollection)
                   for t in m.embedding_bag_configs()]
         for table in tables:
@@ -252,6 +265,8 @@ def shard_model(
     pg = pg or ensure_process_group()
     apply_sparse_optimizer(model, cfg, device)
     plan = make_plan(model, device, pg, batch_size=batch_size, overrides=overrides)
+    kernels = {t["compute_kernel"] for tables in plan_to_dict(plan).values() for t in tables.values()}
+    check_weight_decay(cfg, device, fused=bool(kernels - {EmbeddingComputeKernel.DENSE.value}))
     dmp = DistributedModelParallel(
         module=model,
         device=device,

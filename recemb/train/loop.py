@@ -58,8 +58,9 @@ class TrainModel(nn.Module):
     In training mode, every submodule with a ``regularization() -> Tensor`` method
     (e.g. OptEmbed's threshold prior) adds its term to the first (optimised) loss, and
     so does ``embedding_l2 / 2 * mean_b sum |e|^2`` over the pooled outputs of every
-    top-level embedding layer (``embedding_layers``) when ``embedding_l2 > 0``; the reported loss stays the
-    data loss.
+    top-level embedding layer (``embedding_layers``, collected by forward hooks during
+    this module's own training forward) when ``embedding_l2 > 0``; the reported loss
+    stays the data loss.
     """
 
     def __init__(self, model: nn.Module, embedding_l2: float = 0.0) -> None:
@@ -68,27 +69,29 @@ class TrainModel(nn.Module):
         # Modules (not parameters) are kept: DMP re-creates meta parameters but keeps modules.
         self._regularized = [m for m in model.modules() if callable(getattr(m, "regularization", None))]
         self.embedding_l2 = embedding_l2
-        self._pooled: list[torch.Tensor] = []
-        if embedding_l2 > 0:
-            for layer in embedding_layers(model).values():
-                layer.register_forward_hook(self._keep_pooled)
+        self._pooled: list[torch.Tensor] | None = None  # a list only inside a training forward
+        self._hooks = [layer.register_forward_hook(self._keep_pooled)
+                       for layer in embedding_layers(model).values()] if embedding_l2 > 0 else []
 
-    def _keep_pooled(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        if self.training:
+    def _keep_pooled(self, module: nn.Module, _inputs: Any, output: Any) -> None:
+        if self._pooled is not None and module.training:
             self._pooled.append(output.values())
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        self._pooled = []
-        logits = self.model(batch)
+        self._pooled = [] if self.training and self._hooks else None
+        try:
+            logits = self.model(batch)
+            pooled = self._pooled or []
+        finally:
+            self._pooled = None
         loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, weight=batch.weights)
         data_loss = loss.detach()
         if self.training:
             for module in self._regularized:
                 loss = loss + module.regularization()
-            if self._pooled:
-                squares = sum(v.square().sum() for v in self._pooled)
+            if pooled:
+                squares = sum(v.square().sum() for v in pooled)
                 loss = loss + 0.5 * self.embedding_l2 * squares / logits.shape[0]
-                self._pooled = []
         return loss, (data_loss, logits.detach(), batch.labels)
 
 
