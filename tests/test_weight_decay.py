@@ -25,7 +25,13 @@ from recemb.config.experiment import EmbeddingConfig
 from recemb.data.batch import Batch
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.registry import build_embedding_layer
-from recemb.embeddings.sharding import check_weight_decay, load_full_state, local_pieces, shard_model
+from recemb.embeddings.sharding import (
+    check_initial_accumulator,
+    check_weight_decay,
+    load_full_state,
+    local_pieces,
+    shard_model,
+)
 from recemb.errors import ConfigError
 from recemb.train.loop import TrainModel
 
@@ -44,9 +50,12 @@ class _Toy(nn.Module):
         return self.embedding(batch.sparse).values().sum(dim=1)
 
 
-def _trained_rows(weights: torch.Tensor, l2: float) -> torch.Tensor:
-    """The table after one fused exact-SGD step of ``TrainModel(_Toy, embedding_l2=l2)``."""
-    cfg = EmbeddingConfig(dim=DIM, lr=LR, optimizer="exact_sgd", init_std=None, sharding="table_wise", l2=l2)
+LABELS = [1.0, 0.0, 0.0, 1.0]
+
+
+def _trained_rows(weights: torch.Tensor, l2: float, cfg: EmbeddingConfig | None = None) -> torch.Tensor:
+    """The table after one fused step (exact SGD unless ``cfg``) of ``TrainModel(_Toy, embedding_l2=l2)``."""
+    cfg = cfg or EmbeddingConfig(dim=DIM, lr=LR, optimizer="exact_sgd", init_std=None, sharding="table_wise", l2=l2)
     fm = FeatureMap(dataset_id="toy", label="label",
                     features=[FeatureInfo(name="f", kind="sparse", source="f", num_embeddings=ROWS)])
     model = TrainModel(_Toy(build_embedding_layer(fm, cfg, device=torch.device("meta"))), embedding_l2=l2)
@@ -55,7 +64,7 @@ def _trained_rows(weights: torch.Tensor, l2: float) -> torch.Tensor:
     load_full_state(dmp, {key: weights})
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor(IDS),
                                               lengths=torch.ones(len(IDS), dtype=torch.int64))
-    batch = Batch(dense=torch.zeros(len(IDS), 0), sparse=kjt, labels=torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    batch = Batch(dense=torch.zeros(len(IDS), 0), sparse=kjt, labels=torch.tensor(LABELS))
     loss, (data_loss, _, _) = dmp(batch)
     rows = weights[IDS]
     expected_penalty = 0.5 * l2 * float((rows * rows).sum()) / len(IDS)
@@ -79,6 +88,29 @@ def test_embedding_l2_pulls_each_row_by_its_batch_frequency(no_process_group: No
     count = torch.bincount(torch.tensor(IDS), minlength=ROWS).float()[:, None]
     torch.testing.assert_close(decayed - plain, -LR * L2 * count / len(IDS) * weights, atol=1e-6, rtol=1e-5)
     assert (decayed - plain).abs().max() > 1e-3  # well above the tolerance: the check has teeth
+
+
+@pytest.mark.parametrize("sharding", ["table_wise", "row_wise", "column_wise"])
+def test_initial_accumulator_starts_rowwise_adagrad(no_process_group: None, sharding: str) -> None:
+    """One fused row-wise Adagrad step from accumulator ``a``: ``w -= lr * g / (sqrt(a + mean(g^2)) + eps)``."""
+    torch.manual_seed(0)
+    weights = 0.1 * torch.randn(ROWS, DIM)
+    start, eps = 1e-3, 1e-8
+    cfg = EmbeddingConfig(dim=DIM, lr=LR, eps=eps, init_std=None, sharding=sharding, initial_accumulator=start)
+    got = _trained_rows(weights, 0.0, cfg)
+    # logit = sum of the row, so every column of a row gets sum over its reads of (sigmoid - y) / B.
+    residual = torch.sigmoid(weights[IDS].sum(dim=1)) - torch.tensor(LABELS)
+    expected = weights.clone()
+    for row in set(IDS):
+        g = float(sum(residual[i] for i, r in enumerate(IDS) if r == row)) / len(IDS)
+        # Every column has gradient g, so mean(g^2) is g^2 in each column shard's own accumulator too.
+        expected[row] -= LR * g / ((start + g * g) ** 0.5 + eps)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+    plain = _trained_rows(weights, 0.0, EmbeddingConfig(dim=DIM, lr=LR, eps=eps, init_std=None, sharding=sharding))
+    assert (plain - got).abs().max() > 1e-3  # from 0 the first step is a full lr: the start mattered
 
 
 def test_fbgemm_cpu_rowwise_adagrad_ignores_weight_decay() -> None:
@@ -113,7 +145,12 @@ def test_weight_decay_refusals() -> None:
         check_weight_decay(EmbeddingConfig(kind="lowprec", weight_decay=1e-4), torch.device("meta"), fused=False)
 
 
-def test_embedding_l2_is_validated() -> None:
+def test_embedding_l2_and_initial_accumulator_are_validated() -> None:
     for bad in (-1e-3, float("nan")):
-        with pytest.raises(ValueError, match="l2 must be >= 0"):
+        with pytest.raises(ValueError, match="l2 and initial_accumulator must be >= 0"):
             EmbeddingConfig(l2=bad)
+        with pytest.raises(ValueError, match="l2 and initial_accumulator must be >= 0"):
+            EmbeddingConfig(initial_accumulator=bad)
+    with pytest.raises(ConfigError, match="initial_accumulator=0.1 needs an Adagrad optimizer"):
+        check_initial_accumulator(EmbeddingConfig(optimizer="exact_sgd", initial_accumulator=0.1))
+    check_initial_accumulator(EmbeddingConfig(optimizer="exact_sgd"))

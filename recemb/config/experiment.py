@@ -51,7 +51,10 @@ class EmbeddingConfig:
     (> 1); ``params`` are the variant's own settings; ``groups`` override all of
     this for named features. ``seed`` seeds every hash of the id transforms (and
     so fixes which ids share physical rows), independently of ``train.seed``.
-    ``l2`` adds ``l2/2 * mean over samples of sum_f |e_f|^2`` (each layer's pooled
+    ``initial_accumulator`` starts every Adagrad accumulator (row-wise or per element)
+    at that value instead of 0 (TF's ``initial_accumulator_value``): a row's first
+    steps are then smaller than ``lr`` until its squared gradients outweigh it, which
+    damps ids seen only a few times. ``l2`` adds ``l2/2 * mean over samples of sum_f |e_f|^2`` (each layer's pooled
     output vectors) to the training loss; for single-id features of plain tables that
     pulls each row to zero in proportion to how often the batch reads it (multi-hot
     bags and composed variants are penalised on the pooled or composed vector). It
@@ -69,6 +72,7 @@ class EmbeddingConfig:
     optimizer: SparseOptimizer = "exact_rowwise_adagrad"
     lr: float = 0.01
     eps: float = 1e-8
+    initial_accumulator: float = 0.0
     l2: float = 0.0
     weight_decay: float = 0.0
     weight_decay_mode: Literal["l2", "decoupled"] = "l2"
@@ -82,8 +86,8 @@ class EmbeddingConfig:
             raise ValueError("embedding dim must be >= 1")
         if self.budget is not None and self.budget <= 0:
             raise ValueError("embedding budget must be > 0")
-        if not (self.weight_decay >= 0 and self.l2 >= 0):  # also refuses NaN
-            raise ValueError("embedding weight_decay and l2 must be >= 0")
+        if not (self.weight_decay >= 0 and self.l2 >= 0 and self.initial_accumulator >= 0):  # also refuses NaN
+            raise ValueError("embedding weight_decay, l2 and initial_accumulator must be >= 0")
 
 
 @dataclass

@@ -171,6 +171,7 @@ class LowPrecEmbeddingLayer(EmbeddingLayer):
         init_std: float,
         seed: int,
         device: torch.device | None = None,
+        initial_accumulator: float = 0.0,
     ) -> None:
         super().__init__()
         self.features = list(rows)
@@ -183,6 +184,7 @@ class LowPrecEmbeddingLayer(EmbeddingLayer):
         self.learned = params.scale == "learned"
         self.adagrad = params.optimizer == "rowwise_adagrad"
         self.lr = lr
+        self.initial_accumulator = initial_accumulator  # Adagrad's starting row_sq_grad
         self.eps = params.eps
         self.init_std = init_std
         self.seed = seed
@@ -225,7 +227,7 @@ class LowPrecEmbeddingLayer(EmbeddingLayer):
         with torch.no_grad():
             if not self.learned:
                 self.log_scale.fill_(self.log_scale0)
-            self.row_sq_grad.zero_()
+            self.row_sq_grad.fill_(self.initial_accumulator)
             self.updates.zero_()
             gen = torch.Generator(device=self.table.device).manual_seed(salted_seed(self.seed, 1))
             s0 = math.exp(self.log_scale0)
@@ -341,6 +343,7 @@ def build_lowprec(spec: VariantSpec) -> EmbeddingLayer:
         init_std=spec.init_std if spec.init_std is not None else DEFAULT_INIT_STD,
         seed=salted_seed(spec.seed, salt),
         device=spec.device,
+        initial_accumulator=float(spec.extra.get("initial_accumulator", 0.0)),
     )
 
 

@@ -34,7 +34,7 @@ class VariantSpec:
 
     ``prefix`` makes physical table names unique across groups; ``sharding``
     is recorded on the layer for the planner (see ``recemb.embeddings.sharding``).
-    ``extra`` carries ``embedding.lr`` and ``eps`` for variants that update their own
+    ``extra`` carries ``embedding.lr``, ``eps`` and ``initial_accumulator`` for variants that update their own
     storage (``lowprec``).
     """
 
@@ -154,7 +154,7 @@ def _group_specs(
         spec = VariantSpec(
             features=[feature_map.feature(f) for f in feats], dim=dim, budget=budget, params=typed,
             init_std=cfg.init_std, sharding=sharding, prefix=name_prefix + ("" if name == "default" else f"{name}_"),
-            device=device, feature_map=feature_map, seed=cfg.seed, extra={"lr": cfg.lr, "eps": cfg.eps},
+            device=device, feature_map=feature_map, seed=cfg.seed, extra={"lr": cfg.lr, "eps": cfg.eps, "initial_accumulator": cfg.initial_accumulator},
         )
         out.append((name, kind, spec))
     return out

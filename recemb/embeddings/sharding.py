@@ -122,6 +122,35 @@ def check_weight_decay(cfg: EmbeddingConfig, device: torch.device | None = None,
         raise ConfigError("embedding.weight_decay with optimizer adam is decoupled only: set weight_decay_mode=decoupled")
 
 
+def check_initial_accumulator(cfg: EmbeddingConfig) -> None:
+    """Refuse ``embedding.initial_accumulator`` where there is no Adagrad accumulator to start."""
+    if not cfg.initial_accumulator:
+        return
+    if cfg.optimizer not in ("exact_rowwise_adagrad", "exact_adagrad"):
+        raise ConfigError(
+            f"embedding.initial_accumulator={cfg.initial_accumulator} needs an Adagrad optimizer "
+            f"(exact_rowwise_adagrad or exact_adagrad), not {cfg.optimizer}"
+        )
+
+
+def start_accumulators(dmp: nn.Module, value: float) -> int:
+    """Fill every fused table's Adagrad accumulator (``*.momentum1``) with ``value``; returns how many.
+
+    FBGEMM starts them at 0 and has no setting for it; the fused optimizer's state
+    tensors are views of the kernel's own, so writing this rank's pieces is enough.
+    """
+    optimizer = getattr(dmp, "fused_optimizer", None)
+    count = 0
+    with torch.no_grad():
+        for state in (optimizer.state.values() if optimizer is not None else []):
+            for key, tensor in state.items():
+                if key.endswith("momentum1"):
+                    for _, piece in local_pieces(tensor):
+                        piece.fill_(value)
+                    count += 1
+    return count
+
+
 def fused_params(cfg: EmbeddingConfig) -> dict[str, Any]:
     """Sharder-level FBGEMM settings that are not optimizer arguments (the weight decay mode)."""
     if cfg.weight_decay and cfg.optimizer == "exact_rowwise_adagrad":
@@ -165,6 +194,8 @@ def table_optimizer(model: nn.Module, cfg: EmbeddingConfig) -> torch.optim.Optim
     if cfg.optimizer != "exact_sgd":
         kwargs["eps"] = cfg.eps
     optimizer = UNFUSED_OPTIMIZERS[cfg.optimizer]
+    if cfg.initial_accumulator:
+        kwargs["initial_accumulator_value"] = cfg.initial_accumulator
     if cfg.weight_decay:
         if cfg.weight_decay_mode == "decoupled" and cfg.optimizer == "adam":
             optimizer = torch.optim.AdamW
@@ -267,6 +298,7 @@ def shard_model(
     plan = make_plan(model, device, pg, batch_size=batch_size, overrides=overrides)
     kernels = {t["compute_kernel"] for tables in plan_to_dict(plan).values() for t in tables.values()}
     check_weight_decay(cfg, device, fused=bool(kernels - {EmbeddingComputeKernel.DENSE.value}))
+    check_initial_accumulator(cfg)
     dmp = DistributedModelParallel(
         module=model,
         device=device,
@@ -275,6 +307,8 @@ def shard_model(
         sharders=[CpuRowWiseSharder(fused_params=fused_params(cfg) or None)],
     )
     reset_buffers(dmp)
+    if cfg.initial_accumulator:
+        start_accumulators(dmp, cfg.initial_accumulator)
     return ShardedModel(model=dmp, plan=plan)
 
 
