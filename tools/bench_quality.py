@@ -108,7 +108,7 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
     from recemb.eval.metrics import MetricAccumulator
     from recemb.train.loop import seed_everything
 
-    tc = TrainConfig()
+    tc = TrainConfig(seed=int(spec.get("seed", 0)))
     seed_everything(tc.seed)
     root = Path(spec["data_dir"])
     fm = FeatureMap.load(root / "feature_map.json")
