@@ -110,6 +110,17 @@ def no_process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """The module's tests run with one torch thread (exact comparisons, steadier timing on 2 cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _no_stray_process_group() -> Iterator[None]:
     """In-process ``train`` calls leave a one-rank gloo group; drop it after each test module

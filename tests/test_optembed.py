@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +44,7 @@ from recemb.train.checkpoint import read_meta
 DIM = 8
 
 
-pytestmark = pytest.mark.usefixtures("no_process_group")  # each test starts and ends without a group
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("no_process_group", "one_thread")  # no group before or after; 1 thread
 
 
 def _fm(prepared: Path) -> FeatureMap:

@@ -9,7 +9,7 @@ and end-to-end training on the session dataset.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from recemb.embeddings.registry import build_embedding_layer
 from recemb.embeddings.tt import DENSE, TTEmbeddingLayer, dim_factors, row_factors, solve_tt_ranks, tt_floats
 from recemb.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # exact comparisons, steadier timing
 BENCH_VOCAB = [11, 252, 6302, 25196, 26, 632, 13870, 24188, 64, 1586, 21569, 25189, 159, 3982, 24791, 17, 399,
                9764, 25500, 41, 1001, 18212, 24400, 101, 2513, 23371]
 TOY = {"user": 37, "item": 640, "tags": 1001, "site": 6}  # "site" is smaller than any TT form at rank 4
@@ -81,14 +82,6 @@ def toy_kjt(batch: int, seed: int) -> KeyedJaggedTensor:
 def build(kind: str, params: dict[str, Any], seed: int = 0, **cfg: Any) -> EmbeddingLayer:
     torch.manual_seed(seed)
     return build_embedding_layer(feature_map(TOY), EmbeddingConfig(kind=kind, dim=DIM, params=params, **cfg))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- solvers
