@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,12 +21,52 @@ from typing import Any, Literal
 import numpy as np
 
 from recemb.config.loader import from_dict, read_yaml, to_dict
-from recemb.errors import ConfigError, DataError
-from recemb.io import write_json_atomic
+from recemb.errors import ConfigError, DataError, RecembError
+from recemb.io import write_text_atomic
 
 FEATURE_MAP_VERSION = 1
 FeatureKind = Literal["dense", "sparse", "multihot"]
 SourceFormat = Literal["criteo", "avazu", "csv", "parquet", "events"]
+NonFinite = Literal["reject", "clip"]
+
+# Names that become file or folder names (features -> vocab/<name>.parquet, dataset_id -> data/<id>):
+# no separator, NUL or leading dot, so no name can climb out of its folder or hide itself.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used as a file name, or ``None`` when it can.
+
+    Example:
+        >>> name_problem("C1") is None, name_problem("../x") is not None
+        (True, True)
+    """
+    if _SAFE_NAME.fullmatch(name):
+        return None
+    return (f"'{name}' is not a safe file name: use 1-128 letters, digits, '_', '-' or '.', "
+            "not starting with '.'")
+
+
+def path_under(folder: str | Path, relative: str, error: type[RecembError] = ConfigError) -> Path:
+    """``folder / relative``, refusing (``error``) a path that resolves outside ``folder``.
+
+    For any user-given name or feature-map path joined under a folder: ``..``, an absolute
+    path, a NUL byte or a symlink that leads out are refused before anything is opened.
+
+    Example:
+        >>> path_under("/data/out", "vocab/C1.parquet").name
+        'C1.parquet'
+        >>> path_under("/data/out", "../etc/passwd")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        recemb.errors.ConfigError: ...
+    """
+    root = Path(folder).resolve()
+    if "\0" in relative or Path(relative).is_absolute():
+        raise error(f"'{relative}' must be a relative path inside {folder}")
+    path = (root / relative).resolve()
+    if path == root or root not in path.parents:
+        raise error(f"'{relative}' leads outside {folder}; it must name a file inside it")
+    return path
 
 
 @dataclass
@@ -37,6 +78,16 @@ class FeatureSpec:
     ``hash_buckets > 0``, a seeded hash into that many buckets. Dense features are
     filled, optionally log-transformed (``log(1 + max(x, 0))``) and standardised,
     or with ``bucketize > 0`` turned into a categorical of that many quantile bins.
+
+    ``nonfinite`` says what a dense value of ``inf``, ``-inf`` or ``nan`` becomes (an empty
+    field is missing and gets ``fill``): ``reject`` (default) quarantines the row like any bad
+    value; ``clip`` turns ``+inf`` into the largest and ``-inf`` into the smallest finite
+    value of the training split (after fill/log, so with ``log`` ``-inf`` is already 0), and the
+    statistics count the clipped values at those bounds; ``nan`` has no side to clip to and is
+    still rejected. The bounds are recorded as ``FeatureInfo.clip``.
+
+    ``name`` becomes a file name (``vocab/<name>.parquet``), so it is limited to letters,
+    digits, ``_``, ``-`` and ``.``, not first; ``column`` may be any input column.
     """
 
     name: str
@@ -51,14 +102,20 @@ class FeatureSpec:
     standardize: bool = False
     bucketize: int = 0
     group: str | None = None
+    nonfinite: NonFinite = "reject"
 
     def __post_init__(self) -> None:
+        problem = name_problem(self.name)
+        if problem:
+            raise ValueError(f"feature name {problem} (it names the file vocab/<name>.parquet)")
         if self.min_count < 1:
             raise ValueError(f"feature '{self.name}': min_count must be >= 1")
         if self.hash_buckets < 0 or self.bucketize < 0 or self.max_len < 0:
             raise ValueError(f"feature '{self.name}': hash_buckets, bucketize, max_len must be >= 0")
         if self.kind == "dense" and self.hash_buckets:
             raise ValueError(f"feature '{self.name}': hash_buckets applies to sparse features only")
+        if self.kind != "dense" and self.nonfinite != "reject":
+            raise ValueError(f"feature '{self.name}': nonfinite applies to dense features only")
 
     @property
     def source(self) -> str:
@@ -93,7 +150,11 @@ class DatasetConfig:
 
     ``paths`` are files or glob patterns, relative to the current directory.
     ``column_names`` names the columns of a CSV without header (Criteo's are fixed).
-    For ``events``, ``count_column`` holds how many times each row occurred.
+    For ``events``, ``count_column`` holds how many times each row occurred: a finite
+    positive integer, else the row is rejected. Files ending in gzip, bz2 or zstd data
+    are decompressed while read. ``block_bytes`` is the read block; it grows (up to 256 MiB,
+    or itself if larger) when a row is longer. ``dataset_id`` names the default output
+    folder ``data/<dataset_id>``, so it follows the same rule as feature names.
     """
 
     dataset_id: str
@@ -112,6 +173,13 @@ class DatasetConfig:
     max_reject_fraction: float = 0.01
 
     def __post_init__(self) -> None:
+        problem = name_problem(self.dataset_id)
+        if problem:
+            raise ValueError(f"dataset_id {problem} (it names the output folder data/<dataset_id>)")
+        if self.column_names:
+            seen = [c for c in self.column_names if self.column_names.count(c) > 1]
+            if seen:
+                raise ValueError(f"column_names lists '{seen[0]}' twice; every column needs its own name")
         names = [f.name for f in self.features]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -168,7 +236,8 @@ class FeatureInfo:
     ``num_embeddings`` is the id range of a categorical feature (ids are in
     ``[0, num_embeddings)``; id ``oov_id`` collects rare and unseen values).
     Dense features keep their fitted ``mean``/``std`` and fill value;
-    bucketised ones their ``boundaries``.
+    bucketised ones their ``boundaries``; with ``nonfinite: clip`` ``clip`` holds the
+    ``[low, high]`` that ``-inf``/``+inf`` became (after fill/log, before standardising).
     """
 
     name: str
@@ -189,6 +258,7 @@ class FeatureInfo:
     boundaries: list[float] | None = None
     group: str | None = None
     cardinality: int = 0
+    clip: list[float] | None = None
 
     @property
     def is_categorical(self) -> bool:
@@ -240,8 +310,8 @@ class FeatureMap:
         return to_dict(self)
 
     def save(self, path: str | Path) -> None:
-        """Write ``feature_map.json`` atomically."""
-        write_json_atomic(path, self.to_dict())
+        """Write ``feature_map.json`` atomically; a non-finite number in it is a bug (``ValueError``)."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureMap:
@@ -276,7 +346,7 @@ class FeatureMap:
             return None
         import pyarrow.parquet as pq
 
-        table = pq.read_table(Path(root) / info.vocab_file, columns=["id", "count"])
+        table = pq.read_table(path_under(root, info.vocab_file, DataError), columns=["id", "count"])
         counts = np.zeros(info.num_embeddings, dtype=np.int64)
         counts[table.column("id").to_numpy()] = table.column("count").to_numpy()
         return counts

@@ -3,6 +3,9 @@
 Every reader yields ``RawBlock``s of bounded size with the exact 1-based physical line
 of each row, plus the rows the parser could not use (wrong field count, invalid UTF-8,
 blank lines), so preparation can quarantine them instead of dropping or crashing.
+Gzip, bz2 and zstd files are recognised by their first bytes and decompressed as they
+are read (line numbers count lines of the decompressed text); a file that cannot be read
+is a one-line ``DataError`` naming it.
 
 Example:
     >>> from recemb.data.schema import load_dataset_config
@@ -15,13 +18,14 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import mmap
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +39,11 @@ from recemb.errors import ConfigError, DataError
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 AVAZU_DERIVED = ("hour_of_day", "weekday")
 _CHUNK_BYTES = 4 << 20
+_MAX_BLOCK_BYTES = 256 << 20  # read blocks grow up to this for long rows (or block_bytes, if larger)
+# (codec, magic bytes): bz2 also needs its level digit and block magic, so a text file
+# that happens to start with "BZh" is not taken for one.
+_MAGIC = (("gzip", re.compile(rb"\x1f\x8b\x08")), ("zstd", re.compile(rb"\x28\xb5\x2f\xfd")),
+          ("bz2", re.compile(rb"BZh[1-9](\x31\x41\x59\x26\x53\x59|\x17\x72\x45\x38\x50\x90)")))
 
 
 @dataclass(frozen=True)
@@ -96,16 +105,68 @@ def resolve_paths(cfg: DatasetConfig) -> list[SourceFile]:
     if not out:
         raise DataError(f"dataset '{cfg.dataset_id}' lists no input paths")
     for path in out:
-        if not path.is_file():
-            raise DataError(f"{path}: file not found (dataset '{cfg.dataset_id}')")
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found (dataset '{cfg.dataset_id}')") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read: {exc.strerror or exc} (dataset '{cfg.dataset_id}')") from None
+        if stat.S_ISDIR(mode):
+            raise DataError(f"{path}: is a folder, not a file; list its files or a glob such as "
+                            f"{path}/*.csv in paths (dataset '{cfg.dataset_id}')")
+        if not stat.S_ISREG(mode):
+            raise DataError(f"{path}: not a regular file (a pipe or device cannot be read twice); "
+                            f"copy it to a file (dataset '{cfg.dataset_id}')")
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (dataset '{cfg.dataset_id}')")
+        open_input(path).close()  # unreadable (permissions) fails here, before any output
     return [SourceFile(p, i) for i, p in enumerate(out)]
 
 
+def compression_of(path: Path) -> str | None:
+    """The codec of a gzip, bz2 or zstd file, from its first bytes; ``None`` for plain text.
+
+    Example:
+        >>> compression_of(Path("day_0.tsv.gz"))  # doctest: +SKIP
+        'gzip'
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return next((codec for codec, magic in _MAGIC if magic.match(head)), None)
+
+
+def open_input(path: Path) -> Any:
+    """A readable binary stream of ``path``, decompressed when it is gzip, bz2 or zstd.
+
+    A file that cannot be opened is a ``DataError`` naming it.
+    """
+    codec = compression_of(path)
+    try:
+        if codec is None:
+            return open(path, "rb", buffering=0)
+        return pa.CompressedInputStream(pa.OSFile(str(path), "rb"), codec)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _read_error(path: Path, exc: BaseException) -> DataError:
+    what = "decompress" if compression_of(path) else "read"
+    return DataError(f"{path}: cannot {what}: {getattr(exc, 'strerror', None) or exc} "
+                     "(truncated or damaged file?)")
+
+
 def _read_header(path: Path, layout: _Layout) -> list[str]:
-    with open(path, "rb") as f:
-        first = f.readline(1 << 20)
+    f = open_input(path)
+    try:
+        head = f.read(1 << 20)
+    except (OSError, pa.ArrowException) as exc:
+        raise _read_error(path, exc) from None
+    finally:
+        f.close()
+    first = head.split(b"\n", 1)[0]
     try:
         text = first.decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError:
@@ -116,21 +177,55 @@ def _read_header(path: Path, layout: _Layout) -> list[str]:
     return [c.strip() for c in row]
 
 
+def _check_unique(path: Path, names: list[str], where: str) -> list[str]:
+    dupes = [n for n in names if names.count(n) > 1]
+    if dupes:
+        raise DataError(f"{path}: column '{dupes[0]}' appears {names.count(dupes[0])} times in the {where}; "
+                        "columns are matched by name, so rename the copies")
+    return names
+
+
 def file_columns(cfg: DatasetConfig, src: SourceFile) -> list[str]:
     """Column names of ``src`` as read (header, ``column_names`` or Criteo's fixed names)."""
     if cfg.format == "parquet":
-        try:
-            return list(pq.read_schema(src.path).names)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"{src.path}: not a readable Parquet file: {exc}") from None
+        return _check_unique(src.path, list(_parquet_schema(src.path).names), "Parquet schema")
     layout = _layout(cfg)
     if layout.header:
-        return _read_header(src.path, layout)
+        return _check_unique(src.path, _read_header(src.path, layout), "header")
     if cfg.column_names:
         return list(cfg.column_names)
     if cfg.format == "criteo":
         return list(CRITEO_COLUMNS)
     raise ConfigError(f"dataset '{cfg.dataset_id}': header is false, so column_names must be given")
+
+
+def _parquet_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+
+
+def _scalar_type(t: pa.DataType) -> bool:
+    return not pa.types.is_nested(t) and not (pa.types.is_dictionary(t) and pa.types.is_nested(t.value_type))
+
+
+def _check_parquet_types(cfg: DatasetConfig, src: SourceFile) -> None:
+    """A nested (struct, map, list) column where a value is expected is a one-line ``ConfigError``."""
+    schema = _parquet_schema(src.path)
+    uses = [(f"feature '{s.name}' ({s.kind})", s.source, s.kind == "multihot") for s in cfg.features]
+    uses += [(what, col, False) for what, col in (("label", cfg.label), ("count_column", cfg.count_column),
+                                                  ("split.time_column", cfg.split.time_column)) if col]
+    for what, col, listy in uses:
+        t = schema.field(col).type
+        if _scalar_type(t):
+            continue
+        if listy and (pa.types.is_list(t) or pa.types.is_large_list(t)) and _scalar_type(t.value_type):
+            continue
+        hint = " (a list column can be a multihot feature)" if pa.types.is_list(t) or pa.types.is_large_list(t) else ""
+        need = "a list of values or a separated string" if listy else "a number, string or boolean"
+        raise ConfigError(f"dataset '{cfg.dataset_id}': {what} reads column '{col}' of {src.path}, which is "
+                          f"{t}; it needs {need}{hint}")
 
 
 def available_columns(cfg: DatasetConfig, src: SourceFile) -> list[str]:
@@ -167,6 +262,8 @@ def check_columns(cfg: DatasetConfig, src: SourceFile) -> list[str]:
                 f"dataset '{cfg.dataset_id}': {what} '{col}' is not a column of {src.path} "
                 f"(columns: {', '.join(have)})"
             )
+    if cfg.format == "parquet":
+        _check_parquet_types(cfg, src)
     return have
 
 
@@ -175,12 +272,15 @@ class _CheckedStream(io.RawIOBase):
 
     The lines that held invalid bytes are recorded by physical line number, with the
     index of the field they were in. Pure-ASCII chunks pass through untouched; only a
-    chunk with non-ASCII bytes is aligned to a newline and decoded.
+    chunk with non-ASCII bytes is aligned to a newline and decoded. A compressed file is
+    read decompressed; its lines are counted as chunks pass, since it cannot be re-read
+    at an offset.
     """
 
     def __init__(self, path: Path, delimiter: str, chunk_bytes: int = _CHUNK_BYTES, max_ahead: int = 4) -> None:
         super().__init__()
-        self._f = open(path, "rb", buffering=0)
+        self._compressed = compression_of(path) is not None
+        self._f = open_input(path)
         self._chunk_bytes = chunk_bytes
         # Back-pressure: pyarrow's background reader would otherwise queue up to 32 blocks.
         self._cond = threading.Condition()
@@ -194,6 +294,7 @@ class _CheckedStream(io.RawIOBase):
         self._offset = 0  # file offset of the next byte handed out
         self._counted = (0, 1)  # (offset, line number at that offset)
         self.bad_utf8: dict[int, int] = {}
+        self.read_failed: BaseException | None = None  # what reading raised (pyarrow re-wraps it)
 
     def readable(self) -> bool:
         return True
@@ -213,8 +314,12 @@ class _CheckedStream(io.RawIOBase):
             with self._cond:
                 self._cond.wait_for(lambda: self._handed - self._consumed < self._max_ahead, timeout=0.25)
             self._handed += 1
-        while not self._out and not self._eof:
-            self._fill()
+        try:
+            while not self._out and not self._eof:
+                self._fill()
+        except (OSError, pa.ArrowException, DataError) as exc:
+            self.read_failed = exc
+            raise
         if size < 0 or size >= len(self._out):
             out, self._out = self._out, b""
         else:
@@ -244,9 +349,13 @@ class _CheckedStream(io.RawIOBase):
             chunk = self._fix_utf8(chunk)
         self._out = chunk
         self._offset += len(chunk)
+        if self._compressed:
+            self._counted = (self._offset, self._counted[1] + chunk.count(b"\n"))
 
     def _line_at(self, offset: int) -> int:
         pos, line = self._counted
+        if self._compressed:  # counted in _fill up to the chunk being handed out
+            return line
         while pos < offset:
             piece = os.pread(self._f.fileno(), min(16 << 20, offset - pos), pos)
             if not piece:
@@ -274,39 +383,65 @@ class _CheckedStream(io.RawIOBase):
 
 
 class _LineLocator:
-    """Finds the physical line of each row the CSV parser rejected, by its text, in order."""
+    """Finds the physical line of each row the CSV parser rejected, by its text, in order.
+
+    Reads the (decompressed) file forward once through a window that always starts at a
+    line start, so memory stays bounded on huge files and compressed input works the same.
+    """
+
+    _READ = 16 << 20
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "rb")
-        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        self._pos = 0
-        self._line = 1
+        self._path = path
+        self._pos = 0  # file offset where the next search starts (after the last match)
+        self._line = 1  # line number at _pos
+        self._open(0)
+
+    def _open(self, start: int) -> None:
+        self._f = open_input(self._path)
+        left = start
+        while left:
+            got = len(self._f.read(min(left, self._READ)))
+            if not got:
+                break
+            left -= got
+        self._base = start  # file offset of _buf[0], a line start
+        self._buf = b""
+        self._eof = False
 
     def close(self) -> None:
-        self._mm.close()
-        self._file.close()
-
-    def _count_newlines(self, a: int, b: int) -> int:
-        total = 0
-        for lo in range(a, b, 16 << 20):
-            total += self._mm[lo : min(b, lo + (16 << 20))].count(b"\n")
-        return total
+        self._f.close()
 
     def locate(self, text: str) -> int:
         raw = text.encode("utf-8")
         # '?' may stand for an invalid byte the checked stream replaced.
         parts = [re.escape(p) for p in raw.split(b"?")]
         pattern = re.compile(rb"(?m)^" + rb"[\s\S]".join(parts) + rb"(?=\r?\n|\Z)")
-        match = pattern.search(self._mm, self._pos)
-        if match is None:
-            return -1
-        line = self._line + self._count_newlines(self._pos, match.start())
-        self._line = line + self._count_newlines(match.start(), match.end())
-        self._pos = match.end()
-        page = (self._pos // mmap.PAGESIZE) * mmap.PAGESIZE
-        if page and hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED, 0, page)  # keep RSS bounded on huge files
-        return line
+        saved = (self._base, self._pos, self._line)
+        while True:
+            rel = self._pos - self._base
+            match = pattern.search(self._buf, rel)
+            # At the window's end '\Z' may match where the file goes on: read further first.
+            if match is not None and (self._eof or match.end() + 2 <= len(self._buf)):
+                line = self._line + self._buf.count(b"\n", rel, match.start())
+                self._line = line + self._buf.count(b"\n", match.start(), match.end())
+                self._pos = self._base + match.end()
+                return line
+            if self._eof:  # not found: rewind, so the rows after it are still found
+                self._f.close()
+                self._open(saved[0])
+                self._pos, self._line = saved[1], saved[2]
+                return -1
+            # Whole lines before the last len(raw) + 2 bytes hold no match start: drop them.
+            cut = self._buf.rfind(b"\n", rel, max(rel, len(self._buf) - len(raw) - 2)) + 1
+            if cut:
+                self._line += self._buf.count(b"\n", rel, cut)
+                self._buf, self._base, self._pos = self._buf[cut:], self._base + cut, self._base + cut
+            chunk = self._f.read(self._READ)
+            if chunk:
+                self._buf += chunk
+            else:
+                self._eof = True
 
 
 def _avazu_derive(table: pa.Table, lines: np.ndarray) -> tuple[pa.Table, np.ndarray, list[str]]:
@@ -326,10 +461,54 @@ def _merge_bad(block: RawBlock, rows: np.ndarray, reasons: list[str]) -> None:
         block.bad_reasons = block.bad_reasons + reasons
 
 
+class _BlockTooSmall(Exception):
+    """A row is longer than the read block (pyarrow's "straddling object")."""
+
+
 def _iter_csv(cfg: DatasetConfig, src: SourceFile, columns: list[str]) -> Iterator[RawBlock]:
+    """``_csv_pass`` with a read block that grows (x4, up to a cap) when a row does not fit.
+
+    A retry re-reads the file from the start and skips the rows already yielded, so the
+    caller sees each row once, with the same lines, whatever the block size.
+    """
+    block = cfg.block_bytes
+    cap = max(cfg.block_bytes, _MAX_BLOCK_BYTES)
+    done = [0, 0]  # valid rows, invalid rows already yielded
+    while True:
+        try:
+            yield from _csv_pass(cfg, src, columns, block, done)
+            return
+        except _BlockTooSmall:
+            if block >= cap:
+                raise DataError(
+                    f"{src.path}: a row is longer than the read block of {block} bytes; raise block_bytes "
+                    f"in the config of dataset '{cfg.dataset_id}' above the longest row (or fix an unclosed "
+                    "quote, which makes the rest of the file one field)"
+                ) from None
+            block = min(cap, block * 4)
+
+
+def _newlines_per_row(table: pa.Table) -> np.ndarray:
+    """Newlines inside each row's (quoted) fields: the extra physical lines the row spans."""
+    extra = np.zeros(table.num_rows, np.int64)
+    for col in table.columns:
+        counts = pc.count_substring(col, "\n")
+        if counts.null_count:
+            counts = pc.fill_null(counts, 0)
+        extra += np.asarray(counts.combine_chunks() if isinstance(counts, pa.ChunkedArray) else counts)
+    return extra
+
+
+def _csv_pass(cfg: DatasetConfig, src: SourceFile, columns: list[str], block_bytes: int,
+              done: list[int]) -> Iterator[RawBlock]:
     layout = _layout(cfg)
     names = file_columns(cfg, src)
-    stream = _CheckedStream(src.path, layout.delimiter, chunk_bytes=cfg.block_bytes)
+    read_cols = [c for c in columns if c in names]
+    # A quoted field may hold newlines; every column is read so that the lines a row spans
+    # are known even when an unread column holds them.
+    parse_cols = names if layout.quoting else read_cols
+    skip_valid, skip_invalid = done
+    stream = _CheckedStream(src.path, layout.delimiter, chunk_bytes=block_bytes)
     locator = _LineLocator(src.path)
     reported: list[tuple[int, int, str]] = []
 
@@ -338,73 +517,123 @@ def _iter_csv(cfg: DatasetConfig, src: SourceFile, columns: list[str]) -> Iterat
         return "skip"
 
     base = 1 if layout.header else 0
-    read_cols = [c for c in columns if c in names]
-    reader = pacsv.open_csv(
-        stream,
-        read_options=pacsv.ReadOptions(block_size=cfg.block_bytes, column_names=names, skip_rows=base),
-        parse_options=pacsv.ParseOptions(
-            delimiter=layout.delimiter,
-            quote_char='"' if layout.quoting else False,
-            invalid_row_handler=on_invalid,
-            ignore_empty_lines=False,
-        ),
-        convert_options=pacsv.ConvertOptions(
-            include_columns=read_cols,
-            column_types={c: pa.string() for c in read_cols},
-            check_utf8=False,
-            strings_can_be_null=True,
-            null_values=[""],
-        ),
-    )
     located = 0
-    shift = np.zeros(0, np.int64)  # valid rows before each invalid line
-    valid_seen = 0
+    # Each located invalid row: the lines of valid rows before it, and the lines invalid rows took.
+    inv_pos = np.zeros(0, np.int64)
+    inv_cum = np.zeros(1, np.int64)
+    valid_lines = 0
+
+    def locate_reported() -> list[tuple[int, str]]:
+        nonlocal located, inv_pos, inv_cum
+        invalid: list[tuple[int, str]] = []
+        pos, cum = [], [int(inv_cum[-1])]
+        while located < len(reported):
+            expected, actual, text = reported[located]
+            line = locator.locate(text)
+            invalid.append((line, f"wrong number of fields: expected {expected}, got {actual}"))
+            if line > 0:
+                pos.append(line - base - 1 - cum[-1])
+                cum.append(cum[-1] + 1 + text.count("\n"))
+            located += 1
+        if pos:
+            inv_pos = np.concatenate([inv_pos, np.asarray(pos, np.int64)])
+            inv_cum = np.concatenate([inv_cum, np.asarray(cum[1:], np.int64)])
+        return invalid
+
+    def skip_invalid_rows(invalid: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        nonlocal skip_invalid
+        drop = min(skip_invalid, len(invalid))
+        skip_invalid -= drop
+        return invalid[drop:]
+
     try:
+        reader = pacsv.open_csv(
+            stream,
+            read_options=pacsv.ReadOptions(block_size=block_bytes, column_names=names, skip_rows=base),
+            parse_options=pacsv.ParseOptions(
+                delimiter=layout.delimiter,
+                quote_char='"' if layout.quoting else False,
+                newlines_in_values=layout.quoting,
+                invalid_row_handler=on_invalid,
+                ignore_empty_lines=False,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=parse_cols,
+                column_types={c: pa.string() for c in parse_cols},
+                check_utf8=False,
+                strings_can_be_null=True,
+                null_values=[""],
+            ),
+        )
         for batch in reader:
-            invalid: list[tuple[int, str]] = []
-            new_shift = []
-            while located < len(reported):
-                expected, actual, text = reported[located]
-                line = locator.locate(text)
-                invalid.append((line, f"wrong number of fields: expected {expected}, got {actual}"))
-                new_shift.append(line - base - 1 - (len(shift) + len(new_shift)))
-                located += 1
-            if new_shift:
-                shift = np.concatenate([shift, np.asarray(new_shift, np.int64)])
-            n = batch.num_rows
-            idx = np.arange(valid_seen, valid_seen + n, dtype=np.int64)
-            lines = base + 1 + idx + np.searchsorted(shift, idx, side="right")
-            valid_seen += n
+            invalid = skip_invalid_rows(locate_reported())
+            table = pa.Table.from_batches([batch])
+            span = 1 + _newlines_per_row(table) if layout.quoting else np.ones(table.num_rows, np.int64)
+            if layout.quoting:
+                table = table.select(read_cols)
+            starts = valid_lines + np.cumsum(span) - span
+            valid_lines += int(span.sum())
+            lines = base + 1 + starts + inv_cum[np.searchsorted(inv_pos, starts, side="right")]
             stream.block_consumed()
-            block = RawBlock(str(src.path), pa.Table.from_batches([batch]), lines, invalid=invalid)
-            if stream.bad_utf8:
-                rows = np.flatnonzero(np.isin(lines, np.fromiter(stream.bad_utf8, np.int64)))
+            if skip_valid:
+                drop = min(skip_valid, table.num_rows)
+                skip_valid -= drop
+                table, lines, span = table.slice(drop), lines[drop:], span[drop:]
+            if not table.num_rows and not invalid:
+                continue
+            block = RawBlock(str(src.path), table, lines, invalid=invalid)
+            bad_utf8 = dict(stream.bad_utf8)  # the reader thread adds to it
+            if bad_utf8 and len(lines):
+                keys = np.sort(np.asarray(list(bad_utf8), np.int64))
+                first = np.searchsorted(keys, lines)
+                rows = np.flatnonzero(first < np.searchsorted(keys, lines + span))
                 reasons = []
-                for r in rows:
-                    fi = stream.bad_utf8[int(lines[r])]
+                for r in rows.tolist():
+                    key = int(keys[first[r]])
+                    fi = bad_utf8[key] if key == lines[r] else len(names)  # a later line of the row: field unknown
                     reasons.append(f"invalid UTF-8 in '{names[fi]}'" if fi < len(names) else "invalid UTF-8")
                 _merge_bad(block, rows, reasons)
             if cfg.format == "avazu" and "hour" in block.table.column_names:
-                block.table, rows, reasons = _avazu_derive(block.table, lines)
+                block.table, rows, reasons = _avazu_derive(block.table, block.lines)
                 _merge_bad(block, rows, reasons)
+            done[0] += block.table.num_rows
+            done[1] += len(block.invalid)
             yield block
-        if located < len(reported):
-            invalid = []
-            for expected, actual, text in reported[located:]:
-                invalid.append((locator.locate(text), f"wrong number of fields: expected {expected}, got {actual}"))
+        invalid = skip_invalid_rows(locate_reported())
+        if invalid:
+            done[1] += len(invalid)
             yield RawBlock(str(src.path), pa.table({c: pa.array([], pa.string()) for c in columns}),
                            np.zeros(0, np.int64), invalid=invalid)
     except pa.ArrowInvalid as exc:
+        if "straddling object" in str(exc):
+            raise _BlockTooSmall() from None
+        if stream.read_failed is not None:
+            raise _read_error(src.path, stream.read_failed) from None
         raise DataError(f"{src.path}: cannot parse as {cfg.format}: {exc}") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise _read_error(src.path, exc) from None
     finally:
         stream.close()
         locator.close()
 
 
+def _parquet_error(pf: pq.ParquetFile, path: Path, group: int, columns: list[str], exc: BaseException) -> DataError:
+    """A one-line error naming the row group and, found by reading each alone, the damaged column."""
+    bad = ""
+    for col in columns:
+        try:
+            pf.read_row_group(group, columns=[col])
+        except (pa.ArrowException, OSError):
+            bad = f", column '{col}'"
+            break
+    return DataError(f"{path}: cannot read row group {group}{bad}: {exc} (damaged or truncated Parquet file? "
+                     "rewrite it from its source)")
+
+
 def _iter_parquet(cfg: DatasetConfig, src: SourceFile, columns: list[str]) -> Iterator[RawBlock]:
     try:
-        pf = pq.ParquetFile(src.path)
-    except (pa.ArrowInvalid, OSError) as exc:
+        pf = pq.ParquetFile(src.path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{src.path}: not a readable Parquet file: {exc}") from None
     meta = pf.metadata
     row_bytes = max(1, meta.serialized_size // max(1, meta.num_rows))
@@ -413,11 +642,15 @@ def _iter_parquet(cfg: DatasetConfig, src: SourceFile, columns: list[str]) -> It
         row_bytes = max(1, total // max(1, meta.num_rows))
     batch_rows = int(min(1 << 20, max(1024, cfg.block_bytes // row_bytes)))
     start = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-        n = batch.num_rows
-        lines = np.arange(start + 1, start + n + 1, dtype=np.int64)
-        start += n
-        yield RawBlock(str(src.path), pa.Table.from_batches([batch]), lines)
+    for group in range(meta.num_row_groups):
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
+                n = batch.num_rows
+                lines = np.arange(start + 1, start + n + 1, dtype=np.int64)
+                start += n
+                yield RawBlock(str(src.path), pa.Table.from_batches([batch]), lines)
+        except (pa.ArrowException, OSError) as exc:
+            raise _parquet_error(pf, src.path, group, columns, exc) from None
 
 
 def iter_blocks(cfg: DatasetConfig, src: SourceFile, columns: list[str] | None = None) -> Iterator[RawBlock]:
