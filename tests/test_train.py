@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,20 @@ from recemb.config.experiment import EmbeddingConfig, ExperimentConfig, ModelCon
 from recemb.data.batch import Batch
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.sharding import ensure_process_group, local_pieces, shard_model, table_optimizer
-from recemb.errors import ConfigError
+from recemb.errors import ConfigError, DataError
 from recemb.models.ctr.registry import LINEAR_DIM, build_model
-from recemb.train.checkpoint import TrainState, assemble_full, load_checkpoint, read_meta, save_checkpoint
+from recemb.train.checkpoint import (
+    RESUME_AT_EPOCH_END_KEYS,
+    RESUME_SAFE_KEYS,
+    TrainState,
+    assemble_full,
+    check_resume,
+    config_changes,
+    load_checkpoint,
+    read_meta,
+    rows_in_epoch,
+    save_checkpoint,
+)
 from recemb.train.loop import TrainModel, TrainResult, dense_optimizer, train
 
 MakeExperiment = Callable[..., ExperimentConfig]  # the conftest fixture
@@ -137,10 +149,10 @@ def test_resume_matches_an_uninterrupted_run(make_experiment: MakeExperiment, tm
 
     first = part(stop_after_steps=stops[0])
     assert first.steps == stops[0] and first.test == {}
-    assert read_meta(run_dir / "checkpoints" / "last")["extra"]["batches_in_epoch"] == stops[0]
+    assert read_meta(run_dir / "checkpoints" / "last")["extra"]["rows_in_epoch"] == stops[0] * 1024
     second = part(resume=run_dir, stop_after_steps=stops[1])
     assert second.steps == stops[1]
-    assert read_meta(run_dir / "checkpoints" / "last")["extra"]["batches_in_epoch"] == 7
+    assert read_meta(run_dir / "checkpoints" / "last")["extra"]["rows_in_epoch"] == 7 * 1024
     last = part(resume=run_dir)
 
     # Each part went on from where the previous one stopped.
@@ -194,6 +206,118 @@ def test_fused_adam_on_cpu_is_a_config_error(make_experiment: MakeExperiment) ->
     cfg = make_experiment("deepfm", "embedding.optimizer=adam")
     with pytest.raises(ConfigError, match=r"embedding\.optimizer=adam: .*GPU only.*exact_rowwise_adagrad"):
         run_train(cfg)
+
+
+# ----------------------------------------------------------------------------- resuming under another config
+
+
+def test_resume_with_more_epochs_matches_an_uninterrupted_run(make_experiment: MakeExperiment,
+                                                              tmp_path: Path) -> None:
+    """train.epochs may change on resume: one epoch, then resumed to two, is the two-epoch run."""
+    full = run_train(make_experiment("deepfm", "train.epochs=2", output_dir=tmp_path / "a"))
+    run_train(make_experiment("deepfm", "train.epochs=1", output_dir=tmp_path / "b"))
+    cfg = make_experiment("deepfm", "train.epochs=2", output_dir=tmp_path / "b")
+    resumed = run_train(cfg, resume=tmp_path / "b" / cfg.expid)
+    assert (resumed.steps, resumed.epochs_run) == (full.steps, full.epochs_run) == (2 * STEPS_PER_EPOCH, 2)
+    assert [h["step"] for h in resumed.history] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    for mine, theirs in zip(resumed.history, full.history, strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+    assert resumed.test == pytest.approx(full.test, abs=1e-6)
+
+
+def test_resume_mid_epoch_with_another_batch_size_is_refused(make_experiment: MakeExperiment) -> None:
+    """The global batch fixes the epoch's row order: 5 batches of 512 are no place in an epoch of 1024s
+    (before, the run skipped 5 batches of 1024, and 2,560 rows of epoch 0 were never trained)."""
+    first = run_train(make_experiment("deepfm"), stop_after_steps=5)
+    with pytest.raises(ConfigError, match=r"stopped 2,560 rows into epoch 0.*train\.batch_size: 512 -> 1024; "
+                                          r"ranks: 1 -> 1; resume with train\.batch_size=512 on 1 rank"):
+        run_train(make_experiment("deepfm", "train.batch_size=1024"), resume=first.output_dir)
+
+
+def test_resume_at_an_epoch_end_with_another_batch_size_trains_every_row(make_experiment: MakeExperiment) -> None:
+    first = run_train(make_experiment("deepfm"))
+    rows: dict[int, int] = {}
+    cfg = make_experiment("deepfm", "train.epochs=2", "train.batch_size=1024")
+    result = run_train(cfg, resume=first.output_dir,
+                       on_epoch_end=lambda epoch, step, path, metrics: rows.update({epoch: metrics["train_rows"]}))
+    assert rows == {1: 16030 // 1024 * 1024}
+    assert result.steps == STEPS_PER_EPOCH + 16030 // 1024
+    assert read_meta(Path(result.output_dir) / "checkpoints" / "last")["config"]["train"]["batch_size"] == 1024
+
+
+def test_resume_with_another_model_is_refused_naming_every_key(make_experiment: MakeExperiment) -> None:
+    first = run_train(make_experiment("deepfm"), stop_after_steps=3)
+    changed = make_experiment("deepfm", "model.params={mlp: [64]}", "train.seed=1", "train.dense_lr=0.01",
+                              "train.epochs=3")
+    with pytest.raises(ConfigError) as excinfo:
+        run_train(changed, resume=first.output_dir)
+    message = str(excinfo.value)
+    assert "cannot resume with a changed config (model.params.mlp: [32, 16] -> [64]; train.dense_lr: 0.001 -> " \
+           "0.01; train.seed: 0 -> 1)" in message
+    assert "train.epochs" not in message and "\n" not in message
+
+
+def test_resume_from_a_damaged_checkpoint_is_refused(make_experiment: MakeExperiment) -> None:
+    """A flipped byte in a tensor used to resume and train on (test logloss 1.04 instead of 0.51)."""
+    from recemb.train.restore import load_trained_model
+
+    cfg = make_experiment("deepfm", "train.eval_every_steps=3")
+    first = run_train(cfg, stop_after_steps=3)
+    last = Path(first.output_dir) / "checkpoints" / "last"
+    part = last / "rank-0.safetensors"
+    data = bytearray(part.read_bytes())
+    data[-5] ^= 0x40
+    part.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"checkpoints/last/rank-0\.safetensors: checksum mismatch"):
+        run_train(cfg, resume=first.output_dir)
+    with pytest.raises(DataError, match=r"checkpoints/last/rank-0\.safetensors: checksum mismatch"):
+        load_trained_model(last)
+    load_trained_model(Path(first.output_dir) / "checkpoints" / "best")  # the other checkpoint is intact
+
+
+def resume_meta(cfg: ExperimentConfig, rows: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """The parts of a checkpoint's meta that ``check_resume`` reads."""
+    return {"config": cfg.to_dict(), "world_size": world_size, "epoch": 0, "extra": {"rows_in_epoch": rows}}
+
+
+def test_resume_rules_name_real_config_keys(make_experiment: MakeExperiment) -> None:
+    """A typo in the table would silently refuse (or allow) nothing."""
+    keys = config_changes({}, make_experiment("deepfm").to_dict())
+    for prefix in RESUME_SAFE_KEYS | RESUME_AT_EPOCH_END_KEYS:
+        assert any(k == prefix or k.startswith(prefix + ".") for k in keys), prefix
+
+
+def test_resume_rules_on_config_dicts(make_experiment: MakeExperiment, prepared_ctr: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    base = make_experiment("deepfm")
+    safe = make_experiment("deepfm", "train.epochs=9", "train.max_steps=5", "train.patience=0",
+                           "train.eval_every_steps=2", "train.eval_batch_size=7", "train.progress=true",
+                           "train.output_dir=elsewhere", "train.device=cpu", "cluster.workers=2", "expid=other",
+                           "search.population=3")
+    check_resume("ck", resume_meta(base, rows=4096), safe.to_dict(), 1)
+    # The global batch may be split over other ranks mid-epoch (512 x 2 = 1024 x 1), not changed.
+    check_resume("ck", resume_meta(base, rows=4096, world_size=2), make_experiment(
+        "deepfm", "train.batch_size=1024").to_dict(), 1)
+    with pytest.raises(ConfigError, match=r"train\.batch_size: 512 -> 512; ranks: 2 -> 1"):
+        check_resume("ck", resume_meta(base, rows=4096, world_size=2), base.to_dict(), 1)
+    check_resume("ck", resume_meta(base, rows=0, world_size=2), base.to_dict(), 1)  # at an epoch's end: any
+    # The same data folder, named relative to the working directory.
+    monkeypatch.chdir(prepared_ctr.parent)
+    check_resume("ck", resume_meta(base), make_experiment("deepfm", f"data_dir={prepared_ctr.name}").to_dict(), 1)
+    for override, key in [("train.shuffle_rows=7", "train.shuffle_rows"), ("train.monitor={logloss: -1}",
+                          "train.monitor"), ("embedding.lr=0.5", "embedding.lr"),
+                          ("train.clip_grad_norm=1.0", "train.clip_grad_norm"), ("data_dir=/elsewhere", "data_dir")]:
+        with pytest.raises(ConfigError, match=rf"changed config \((.*; )?{re.escape(key)}[.:]"):
+            check_resume("ck", resume_meta(base), make_experiment("deepfm", override).to_dict(), 1)
+    unknown = dict(base.to_dict(), future_block={"knob": 1})  # a key nobody listed is refused
+    with pytest.raises(ConfigError, match=r"future_block\.knob: \(unset\) -> 1"):
+        check_resume("ck", resume_meta(base), unknown, 1)
+
+
+def test_format_1_position_in_batches_converts_to_rows(make_experiment: MakeExperiment) -> None:
+    meta = {"config": make_experiment("deepfm").to_dict(), "world_size": 2, "extra": {"batches_in_epoch": 3}}
+    assert rows_in_epoch(meta) == 3 * 512 * 2
+    assert rows_in_epoch({**meta, "extra": {}}) == 0
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -1,12 +1,14 @@
-"""Sharding-aware checkpoints in safetensors + JSON (no pickle anywhere).
+"""Sharding-aware checkpoints in safetensors + JSON (no pickle anywhere), checksummed.
 
 Each rank writes the pieces it holds (model shards, fused-optimizer state,
 dense-optimizer state) to ``rank-<r>.safetensors``, each tensor named with its
 global offsets, and the global shapes of what it holds in the file's metadata (a
-table sharded table-wise lives on one rank only); ``meta.json`` keeps step, epoch, RNG and the
-resolved config. Loading assembles full tensors from every rank's file and
-copies each rank's slices in, so a checkpoint written at one world size loads
-at another.
+table sharded table-wise lives on one rank only); ``meta.json`` keeps step, epoch, RNG,
+the resolved config and the size and sha256 of every rank file, and
+``meta.json.sha256`` (``sha256sum -c`` reads it) guards ``meta.json`` itself.
+Loading verifies every file first, then assembles full tensors from every rank's
+file and copies each rank's slices in, so a checkpoint written at one world size
+loads at another. ``check_resume`` decides which config changes a resumed run may make.
 
 Example:
     >>> save_checkpoint(path, state, step=100, epoch=0, config=cfg.to_dict())   # doctest: +SKIP
@@ -15,24 +17,38 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from recemb.embeddings.sharding import copy_full_into, local_pieces
-from recemb.errors import DataError
-from recemb.io import write_json_atomic
+from recemb.errors import ConfigError, DataError
+from recemb.io import write_json_atomic, write_text_atomic
 
-FORMAT_VERSION = 1
+# 2: meta.json lists every rank file's size and sha256 ("files") and meta.json.sha256
+# guards meta.json. 1 (no digests) still loads, with a warning that nothing can be
+# verified: refusing would strand every run written before, and its files still parse.
+FORMAT_VERSION = 2
+META = "meta.json"
+META_DIGEST = "meta.json.sha256"
 _SEP = "@"
+_CHUNK = 1 << 20  # hash in 1 MiB reads: files of any size in constant memory
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DAMAGED = "restore the folder from a good copy or resume from another checkpoint (e.g. best/ or an epoch's last/)"
+
+log = logging.getLogger("recemb.train")
 
 
 @dataclass
@@ -80,11 +96,20 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank}.safetensors"
+
+
 def save_checkpoint(
     path: str | Path, state: TrainState, step: int, epoch: int, config: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at ``path`` (every rank calls this; atomic rename)."""
+    """Write a checkpoint folder at ``path`` (every rank calls this; atomic rename).
+
+    The ranks share the folder: each writes and hashes its own file, rank 0 puts every
+    file's digest into ``meta.json``, hashes that into ``meta.json.sha256`` and renames
+    the finished folder into place.
+    """
     path = Path(path)
     rank, world = _rank()
     tmp = path.with_name(path.name + ".tmp")
@@ -102,10 +127,18 @@ def save_checkpoint(
                 continue
             name = key + _SEP + ",".join(str(o) for o in offsets)
             tensors[name] = local.detach().to("cpu").contiguous().clone()
-    save_file(tensors, str(tmp / f"rank-{rank}.safetensors"), metadata={"shapes": json.dumps(shapes)})
+    part = tmp / _rank_file(rank)
+    save_file(tensors, str(part), metadata={"shapes": json.dumps(shapes)})
+    # Every rank hashes its own file (in parallel) and leaves the digest for rank 0.
+    write_json_atomic(tmp / f".{part.name}.digest.json", FileDigest.of(part).to_dict())
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        files: dict[str, Any] = {}
+        for r in range(world):
+            sidecar = tmp / f".{_rank_file(r)}.digest.json"
+            files[_rank_file(r)] = json.loads(sidecar.read_text(encoding="utf-8"))
+            sidecar.unlink()
         groups = {k: o.state_dict()["param_groups"] for k, o in state.plain_optimizers().items()}
         meta = {
             "format_version": FORMAT_VERSION,
@@ -116,8 +149,10 @@ def save_checkpoint(
             "torch_rng": torch.get_rng_state().tolist(),
             "config": config,
             "extra": extra or {},
+            "files": files,
         }
-        write_json_atomic(tmp / "meta.json", meta)
+        write_json_atomic(tmp / META, meta)
+        write_text_atomic(tmp / META_DIGEST, f"{file_sha256(tmp / META)}  {META}\n")
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -133,39 +168,244 @@ def _is_distributed(value: Any) -> bool:
     return isinstance(value, (ShardedTensor, DTensor))
 
 
+# ----------------------------------------------------------------------------- integrity
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """A file's size in bytes and sha256 (hex digits), as recorded when it was written.
+
+    Example:
+        >>> FileDigest.from_dict({"size": 3, "sha256": "ab" * 32}, where="x").size
+        3
+    """
+
+    size: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | Path) -> FileDigest:
+        """Size and sha256 of the file at ``path`` as it is now."""
+        return cls(Path(path).stat().st_size, file_sha256(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> FileDigest:
+        """Parse ``{"size": int, "sha256": hex}``; ``where`` names it in errors."""
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: should be {{size, sha256}}, got {_show(data)}")
+        size, sha256 = data.get("size"), data.get("sha256")
+        if not _is_int(size) or size < 0:
+            raise DataError(f"{where}.size: should be a byte count, got {_show(size)}")
+        if not isinstance(sha256, str) or not _SHA256.match(sha256):
+            raise DataError(f"{where}.sha256: should be 64 lowercase hex digits, got {_show(sha256)}")
+        return cls(size, sha256)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {"size": self.size, "sha256": self.sha256}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, streamed in 1 MiB reads (constant memory for any size).
+
+    Example:
+        >>> file_sha256(write_file("/tmp/x", b"abc"))[:16]    # doctest: +SKIP
+        'ba7816bf8f01cfea'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_files(folder: str | Path, expected: Mapping[str, FileDigest], hint: str = _DAMAGED) -> None:
+    """Check every ``folder/<name>`` of ``expected`` has its recorded size and sha256.
+
+    Sizes first (a ``stat`` each: a missing or truncated file is named before anything
+    is read), then the hashes. The first file that differs is a one-line ``DataError``
+    naming it, ending with ``hint`` (what the user can do).
+    """
+    folder = Path(folder)
+    for name, want in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{path}: missing (it was written with this folder; copied only in part?); {hint}")
+        size = path.stat().st_size
+        if size != want.size:
+            raise DataError(f"{path}: size mismatch ({size:,} bytes, {want.size:,} when written: truncated or "
+                            f"changed after it was written); {hint}")
+    for name, want in expected.items():
+        if file_sha256(folder / name) != want.sha256:
+            raise DataError(f"{folder / name}: checksum mismatch (the file was changed or corrupted after it was "
+                            f"written); {hint}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A short one-line repr for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# What loading needs from meta.json, with the type each field must have.
+_META_FIELDS: dict[str, tuple[type, str]] = {
+    "format_version": (int, "an integer"),
+    "step": (int, "an integer >= 0"),
+    "epoch": (int, "an integer >= 0"),
+    "world_size": (int, "an integer >= 1"),
+    "param_groups": (dict, "a mapping"),
+    "torch_rng": (list, "a list of bytes"),
+    "config": (dict, "a mapping"),
+    "extra": (dict, "a mapping"),
+}
+_warned_unverified: set[Path] = set()
+
+
+def _field(meta: dict[str, Any], name: str, where: Path) -> Any:
+    kind, what = _META_FIELDS.get(name, (dict, "a mapping"))
+    if name not in meta:
+        raise DataError(f"{where}: field '{name}' is missing; {_DAMAGED}")
+    value = meta[name]
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if ok and kind is int:
+        ok = value >= (1 if name == "world_size" else 0)
+    if not ok:
+        raise DataError(f"{where}: field '{name}' should be {what}, got {_show(value)}; {_DAMAGED}")
+    return value
+
+
+def _read_meta_bytes(folder: Path) -> tuple[bytes, bool]:
+    """``meta.json``'s bytes, checked against ``meta.json.sha256`` when that exists (then True)."""
+    meta_path, digest_path = folder / META, folder / META_DIGEST
+    raw = meta_path.read_bytes()
+    if not digest_path.is_file():
+        return raw, False
+    recorded = digest_path.read_text(encoding="utf-8", errors="replace").split()
+    if not recorded or not _SHA256.match(recorded[0]):
+        raise DataError(f"{digest_path}: should hold '<sha256>  {META}', got {_show(recorded[:2])}; {_DAMAGED}")
+    if hashlib.sha256(raw).hexdigest() != recorded[0]:
+        raise DataError(f"{meta_path}: checksum mismatch (the file was changed or corrupted after it was "
+                        f"written; {META_DIGEST} holds its sha256); {_DAMAGED}")
+    return raw, True
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's ``meta.json`` (step, epoch, config, ...)."""
-    meta_path = Path(path) / "meta.json"
+    """The checkpoint's ``meta.json`` (step, epoch, config, files, ...), verified.
+
+    ``meta.json`` must match ``meta.json.sha256``, parse, and hold every field loading
+    uses with its type; each failure is a one-line ``DataError`` naming the file and
+    the field. Format 1 (written before checksums) is read with a warning.
+    """
+    folder = Path(path)
+    meta_path = folder / META
     if not meta_path.is_file():
-        raise DataError(f"{path}: not a checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise DataError(f"{path}: checkpoint format {meta['format_version']} is newer than this recemb reads")
+        raise DataError(f"{folder}: not a checkpoint (no {META})")
+    raw, verified = _read_meta_bytes(folder)
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_path}: not valid JSON ({e}); {_DAMAGED}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: should be a JSON object, got {type(meta).__name__}; {_DAMAGED}")
+    version = _field(meta, "format_version", meta_path)
+    if version > FORMAT_VERSION:
+        raise DataError(f"{meta_path}: checkpoint format {version} is newer than this recemb reads "
+                        f"({FORMAT_VERSION}); upgrade recemb")
+    for name in _META_FIELDS:
+        _field(meta, name, meta_path)
+    if not all(_is_int(b) and 0 <= b < 256 for b in meta["torch_rng"]):
+        raise DataError(f"{meta_path}: field 'torch_rng' should be a list of bytes (0-255); {_DAMAGED}")
+    if version >= 2:
+        if not verified:
+            raise DataError(f"{folder / META_DIGEST}: missing (format {version} checkpoints carry it); {_DAMAGED}")
+        _rank_digests(meta, meta_path)
+    elif folder.resolve() not in _warned_unverified:
+        _warned_unverified.add(folder.resolve())
+        log.warning("%s: format 1 checkpoint (written before checksums): its files cannot be verified", folder)
     return meta
 
 
+def _rank_digests(meta: dict[str, Any], meta_path: Path) -> dict[str, FileDigest]:
+    """The recorded digest of every rank file (format 2); exactly one per rank."""
+    files = _field(meta, "files", meta_path)
+    names = [_rank_file(r) for r in range(meta["world_size"])]
+    if sorted(files) != sorted(names):
+        raise DataError(f"{meta_path}: field 'files' lists {sorted(files)}, but world_size "
+                        f"{meta['world_size']} means {names}; {_DAMAGED}")
+    return {name: FileDigest.from_dict(files[name], where=f"{meta_path}: field 'files.{name}'") for name in names}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_part(part: Path) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """One rank file's ``shapes`` metadata and its pieces by name; damage is a ``DataError``."""
+    try:
+        with safe_open(str(part), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            pieces = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{part}: not a readable safetensors file ({reason}); {_DAMAGED}") from None
+    if "shapes" not in metadata:
+        raise DataError(f"{part}: metadata field 'shapes' is missing; {_DAMAGED}")
+    try:
+        shapes = json.loads(metadata["shapes"])
+    except json.JSONDecodeError as e:
+        raise DataError(f"{part}: metadata field 'shapes' is not valid JSON ({e}); {_DAMAGED}") from None
+    if not isinstance(shapes, dict) or not all(
+        isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v) for v in shapes.values()
+    ):
+        raise DataError(f"{part}: metadata field 'shapes' should map tensor names to lists of sizes; {_DAMAGED}")
+    return shapes, pieces
+
+
+def _place(part: Path, name: str, tensor: torch.Tensor, shapes: dict[str, list[int]]) -> tuple[str, tuple[slice, ...]]:
+    """The key and index of piece ``name`` in its full tensor (``()``: a scalar); a misfit is a ``DataError``."""
+    key, sep, offs = name.rpartition(_SEP)
+    if not sep or key not in shapes:
+        raise DataError(f"{part}: tensor '{name}' has no entry in metadata field 'shapes'; {_DAMAGED}")
+    shape = shapes[key]
+    try:
+        offsets = [int(o) for o in offs.split(",")] if shape else []
+    except ValueError:
+        offsets = []
+    fits = len(offsets) == len(shape) == tensor.dim() and all(
+        0 <= o and o + s <= n for o, s, n in zip(offsets, tensor.shape, shape, strict=True)
+    )
+    if not fits:
+        raise DataError(f"{part}: tensor '{name}' of shape {list(tensor.shape)} does not fit '{key}' of shape "
+                        f"{shape}; {_DAMAGED}")
+    return key, tuple(slice(o, o + s) for o, s in zip(offsets, tensor.shape, strict=True))
+
+
 def assemble_full(path: str | Path) -> dict[str, torch.Tensor]:
-    """Full tensors of a checkpoint, put together from every rank's pieces."""
+    """Full tensors of a checkpoint, put together from every rank's pieces.
+
+    Every rank file is checked against the size and sha256 in ``meta.json`` before any
+    is read (format 2), and a file that does not parse is a ``DataError`` naming it.
+    """
     path = Path(path)
     meta = read_meta(path)
+    if meta["format_version"] >= 2:
+        verify_files(path, _rank_digests(meta, path / META))
     full: dict[str, torch.Tensor] = {}
     for r in range(meta["world_size"]):
-        part = path / f"rank-{r}.safetensors"
+        part = path / _rank_file(r)
         if not part.is_file():
             raise DataError(f"{part}: missing (checkpoint written by {meta['world_size']} ranks)")
-        with safe_open(str(part), framework="pt") as fh:
-            shapes = json.loads((fh.metadata() or {}).get("shapes", "{}"))
-            pieces = {name: fh.get_tensor(name) for name in fh.keys()}
+        shapes, pieces = _read_part(part)
         for name, tensor in pieces.items():
-            key, _, offs = name.rpartition(_SEP)
-            shape = shapes[key]
-            if key not in full:
-                full[key] = torch.zeros(shape, dtype=tensor.dtype) if shape else tensor.clone()
-            if not shape:
+            key, index = _place(part, name, tensor, shapes)
+            if not index:
                 full[key] = tensor.clone()
                 continue
-            offsets = [int(o) for o in offs.split(",")]
-            index = tuple(slice(o, o + s) for o, s in zip(offsets, tensor.shape, strict=True))
+            if key not in full:
+                full[key] = torch.zeros(shapes[key], dtype=tensor.dtype)
             full[key][index] = tensor
     return full
 
@@ -173,12 +413,26 @@ def assemble_full(path: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
     """Restore ``state`` from the checkpoint at ``path``; returns its meta.
 
-    The unfused optimizers get their state through ``load_state_dict`` (built from
-    the saved tensors and param groups); model and fused state are copied in place.
+    Every file is verified and every tensor's presence and shape checked before
+    ``state`` is touched. The unfused optimizers get their state through
+    ``load_state_dict`` (built from the saved tensors and param groups); model and
+    fused state are copied in place.
     """
     meta = read_meta(path)
     full = assemble_full(path)
     targets = state.tensors()
+    missing = [k for k in targets if k not in full]
+    if missing:
+        raise DataError(f"{path}: checkpoint lacks '{missing[0]}' (model or optimizer changed?)")
+    for key, target in targets.items():
+        if tuple(full[key].shape) != tuple(target.shape):
+            raise DataError(f"{path}: tensor '{key}' has shape {list(full[key].shape)} in the checkpoint but "
+                            f"{list(target.shape)} in the model (model or feature map changed?)")
+    groups = meta["param_groups"]
+    absent = [prefix for prefix in state.plain_optimizers() if not isinstance(groups.get(prefix), list)]
+    if absent:
+        raise DataError(f"{path}/{META}: field 'param_groups' has no list for optimizer '{absent[0]}' "
+                        f"(model or optimizer changed?)")
     copy_full_into(targets, full)
     for prefix, optimizer in state.plain_optimizers().items():
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
@@ -186,9 +440,147 @@ def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
             if key.startswith(prefix + "/"):
                 _, idx, name = key.split("/", 2)
                 opt_state.setdefault(int(idx), {})[name] = tensor
-        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"][prefix]})
-    missing = [k for k in targets if k not in full]
-    if missing:
-        raise DataError(f"{path}: checkpoint lacks '{missing[0]}' (model or optimizer changed?)")
-    torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        try:
+            optimizer.load_state_dict({"state": opt_state, "param_groups": groups[prefix]})
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: the '{prefix}' optimizer's saved state does not fit ({e}); "
+                            f"model or optimizer changed?") from None
+    try:
+        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    except RuntimeError as e:
+        raise DataError(f"{path}/{META}: field 'torch_rng' is not a torch RNG state ({e})") from None
     return meta
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# What a resumed run may change from the config saved in its checkpoint, as dotted
+# prefixes of ``ExperimentConfig.to_dict()`` keys ("cluster" covers cluster.workers, ...).
+# Everything not listed is refused, so a new config key is unsafe until listed here:
+#   model.*, embedding.*           the architecture, the tables, their optimizer and hash seeds
+#   dataset_id, dataset.*, data_dir  the data (data_dir compared as a resolved path)
+#   train.seed, train.shuffle_rows   each epoch's row order
+#   train.dense_optimizer, dense_lr, dense_weight_decay
+#                                  the kind changes the state's meaning; lr and decay would be
+#                                  silently overwritten by the checkpoint's param groups
+#   train.clip_grad_norm           the update rule
+#   train.monitor                  the saved best score was computed with the old weights
+RESUME_SAFE_KEYS: frozenset[str] = frozenset({
+    "expid",                  # names the output folder only
+    "train.epochs",           # how long, not how: more epochs go on, fewer stop sooner
+    "train.max_steps",
+    "train.patience",
+    "train.eval_every_steps",  # when validation runs; training sees the same batches
+    "train.eval_batch_size",   # metrics are exact sums over the whole split at any size
+    "train.output_dir",
+    "train.progress",
+    "train.device",            # the same state and batches on another device
+    "cluster",                 # where ranks run; a changed world size is checked on its own
+    "search",                  # read by `recemb search`, which passes its choices in train.*/embedding.*
+})
+# Safe only at an epoch's end: the global batch (train.batch_size x ranks) fixes the
+# epoch's row order (recemb.data.batch.ParquetBatches), so a position mid-epoch means
+# other rows under another global batch. A changed world size follows the same rule.
+RESUME_AT_EPOCH_END_KEYS: frozenset[str] = frozenset({"train.batch_size"})
+_PATH_KEYS = frozenset({"data_dir"})
+
+
+class _Unset:
+    """Stands for a key one of two configs lacks (shown as ``(unset)``)."""
+
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+_UNSET = _Unset()
+
+
+def _listed(key: str, table: frozenset[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in table)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs: ``{key: (saved, current)}``, sorted; ``(unset)`` where absent.
+
+    Example:
+        >>> config_changes({"train": {"seed": 0, "epochs": 1}}, {"train": {"seed": 1, "epochs": 1}})
+        {'train.seed': (0, 1)}
+    """
+    old, new = _flatten(saved), _flatten(current)
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if key in _PATH_KEYS and isinstance(a, str) and isinstance(b, str) and a and b:
+            same = Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        else:
+            same = a == b
+        if not same:
+            out[key] = (a, b)
+    return out
+
+
+def _resolved(saved: dict[str, Any], where: str) -> dict[str, Any]:
+    """The saved config as this recemb reads it: keys added since it was written get their defaults."""
+    from recemb.config.experiment import ExperimentConfig
+    from recemb.config.loader import from_dict
+
+    try:
+        return from_dict(ExperimentConfig, saved, where=where).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return saved  # compared as written: what no longer parses shows up as a change
+
+
+def rows_in_epoch(meta: dict[str, Any]) -> int:
+    """Rows of the checkpoint's epoch already trained, over all ranks (0 at an epoch's end).
+
+    Format-1 checkpoints counted batches; those convert with their saved batch size and world size.
+    """
+    extra = meta["extra"]
+    if "rows_in_epoch" in extra:
+        return int(extra["rows_in_epoch"])
+    batches = int(extra.get("batches_in_epoch", 0))
+    if not batches:
+        return 0
+    batch_size = meta["config"].get("train", {}).get("batch_size", 0)
+    return batches * int(batch_size) * int(meta["world_size"])
+
+
+def check_resume(path: str | Path, meta: dict[str, Any], current: dict[str, Any], world_size: int) -> None:
+    """Refuse to resume the checkpoint ``meta`` under config ``current`` where the run would go on wrong.
+
+    Keys outside ``RESUME_SAFE_KEYS`` must equal the saved config's; mid-epoch, so must the
+    global batch (``RESUME_AT_EPOCH_END_KEYS`` and the world size). Raises one ``ConfigError``
+    listing every offending key with its saved and current value.
+    """
+    saved = _resolved(meta["config"], where=f"{path}/{META} config")
+    changes = config_changes(saved, current)
+    refused = {k: v for k, v in changes.items()
+               if not _listed(k, RESUME_SAFE_KEYS) and not _listed(k, RESUME_AT_EPOCH_END_KEYS)}
+    if refused:
+        listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"{path}: cannot resume with a changed config ({listed}): these change the model, the data, its order "
+            f"or the optimizer; set them back to the checkpoint's values (its {META} 'config'), or start a new run "
+            f"(another expid or train.output_dir)"
+        )
+    rows = rows_in_epoch(meta)
+    old_batch = saved.get("train", {}).get("batch_size")
+    new_batch = current.get("train", {}).get("batch_size")
+    old_world = meta["world_size"]
+    if rows and (not _is_int(old_batch) or old_batch * old_world != new_batch * world_size):
+        raise ConfigError(
+            f"{path}: stopped {rows:,} rows into epoch {meta['epoch']}, and resuming mid-epoch needs the same "
+            f"global batch (train.batch_size x ranks sets the epoch's row order): train.batch_size: "
+            f"{_show(old_batch)} -> {new_batch}; ranks: {old_world} -> {world_size}; resume with "
+            f"train.batch_size={old_batch} on {old_world} rank(s), or from a checkpoint at an epoch's end"
+        )

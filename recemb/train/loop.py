@@ -39,11 +39,18 @@ from recemb.embeddings.sharding import (
     table_optimizer,
     unfused_table_params,
 )
-from recemb.errors import ConfigError
+from recemb.errors import ConfigError, DataError
 from recemb.eval.metrics import MetricAccumulator
 from recemb.io import write_json_atomic, write_text_atomic
 from recemb.models.ctr.registry import build_model, embedding_layers
-from recemb.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from recemb.train.checkpoint import (
+    TrainState,
+    check_resume,
+    load_checkpoint,
+    read_meta,
+    rows_in_epoch,
+    save_checkpoint,
+)
 
 log = logging.getLogger("recemb.train")
 MetricsHook = Callable[[int, dict[str, float]], None]
@@ -204,10 +211,21 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -
     return acc.compute()
 
 
-def _skip(it: Iterator[Batch], n: int) -> Iterator[Batch]:
-    for i, batch in enumerate(it):
-        if i >= n:
+def _skip_rows(it: Iterator[Batch], rows: int, world: int) -> Iterator[Batch]:
+    """``it`` without its first ``rows`` rows over all ranks (whole batches).
+
+    Every rank holds an equal slice of each global batch (ParquetBatches, Ray's equal
+    splits), so a local batch of ``b`` rows is ``b * world`` rows of the epoch.
+    """
+    skipped = 0
+    for batch in it:
+        if skipped >= rows:
             yield batch
+            continue
+        skipped += batch.batch_size * world
+        if skipped > rows:
+            raise DataError(f"resuming {rows:,} rows into the epoch, but its batches end at row {skipped:,} "
+                            "(the data or the global batch changed since the checkpoint)")
 
 
 def train(
@@ -223,7 +241,9 @@ def train(
     """Train ``cfg`` on this process group; evaluate on valid (and test at the end).
 
     ``resume`` is a checkpoint folder (or the run folder, meaning its ``last``
-    checkpoint). ``on_metrics(step, metrics)`` is called on every rank after each
+    checkpoint); its files are verified, ``cfg`` may differ from the saved config only
+    where ``checkpoint.check_resume`` allows (a ``ConfigError`` lists every other
+    change), and training goes on at the row of the epoch where it stopped. ``on_metrics(step, metrics)`` is called on every rank after each
     evaluation (Ray reports and MLflow logging hook in here). ``stop_after_steps``
     stops early after a checkpoint at that step, to test resuming. ``source``
     gives the batches (default: this rank's share of the prepared Parquet).
@@ -267,7 +287,7 @@ def train(
               f"full={full_bytes:,} ratio={ratio:.4f}", flush=True)
         log.info("sharding plan:\n%s", sharded.plan)
 
-    start_step, start_epoch, skip_batches = 0, 0, 0
+    start_step, start_epoch, skip_rows = 0, 0, 0
     history: list[dict[str, float]] = []
     best: dict[str, float] = {}
     best_score, bad_evals = -math.inf, 0
@@ -275,9 +295,10 @@ def train(
         path = Path(resume)
         if not (path / "meta.json").exists():
             path = path / "checkpoints" / "last"
+        check_resume(path, read_meta(path), cfg.to_dict(), world)
         meta = load_checkpoint(path, state)
         start_step, start_epoch = meta["step"], meta["epoch"]
-        skip_batches = meta["extra"].get("batches_in_epoch", 0)
+        skip_rows = rows_in_epoch(meta)
         history = meta["extra"].get("history", [])
         best = meta["extra"].get("best", {})
         best_score = meta["extra"].get("best_score", -math.inf)
@@ -291,8 +312,9 @@ def train(
     def batches(split: str, size: int, epoch: int = 0) -> Iterable[Batch]:
         return source.batches(split, size, epoch)
 
-    def checkpoint(name: str, step: int, epoch: int, in_epoch: int) -> None:
-        extra = {"batches_in_epoch": in_epoch, "history": history, "best": best,
+    def checkpoint(name: str, step: int, epoch: int, position: int) -> None:
+        """``position``: rows of ``epoch`` trained so far over all ranks (0 when ``epoch`` starts)."""
+        extra = {"rows_in_epoch": position, "history": history, "best": best,
                  "best_score": best_score, "bad_evals": bad_evals}
         save_checkpoint(ckpt_dir / name, state, step=step, epoch=epoch, config=cfg.to_dict(), extra=extra)
 
@@ -306,9 +328,9 @@ def train(
             break
         it = iter(batches("train", tc.batch_size, epoch))
         rows = 0
-        in_epoch = skip_batches if epoch == start_epoch else 0
+        in_epoch = skip_rows if epoch == start_epoch else 0  # rows of this epoch trained, over all ranks
         if in_epoch:
-            it = _skip(it, in_epoch)
+            it = _skip_rows(it, in_epoch, world)
         running = 0.0
         t0 = time.perf_counter()
         for batch in it:
@@ -331,7 +353,7 @@ def train(
             step += 1
             if not first_step_at:
                 first_step_at = time.perf_counter() - t_start
-            in_epoch += 1
+            in_epoch += batch.batch_size * world
             samples += batch.batch_size
             rows += batch.batch_size
             value = float(loss.detach())
