@@ -20,8 +20,11 @@ import contextlib
 import csv
 import ctypes
 import ctypes.util
+import json
+import logging
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -40,7 +43,7 @@ import yaml
 
 from recemb.config.loader import to_dict
 from recemb.data.hashing import hash_buckets, hash_strings_multi, row_uniform
-from recemb.data.schema import DatasetConfig, FeatureInfo, FeatureMap, FeatureSpec
+from recemb.data.schema import DatasetConfig, FeatureInfo, FeatureMap, FeatureSpec, name_problem, path_under
 from recemb.data.sources import (
     RawBlock,
     SourceFile,
@@ -49,7 +52,9 @@ from recemb.data.sources import (
     resolve_paths,
 )
 from recemb.errors import ConfigError, DataError, OutputExistsError
-from recemb.io import write_json_atomic, write_text_atomic
+from recemb.io import write_text_atomic
+
+log = logging.getLogger("recemb.data")
 
 SPLITS = ("train", "valid", "test")
 LABEL_COLUMN = "label"
@@ -57,6 +62,7 @@ _SKETCH_GAMMA = 1.01  # relative accuracy ~0.5% of the bucket boundaries
 _COMPACT_MIN = 1 << 18
 _ROW_GROUP_ROWS = 65_536
 _REJECT_EXAMPLES = 5
+_F32_MAX = float(np.finfo(np.float32).max)  # label, count and dense columns are written as float32
 
 
 def _load_malloc_trim() -> Callable[[], None]:
@@ -187,8 +193,9 @@ class Moments:
 
     def add(self, x: np.ndarray) -> None:
         if len(x):
-            mean = float(x.mean())
-            self.merge(Moments(len(x), mean, float(((x - mean) ** 2).sum())))
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by _dense_moments
+                mean = float(x.mean())
+                self.merge(Moments(len(x), mean, float(((x - mean) ** 2).sum())))
 
     def merge(self, other: Moments) -> None:
         if not other.n:
@@ -202,6 +209,32 @@ class Moments:
     @property
     def std(self) -> float:
         return math.sqrt(self.m2 / self.n) if self.n else 0.0
+
+
+@dataclass
+class Extremes:
+    """Finite min/max of a dense feature's training values and how many were -inf/+inf.
+
+    Kept for ``nonfinite: clip`` features: the infinities become these bounds, and the
+    statistics count them there (``_dense_moments``, ``_dense_sketch``).
+    """
+
+    low: float = math.inf
+    high: float = -math.inf
+    n_low: int = 0
+    n_high: int = 0
+
+    def add(self, x: np.ndarray) -> None:
+        finite = x[np.isfinite(x)]
+        if len(finite):
+            self.low, self.high = min(self.low, float(finite.min())), max(self.high, float(finite.max()))
+        self.n_low += int(np.isneginf(x).sum())
+        self.n_high += int(np.isposinf(x).sum())
+
+    def merge(self, other: Extremes) -> None:
+        self.low, self.high = min(self.low, other.low), max(self.high, other.high)
+        self.n_low += other.n_low
+        self.n_high += other.n_high
 
 
 def _sketch_keys(x: np.ndarray) -> np.ndarray:
@@ -229,7 +262,8 @@ class PartialStats:
 
     ``counts`` hold train-split value counts per vocabulary feature; ``moments`` the
     train-split moments of each dense feature after fill/log; ``sketches`` log-bucket
-    counts for bucketised features; ``rejected`` counts rejected rows per reason.
+    counts for bucketised features; ``rejected`` counts rejected rows per reason;
+    ``extremes`` the finite range and infinities of ``nonfinite: clip`` features.
     """
 
     rows_in: int = 0
@@ -239,6 +273,7 @@ class PartialStats:
     counts: dict[str, pa.Table] = field(default_factory=dict)
     moments: dict[str, Moments] = field(default_factory=dict)
     sketches: dict[str, dict[int, int]] = field(default_factory=dict)
+    extremes: dict[str, Extremes] = field(default_factory=dict)
 
     @property
     def rows_rejected(self) -> int:
@@ -268,6 +303,8 @@ def merge_stats(parts: Sequence[PartialStats]) -> PartialStats:
             dst = out.sketches.setdefault(name, {})
             for key, c in sk.items():
                 dst[key] = dst.get(key, 0) + c
+        for name, ext in part.extremes.items():
+            out.extremes.setdefault(name, Extremes()).merge(ext)
     out.counts = {name: acc.result() for name, acc in accs.items()}
     return out
 
@@ -358,6 +395,11 @@ def _multi_tokens(col: pa.Array, spec: FeatureSpec | FeatureInfo) -> tuple[pa.Ar
 
 
 def _check_config(cfg: DatasetConfig) -> None:
+    # Names become paths: checked again here for configs built or changed in code.
+    for what, name in [("dataset_id", cfg.dataset_id)] + [("feature name", s.name) for s in cfg.features]:
+        problem = name_problem(name)
+        if problem:
+            raise ConfigError(f"dataset '{cfg.dataset_id}': {what} {problem}")
     for spec in cfg.features:
         if spec.hash_buckets == 1:
             raise ConfigError(f"dataset '{cfg.dataset_id}': feature '{spec.name}': hash_buckets must be >= 2")
@@ -369,6 +411,17 @@ def _check_config(cfg: DatasetConfig) -> None:
             raise ConfigError(
                 f"dataset '{cfg.dataset_id}': feature name '{spec.name}' clashes with an output column"
             )
+
+
+def _absent(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """True where the field is missing (null), as opposed to present but not a usable value."""
+    return np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), bool)
+
+
+def _finite32(x: np.ndarray) -> np.ndarray:
+    """True where ``x`` is finite and still finite as the float32 the output columns hold."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(x) & (np.abs(x) <= _F32_MAX)
 
 
 def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock,
@@ -392,21 +445,34 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
             flag(np.flatnonzero(empty), "empty row (all fields missing)")
     label = count = None
     if cfg.label:
-        label, bad = _parse_float(table.column(cfg.label))
+        col = table.column(cfg.label)
+        label, bad = _parse_float(col)
         flag(bad, f"unparseable label '{cfg.label}'")
-        flag(np.flatnonzero(np.isnan(label)), f"missing label '{cfg.label}'")
+        flag(np.flatnonzero(_absent(col)), f"missing label '{cfg.label}'")
+        flag(np.flatnonzero(~_finite32(label)), f"non-finite label '{cfg.label}'")
         if cfg.format != "events":
-            flag(np.flatnonzero((label != 0) & (label != 1) & ~np.isnan(label)), f"label '{cfg.label}' not 0 or 1")
+            flag(np.flatnonzero((label != 0) & (label != 1)), f"label '{cfg.label}' not 0 or 1")
     dense_raw: dict[str, np.ndarray] = {}
     for spec in cfg.features:
         if spec.kind == "dense":
-            values, bad = _parse_float(table.column(spec.source))
+            col = table.column(spec.source)
+            values, bad = _parse_float(col)
             flag(bad, f"unparseable number in '{spec.source}'")
+            present = ~_absent(col)
+            if spec.nonfinite == "clip":  # +-inf become the training range in the transform; nan cannot
+                flag(np.flatnonzero(present & np.isnan(values)), f"nan in '{spec.source}' (cannot be clipped)")
+            else:
+                flag(np.flatnonzero(present & ~np.isfinite(values)), f"non-finite number in '{spec.source}'")
             dense_raw[spec.name] = values
     if cfg.count_column:
-        count, bad = _parse_float(table.column(cfg.count_column))
+        col = table.column(cfg.count_column)
+        count, bad = _parse_float(col)
         flag(bad, f"unparseable number in '{cfg.count_column}'")
-        flag(np.flatnonzero(np.isnan(count)), f"missing count '{cfg.count_column}'")
+        flag(np.flatnonzero(_absent(col)), f"missing count '{cfg.count_column}'")
+        with np.errstate(invalid="ignore"):
+            whole = np.isfinite(count) & (count >= 1) & (np.floor(count) == count)
+        flag(np.flatnonzero(~whole), f"count '{cfg.count_column}' not a positive whole number")
+        flag(np.flatnonzero(~_finite32(count)), f"count '{cfg.count_column}' too large for float32")
     tvals: Any = None
     if plan.time_column:
         tcol = table.column(plan.time_column).combine_chunks()
@@ -414,6 +480,7 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
         if plan.numeric:
             tvals, bad = _parse_float(tcol)
             flag(bad, f"unparseable time in '{plan.time_column}'")
+            flag(np.flatnonzero(~np.isfinite(tvals)), f"non-finite time in '{plan.time_column}'")
         else:
             tvals = _as_string(tcol)
     keep: np.ndarray | None = None
@@ -592,6 +659,9 @@ def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dic
     for spec in cfg.features:
         if spec.kind == "dense":
             x = c.dense[spec.name][train]
+            if spec.nonfinite == "clip":
+                stats.extremes.setdefault(spec.name, Extremes()).add(x)
+                x = x[np.isfinite(x)]
             stats.moments.setdefault(spec.name, Moments()).add(x)
             if spec.bucketize:
                 keys, cnt = np.unique(_sketch_keys(x), return_counts=True)
@@ -715,12 +785,15 @@ def finalize_features(cfg: DatasetConfig, stats: PartialStats) -> FittedFeatures
         info = FeatureInfo(name=spec.name, kind=spec.kind, source=spec.source, min_count=spec.min_count,
                            max_len=spec.max_len, separator=spec.separator, group=spec.group)
         if spec.kind == "dense":
-            m = stats.moments.get(spec.name, Moments())
+            m = _dense_moments(cfg, spec, stats)
             info.fill, info.log = spec.fill, spec.log
+            if spec.nonfinite == "clip":
+                ext = stats.extremes.get(spec.name, Extremes())
+                info.clip = [ext.low, ext.high] if ext.low <= ext.high else None
             if spec.standardize:
                 info.mean, info.std = m.mean, (m.std if m.std > 0 else 1.0)
             if spec.bucketize:
-                info.boundaries = _boundaries(stats.sketches.get(spec.name, {}), spec.bucketize)
+                info.boundaries = _boundaries(_dense_sketch(spec, stats), spec.bucketize)
                 info.num_embeddings = len(info.boundaries) + 2
         elif spec.hash_buckets:
             info.hash_buckets, info.hash_seed = spec.hash_buckets, cfg.split.seed
@@ -739,6 +812,39 @@ def finalize_features(cfg: DatasetConfig, stats: PartialStats) -> FittedFeatures
             info.vocab_file = f"vocab/{spec.name}.parquet"
         infos.append(info)
     return FittedFeatures(infos, vocabs)
+
+
+def _dense_moments(cfg: DatasetConfig, spec: FeatureSpec, stats: PartialStats) -> Moments:
+    """Training moments of a dense feature, with clipped infinities counted at the clip bounds.
+
+    Raises a ``DataError`` naming the feature when they are not finite (values near the
+    float64 limit) or when there is no finite value to clip infinities to.
+    """
+    m = stats.moments.get(spec.name, Moments())
+    ext = stats.extremes.get(spec.name)
+    if spec.nonfinite == "clip" and ext is not None and (ext.n_low or ext.n_high):
+        if ext.low > ext.high:
+            raise DataError(f"dataset '{cfg.dataset_id}': feature '{spec.name}': the training split has no "
+                            "finite value to clip -inf/+inf to; fix the input or set nonfinite: reject")
+        m = Moments(m.n, m.mean, m.m2)
+        m.merge(Moments(ext.n_low, ext.low, 0.0))
+        m.merge(Moments(ext.n_high, ext.high, 0.0))
+    if not (math.isfinite(m.mean) and math.isfinite(m.std)):
+        raise DataError(f"dataset '{cfg.dataset_id}': feature '{spec.name}': the training mean/std of "
+                        f"'{spec.source}' overflow float64 (values near 1e308); set log: true or bucketize")
+    return m
+
+
+def _dense_sketch(spec: FeatureSpec, stats: PartialStats) -> dict[int, int]:
+    """The quantile sketch of a dense feature, with clipped infinities counted at the clip bounds."""
+    sketch = dict(stats.sketches.get(spec.name, {}))
+    ext = stats.extremes.get(spec.name)
+    if ext is not None and ext.low <= ext.high:
+        for value, n in ((ext.low, ext.n_low), (ext.high, ext.n_high)):
+            if n:
+                key = int(_sketch_keys(np.array([value]))[0])
+                sketch[key] = sketch.get(key, 0) + n
+    return sketch
 
 
 def _boundaries(sketch: dict[int, int], bins: int) -> list[float]:
@@ -909,13 +1015,22 @@ def _transform_block(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Sche
     for info in fitted.infos:
         if info.kind == "dense":
             x = c.dense[info.name]
+            if info.clip is not None:
+                x = np.where(np.isposinf(x), info.clip[1], np.where(np.isneginf(x), info.clip[0], x))
             if info.boundaries is not None:
                 ids = np.searchsorted(np.asarray(info.boundaries, np.float64), x, side="right") + 1
                 ids[np.isnan(x)] = 0
                 add(ids, np.int64)
                 oov(info.name, ids == 0)
             else:
-                add((x - info.mean) / info.std, np.float32)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    y = ((x - info.mean) / info.std).astype(np.float32)
+                if not np.isfinite(y).all():
+                    raise DataError(
+                        f"dataset '{cfg.dataset_id}': feature '{info.name}': a value of '{info.source}' is beyond "
+                        "the float32 range of the prepared column; set log: true, standardize: true or bucketize"
+                    )
+                add(y, np.float32)
         elif info.kind == "sparse":
             arr = c.cats[info.name]
             lut = np.append(_lut_ids(fitted, info, arr.dictionary), 0)
@@ -967,10 +1082,13 @@ def _transform_all(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Schema
 
 
 def save_vocabs(fitted: FittedFeatures, folder: Path) -> None:
-    """Write one ``<name>.parquet`` (value, id, count) per vocabulary feature."""
+    """Write one ``<name>.parquet`` (value, id, count) per vocabulary feature, never outside ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, table in fitted.vocabs.items():
-        pq.write_table(table, str(folder / f"{name}.parquet"))
+        problem = name_problem(name)
+        if problem:
+            raise ConfigError(f"feature name {problem}")
+        pq.write_table(table, str(path_under(folder, f"{name}.parquet")))
 
 
 def load_vocab(path: str | Path) -> pa.Table:
@@ -1136,6 +1254,24 @@ class PrepareReport:
                 "rejected": dict(self.rejected), "seconds": self.seconds}
 
 
+def check_rows_left(cfg: DatasetConfig, stats: PartialStats, sources: Sequence[SourceFile]) -> None:
+    """Raise ``DataError`` when no row is left for the training split, saying what was read and rejected."""
+    if stats.rows_ok["train"]:
+        return
+    inputs = ", ".join(str(s.path) for s in sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
+    if stats.rejected:
+        top = sorted(stats.rejected.items(), key=lambda kv: -kv[1])[:3]
+        rejected = f"{stats.rows_rejected} rejected ({'; '.join(f'{why}: {n}' for why, n in top)}"
+        rejected += f"; e.g. {stats.reject_examples[0]})" if stats.reject_examples else ")"
+    else:
+        rejected = "none rejected"
+    raise DataError(
+        f"dataset '{cfg.dataset_id}': no rows for the train split: {stats.rows_in} rows read from {inputs}, "
+        f"{rejected}, {stats.rows_ok['valid']} valid and {stats.rows_ok['test']} test. "
+        "Fix the input, or the split (split.train, split.time_column)"
+    )
+
+
 def check_reject_fraction(stats: PartialStats, max_fraction: float) -> None:
     """Raise ``DataError`` when more than ``max_fraction`` of the input rows were rejected."""
     if not stats.rows_in:
@@ -1200,9 +1336,11 @@ def prepare_with_runner(cfg: DatasetConfig, runner: FileRunner, output: str | Pa
         raise OutputExistsError(f"{out}: output exists; pass overwrite=True (--overwrite) to replace it")
     _check_config(cfg)
     sources = resolve_paths(cfg)
+    check_output_apart(out, sources)
     for src in sources:
         check_columns(cfg, src)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -1216,6 +1354,63 @@ def prepare_with_runner(cfg: DatasetConfig, runner: FileRunner, output: str | Pa
     return report
 
 
+def check_output_apart(out: Path, sources: Sequence[SourceFile]) -> None:
+    """Raise ``ConfigError`` when the output folder is an input file or holds one.
+
+    ``--overwrite`` replaces the whole output folder, so either would delete raw input.
+    Paths are compared both as given (absolute) and with links resolved.
+    """
+    outs = {Path(os.path.abspath(out)), out.resolve()}
+    for src in sources:
+        for path in {Path(os.path.abspath(src.path)), src.path.resolve()}:
+            for o in outs:
+                if path == o or o in path.parents:
+                    how = "is" if path == o else "contains"
+                    raise ConfigError(f"output {out} {how} the input file {src.path}; preparing there would "
+                                      "delete it: choose an output folder outside the inputs")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove ``.<out>.tmp-<pid>-*`` / ``.<out>.old-<pid>-*`` left beside ``out`` by a killed prepare.
+
+    Only names of exactly that pattern whose process is gone on this machine are removed
+    (a prepare on another machine sharing the folder is not seen, so do not run two at once
+    into the same output). Each removal is logged as a warning; returns the removed paths.
+    """
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    for path in sorted(out.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        log.warning("removed stale temporary %s from a prepare that was killed", path)
+        removed.append(path)
+    return removed
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Indented, key-sorted JSON written atomically; a non-finite number is a bug (``ValueError``)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
 def _prepare_into(cfg: DatasetConfig, sources: list[SourceFile], tmp: Path, out: Path, frac: float,
                   start: float, runner: FileRunner) -> PrepareReport:
     """Fit, check rejects, finalize and transform into the temp folder ``tmp`` (renamed later)."""
@@ -1226,6 +1421,7 @@ def _prepare_into(cfg: DatasetConfig, sources: list[SourceFile], tmp: Path, out:
     stats = merge_stats(parts)
     del parts
     check_reject_fraction(stats, frac)
+    check_rows_left(cfg, stats, sources)
     fitted = finalize_features(cfg, stats)
     stats.counts = {}  # all distinct values: no longer needed once the vocabularies are fixed
     _trim_heap()
@@ -1242,7 +1438,7 @@ def _prepare_into(cfg: DatasetConfig, sources: list[SourceFile], tmp: Path, out:
                            dict(sorted(stats.rejected.items())), seconds)
     if stats.rows_in != sum(tstats.rows.values()) + stats.rows_rejected:
         raise RuntimeError(f"row accounting broken: {report.to_dict()}")  # a bug in recemb
-    write_json_atomic(tmp / "stats.json", _stats_json(cfg, report, stats, fitted, tstats))
+    _write_json(tmp / "stats.json", _stats_json(cfg, report, stats, fitted, tstats))
     return report
 
 
@@ -1255,7 +1451,7 @@ def _stats_json(cfg: DatasetConfig, report: PrepareReport, stats: PartialStats, 
             entry["cardinality"] = info.cardinality
             entry["vocab_size"] = info.num_embeddings - 1
         if info.kind == "dense":
-            m = stats.moments.get(info.name, Moments())
+            m = _dense_moments(cfg, next(s for s in cfg.features if s.name == info.name), stats)
             entry["train_mean"], entry["train_std"] = m.mean, m.std
         if info.name in tstats.oov:
             entry["oov_rate"] = {s: tstats.oov[info.name][s] / max(1, tstats.values[info.name][s]) for s in SPLITS}
@@ -1270,7 +1466,7 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:
             raise OutputExistsError(f"{out}: output exists; pass overwrite=True (--overwrite) to replace it")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         os.replace(tmp, out)
         if old.is_dir():
