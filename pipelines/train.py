@@ -11,16 +11,20 @@ Every run is tracked in MLflow (rank 0 only).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import pipelines.ray_runtime  # noqa: F401  (sets Ray's environment before anything imports ray)
-from recemb.config.experiment import ExperimentConfig, load_experiment
+from pipelines.ray_progress import ProgressWatch, start_board
+from recemb.config.experiment import ClusterConfig, ExperimentConfig, load_experiment
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
-from recemb.errors import RecembError
+from recemb.errors import ConfigError, RecembError
+from recemb.models.ctr.registry import check_model_config
 from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, TAG_WORLD_SIZE, Tracker
 from recemb.train.loop import TrainResult, train
 
@@ -47,6 +51,42 @@ def _finish_tracking(tracker: Tracker, cfg: ExperimentConfig, result: TrainResul
     for name in ("feature_map.json", "stats.json"):
         if (data / name).exists():
             tracker.log_artifact(data / name, artifact_path="data")
+
+
+def apply_cluster_args(
+    cluster: ClusterConfig, workers: int | None, address: str | None, mlflow_uri: str | None,
+) -> ClusterConfig:
+    """``cluster`` with the command line's ``--workers/--address/--mlflow-uri`` (where given),
+    validated like the config file's values (``--workers -3`` is a ``ConfigError``)."""
+    given = {k: v for k, v in (("workers", workers), ("address", address), ("mlflow_uri", mlflow_uri))
+             if v is not None}
+    try:
+        return dataclasses.replace(cluster, **given)
+    except ValueError as exc:
+        raise ConfigError(f"command line: cluster: {exc}") from None
+
+
+def check_experiment(cfg: ExperimentConfig) -> FeatureMap:
+    """Everything that can be checked before a run is tracked: the prepared data's feature map
+    exists and the model and embedding blocks fit it. Returns the feature map."""
+    fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
+    check_model_config(cfg.model, cfg.embedding, fm)
+    return fm
+
+
+def join_ray(cfg: ExperimentConfig) -> str:
+    """Join (or start) Ray for ``cfg`` and check that it can schedule the run; returns the
+    process-group backend (gloo or nccl). A local Ray that cannot is a ``ConfigError``."""
+    from pipelines.ray_runtime import check_train_resources, init_ray
+
+    backend = cfg.cluster.backend
+    if backend == "auto":
+        backend = "nccl" if cfg.train.device == "cuda" else "gloo"
+    joined = init_ray(cfg.cluster.address)
+    remote = joined not in ("local", "existing") or bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    check_train_resources(cfg.cluster.workers, cfg.cluster.cpus_per_worker, gpus=backend == "nccl",
+                          local=not remote)
+    return backend
 
 
 def _resume_path(resume: str | Path | None, mlflow_uri: str) -> Path | None:
@@ -80,12 +120,10 @@ def run_train(
     """
     quiet_logs()
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment(config, overrides)
-    if workers is not None:
-        cfg.cluster.workers = workers
-    if address is not None:
-        cfg.cluster.address = address
-    if mlflow_uri is not None:
-        cfg.cluster.mlflow_uri = mlflow_uri
+    cfg.cluster = apply_cluster_args(cfg.cluster, workers, address, mlflow_uri)
+    check_experiment(cfg)
+    if cfg.cluster.workers > 0:
+        join_ray(cfg)  # refuses a run Ray could never schedule, before it is tracked
     tracker = Tracker.from_config(cfg, rank=0)
     resume = _resume_path(resume, tracker.uri)
     # The run's world is the Ray workers (or this one process), whatever group the driver may hold.
@@ -121,7 +159,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
     fail = FailureInjection(**config["fail"]) if config.get("fail") else None
-    source = RayDataSource(fm, shuffle_rows=cfg.train.shuffle_rows, seed=cfg.train.seed, fail=fail)
+    source = RayDataSource(fm, shuffle_rows=cfg.train.shuffle_rows, seed=cfg.train.seed, fail=fail,
+                           progress=config.get("progress") if rank == 0 else None)
     tracker = Tracker(config["mlflow_uri"], rank=rank, experiment_name=cfg.dataset_id)
     tracker.start(cfg, run_id=config["run_id"])
     resume = config.get("resume")
@@ -154,9 +193,9 @@ def _train_on_ray(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ray_runtime import init_ray, worker_env
+    from pipelines.ray_runtime import worker_env
 
-    init_ray(cfg.cluster.address)
+    backend = join_ray(cfg)
     data_dir = Path(cfg.data_dir).resolve()
     cfg.data_dir = str(data_dir)
     cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
@@ -166,14 +205,12 @@ def _train_on_ray(
         for split, files in fm.shards.items() if files
     }
     storage = cfg.cluster.storage_path or str(Path(cfg.train.output_dir) / "ray")
-    backend = cfg.cluster.backend
-    if backend == "auto":
-        backend = "nccl" if cfg.train.device == "cuda" else "gloo"
+    progress = start_board()
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "cfg": cfg.to_dict(), "run_id": run_id, "mlflow_uri": mlflow_uri,
-            "resume": str(resume) if resume else None, "fail": fail,
+            "resume": str(resume) if resume else None, "fail": fail, "progress": progress,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers, use_gpu=backend == "nccl",
@@ -189,7 +226,13 @@ def _train_on_ray(
         ),
         datasets=datasets,
     )
-    ray_result = trainer.fit()
+    watch = ProgressWatch(progress, cfg.cluster.workers, cfg.cluster.cpus_per_worker)
+    watch.start()
+    try:
+        ray_result = trainer.fit()
+    finally:
+        watch.stop()
+        ray.kill(progress)
     if ray_result.error is not None:
         raise RecembError(f"Ray training of {cfg.expid} failed: {ray_result.error}")
     result_path = Path(cfg.train.output_dir) / cfg.expid / "result.json"

@@ -82,8 +82,14 @@ def _cmd_runs_list(args: argparse.Namespace) -> None:
 
 def _cmd_config_show(args: argparse.Namespace) -> None:
     from recemb.config.experiment import load_experiment
+    from recemb.data.schema import FeatureMap
+    from recemb.models.ctr.registry import check_model_config
 
     cfg = load_experiment(args.config, args.overrides)
+    # The whole config is checked here as train would check it (the groups' features too,
+    # once the data is prepared), so `config show` passing means `train` will not refuse it.
+    fm_path = Path(cfg.data_dir) / "feature_map.json"
+    check_model_config(cfg.model, cfg.embedding, FeatureMap.load(fm_path) if fm_path.is_file() else None)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 
 
@@ -172,9 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``key=value`` overrides may come before, between or after options.
+
+    argparse takes one run of positionals, so the ``key=value`` words it leaves over (e.g.
+    after ``--resume R``) are appended to the verb's overrides in their order; anything
+    else left over is the usual "unrecognized arguments" error (exit 2).
+
+    Example:
+        >>> parse_args(["train", "--config", "x.yaml", "a=1", "--resume", "r", "b=2"]).overrides
+        ['a=1', 'b=2']
+    """
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        stray = [w for w in rest if w.startswith("-") or "=" not in w]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+        args.overrides = [*(args.overrides or []), *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recemb`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

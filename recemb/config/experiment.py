@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from recemb.config.loader import deep_merge, from_dict, parse_overrides, read_yaml, to_dict
-from recemb.data.schema import DatasetConfig, dataset_from_dict
+from recemb.data.schema import DatasetConfig, dataset_from_dict, name_problem
 from recemb.errors import ConfigError
 
 ShardingType = Literal["auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 SparseOptimizer = Literal["exact_rowwise_adagrad", "exact_adagrad", "exact_sgd", "adam"]
+# Metrics that train.monitor may weight (what recemb.eval.metrics computes on the validation split).
+MONITORABLE = ("auc", "logloss", "ne", "calibration")
 
 
 @dataclass
@@ -86,8 +88,20 @@ class EmbeddingConfig:
             raise ValueError("embedding dim must be >= 1")
         if self.budget is not None and self.budget <= 0:
             raise ValueError("embedding budget must be > 0")
-        if not (self.weight_decay >= 0 and self.l2 >= 0 and self.initial_accumulator >= 0):  # also refuses NaN
+        # Written as "not (ok)" so that NaN, which fails every comparison, is refused too.
+        if not (self.lr > 0 and self.eps > 0):
+            raise ValueError(f"embedding lr and eps must be > 0, got lr={self.lr}, eps={self.eps}")
+        if self.init_std is not None and not self.init_std > 0:
+            raise ValueError(f"embedding init_std must be > 0 (or null for torchrec's default), got {self.init_std}")
+        if not (self.weight_decay >= 0 and self.l2 >= 0 and self.initial_accumulator >= 0):
             raise ValueError("embedding weight_decay, l2 and initial_accumulator must be >= 0")
+        for i, group in enumerate(self.groups):
+            if group.dim is not None and group.dim < 1:
+                raise ValueError(f"groups[{i}].dim must be >= 1, got {group.dim}")
+            if group.budget is not None and not group.budget > 0:
+                raise ValueError(f"groups[{i}].budget must be > 0, got {group.budget}")
+            if not group.features:
+                raise ValueError(f"groups[{i}] names no features")
 
 
 @dataclass
@@ -123,8 +137,23 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
+        if not self.dense_lr > 0:
+            raise ValueError(f"dense_lr must be > 0, got {self.dense_lr}")
+        if not (self.dense_weight_decay >= 0 and self.clip_grad_norm >= 0):
+            raise ValueError("dense_weight_decay and clip_grad_norm must be >= 0")
+        counts = {"eval_every_steps": self.eval_every_steps, "patience": self.patience,
+                  "max_steps": self.max_steps, "shuffle_rows": self.shuffle_rows}
+        negative = {k: v for k, v in counts.items() if v < 0}
+        if negative:
+            raise ValueError(f"these must be >= 0: {negative}")
+        unknown = sorted(set(self.monitor) - set(MONITORABLE))
+        if unknown or not self.monitor:
+            raise ValueError(f"monitor names metrics to weight, from {', '.join(MONITORABLE)}; "
+                             f"got {dict(self.monitor) or 'nothing'}")
+        if not self.output_dir.strip():
+            raise ValueError("output_dir must name a folder")
 
 
 @dataclass
@@ -139,6 +168,15 @@ class ClusterConfig:
     mlflow_uri: str = ""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (train in this process) or a number of Ray workers, "
+                             f"got {self.workers}")
+        if not 0 < self.cpus_per_worker <= 1024:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= 0, or -1 for unlimited restarts, got {self.max_failures}")
 
 
 @dataclass
@@ -197,6 +235,12 @@ class ExperimentConfig:
         if not self.expid:
             suffix = "" if self.embedding.kind == "full" else f"_{self.embedding.kind}"
             self.expid = f"{self.model.name}_{self.dataset_id}{suffix}"
+        # expid names the run folder runs/<expid> (and dataset_id a config file and an MLflow
+        # experiment): a name with a separator or a leading dot could write outside runs/.
+        for key, value in (("expid", self.expid), ("dataset_id", self.dataset_id)):
+            problem = name_problem(value)
+            if problem:
+                raise ValueError(f"{key} {problem} (it becomes a folder or file name)")
         if not self.data_dir and self.dataset is not None:
             self.data_dir = self.dataset.output
 

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -132,6 +133,9 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' expects float, got {value!r}")
+        if not math.isfinite(value):
+            # No setting means anything at inf or NaN; NaN also slips through every range check.
+            raise ConfigError(f"{where}: '{key}' expects a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

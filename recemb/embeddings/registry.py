@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,18 +110,59 @@ def _split_byte_budget(
     return out
 
 
+def _group_owners(cfg: EmbeddingConfig, sparse: Sequence[str] | None) -> dict[str, int]:
+    """Feature -> index of the group that names it; unknown (when ``sparse`` is given) or
+    doubly claimed features are ``ConfigError``s."""
+    owner: dict[str, int] = {}
+    for gi, group in enumerate(cfg.groups):
+        for name in group.features:
+            if sparse is not None and name not in sparse:
+                known = ", ".join(sparse)
+                raise ConfigError(f"embedding.groups[{gi}]: unknown sparse feature '{name}' (sparse features: {known})")
+            if name in owner:
+                raise ConfigError(f"embedding.groups[{gi}]: feature '{name}' is already in group {owner[name]}")
+            owner[name] = gi
+    return owner
+
+
+def _typed_params(kind: str, params: dict[str, Any], where: str) -> Any:
+    """``params`` checked against variant ``kind``'s dataclass (unknown kind or key: ``ConfigError``)."""
+    _load_builtin()
+    if kind not in _REGISTRY:
+        raise ConfigError(f"embedding.kind '{kind}' is unknown (known: {', '.join(sorted(_REGISTRY))})")
+    return from_dict(_REGISTRY[kind][0], params, where=where)
+
+
+def check_embedding_config(cfg: EmbeddingConfig, sparse_features: Sequence[str] | None = None) -> None:
+    """Check all of ``cfg`` without building anything: every kind (top level and groups) is
+    registered, every ``params`` fits its variant's dataclass, budgets are in range, and (with
+    ``sparse_features``) every group names existing features, each once.
+
+    Models call this on the whole block even where they build only part of it (LR builds only
+    first-order tables, which drop ``params``), so a typo is an error for every model.
+
+    Example:
+        >>> check_embedding_config(EmbeddingConfig(kind="bogus"))  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        recemb.errors.ConfigError: embedding.kind 'bogus' is unknown (known: ...)
+    """
+    _group_owners(cfg, sparse_features)
+    if cfg.budget is not None:
+        check_budget(cfg.budget)
+    _typed_params(cfg.kind, cfg.params, "embedding.params")
+    for gi, group in enumerate(cfg.groups):
+        same = group.kind is None or group.kind == cfg.kind
+        if group.budget is not None:
+            check_budget(group.budget)
+        if group.params or not same:
+            _typed_params(group.kind or cfg.kind, group.params, f"embedding.groups[{gi}].params")
+
+
 def _group_specs(
     feature_map: FeatureMap, cfg: EmbeddingConfig, device: torch.device | None, name_prefix: str = ""
 ) -> list[tuple[str, str, VariantSpec]]:
     sparse = feature_map.sparse_features
-    owner: dict[str, int] = {}
-    for gi, group in enumerate(cfg.groups):
-        for name in group.features:
-            if name not in sparse:
-                raise ConfigError(f"embedding.groups[{gi}]: unknown sparse feature '{name}'")
-            if name in owner:
-                raise ConfigError(f"embedding.groups[{gi}]: feature '{name}' is already in group {owner[name]}")
-            owner[name] = gi
+    owner = _group_owners(cfg, sparse)
     out: list[tuple[str, str, VariantSpec]] = []
     rest = [f for f in sparse if f not in owner]
     blocks: list[tuple[str, list[str], str, int, float | None, str, dict[str, Any]]] = []
@@ -144,13 +185,9 @@ def _group_specs(
             check_budget(block[4])
     if cfg.budget is not None and cfg.budget > 1:
         blocks = _split_byte_budget(feature_map, blocks, inherits, cfg.budget)
-    _load_builtin()
     for name, feats, kind, dim, budget, sharding, params in blocks:
-        if kind not in _REGISTRY:
-            raise ConfigError(f"embedding.kind '{kind}' is unknown (known: {', '.join(sorted(_REGISTRY))})")
-        params_cls, _ = _REGISTRY[kind]
         where = "embedding.params" if name == "default" else f"embedding.groups[{name[1:]}].params"
-        typed = from_dict(params_cls, params, where=where)
+        typed = _typed_params(kind, params, where)
         spec = VariantSpec(
             features=[feature_map.feature(f) for f in feats], dim=dim, budget=budget, params=typed,
             init_std=cfg.init_std, sharding=sharding, prefix=name_prefix + ("" if name == "default" else f"{name}_"),

@@ -25,7 +25,7 @@ from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
 from recemb.embeddings.base import EmbeddingLayer
 from recemb.embeddings.budget import MIN_BYTE_BUDGET
-from recemb.embeddings.registry import build_embedding_layer
+from recemb.embeddings.registry import build_embedding_layer, check_embedding_config
 from recemb.errors import ConfigError
 from recemb.models.ctr.dcnv2 import DCNv2, DCNv2Params
 from recemb.models.ctr.deepfm import DeepFM, DeepFMParams
@@ -83,6 +83,26 @@ def model_needs(name: str) -> ModelNeeds:
     """What model ``name`` needs from the embedding layer (``ConfigError`` if unknown)."""
     _check_name(name)
     return _NEEDS[name]
+
+
+def check_model_config(
+    cfg: ModelConfig, embedding_cfg: EmbeddingConfig, feature_map: FeatureMap | None = None,
+) -> None:
+    """Check a model block and the whole embedding block before anything is built or tracked.
+
+    The model's name and ``params``, and every embedding setting (``check_embedding_config``:
+    kinds, variant params, budgets, and with ``feature_map`` the groups' features) are checked
+    for every model, including those that build only part of the block (LR). A mistake is a
+    ``ConfigError`` naming the key.
+
+    Example:
+        >>> check_model_config(ModelConfig(name="lr"), EmbeddingConfig(params={"bogus": 1}))
+        Traceback (most recent call last):
+        recemb.errors.ConfigError: embedding.params: unknown key 'bogus' (known keys of FullParams: shared)
+    """
+    _check_name(cfg.name)
+    from_dict(MODELS[cfg.name][0], cfg.params, where="model.params")
+    check_embedding_config(embedding_cfg, feature_map.sparse_features if feature_map is not None else None)
 
 
 def takes_linear_layer(needs: ModelNeeds, params: object) -> bool:
@@ -163,6 +183,7 @@ def build_model(
     (``DistributedModelParallel`` materialises them, and every dense module
     re-initialises through ``reset_parameters``).
     """
+    check_model_config(cfg, embedding_cfg, feature_map)
     needs = model_needs(cfg.name)
     params_cls, model_cls = MODELS[cfg.name]
     params = from_dict(params_cls, cfg.params, where="model.params")
