@@ -12,9 +12,11 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray.train
 
+from pipelines.ray_progress import ProgressPoster
 from recemb.data.batch import Batch, arrow_to_batch
 from recemb.data.schema import FeatureMap
 
@@ -36,8 +38,9 @@ class RayDataSource:
     """``BatchSource`` over this worker's Ray Data shards (``ray.train.get_dataset_shard``)."""
 
     def __init__(self, feature_map: FeatureMap, shuffle_rows: int = 0, seed: int = 0,
-                 fail: FailureInjection | None = None) -> None:
+                 fail: FailureInjection | None = None, progress: Any = None) -> None:
         self.feature_map = feature_map
+        self.poster = ProgressPoster(progress) if progress is not None else None
         self.shuffle_rows = shuffle_rows
         self.seed = seed
         self.fail = fail
@@ -57,13 +60,18 @@ class RayDataSource:
             local_shuffle_buffer_size=self.shuffle_rows or None if train else None,
             local_shuffle_seed=(self.seed * 1000 + epoch) if train and self.shuffle_rows else None,
         )
-        return self._convert(tables, train)
+        return self._convert(tables, train, epoch)
 
-    def _convert(self, tables: Iterable[object], train: bool) -> Iterator[Batch]:
+    def _convert(self, tables: Iterable[object], train: bool, epoch: int) -> Iterator[Batch]:
+        rows = 0
         for table in tables:
             if train:
                 self._maybe_fail()
-            yield arrow_to_batch(table, self.feature_map)  # type: ignore[arg-type]
+            batch = arrow_to_batch(table, self.feature_map)  # type: ignore[arg-type]
+            if train and self.poster is not None:
+                rows += batch.batch_size
+                self.poster.rows(epoch, rows, batch.batch_size)
+            yield batch
 
     def _maybe_fail(self) -> None:
         self._train_batches += 1
