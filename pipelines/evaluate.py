@@ -257,7 +257,7 @@ def run_evaluate(
         >>> out["metrics"]["auc"]                                                                    # doctest: +SKIP
         0.7412
     """
-    from pipelines.ray_runtime import init_ray
+    from pipelines.ray_runtime import check_train_resources, init_ray, is_local
     from pipelines.train import quiet_logs
 
     quiet_logs()
@@ -277,6 +277,8 @@ def run_evaluate(
 
     started = init_ray(address) == "local"
     try:
+        check_train_resources(workers, CPUS_PER_SCORER, gpus=False, local=is_local(address),
+                              what="scoring actors", knob="")
         table = score_split(checkpoint, fm, files, workers=workers, batch_size=batch_size)
     finally:
         if started:

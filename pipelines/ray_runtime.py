@@ -74,6 +74,11 @@ def init_ray(address: str = "", num_cpus: int | None = None, object_store_mb: in
     return "local"
 
 
+def is_local(address: str = "") -> bool:
+    """Whether ``init_ray(address)`` means a Ray on this machine (no address, no ``RAY_ADDRESS``)."""
+    return not (address or os.environ.get("RAY_ADDRESS", ""))
+
+
 def private_dir(path: Path) -> Path:
     """``path`` as a folder only this user can enter (mode 0700), created if missing.
 
@@ -119,12 +124,14 @@ def _start_reaper() -> None:
 DATA_READ_CPUS = 1.0
 
 
-def check_train_resources(workers: int, cpus_per_worker: float, gpus: bool, local: bool) -> None:
-    """Refuse (``ConfigError``) a Ray Train run the connected cluster cannot schedule.
+def check_train_resources(workers: int, cpus_per_worker: float, gpus: bool, local: bool,
+                          what: str = "workers", knob: str = "cluster.cpus_per_worker") -> None:
+    """Refuse (``ConfigError``) a Ray run the connected cluster cannot schedule.
 
-    It needs ``workers * cpus_per_worker`` CPUs for the workers, ``DATA_READ_CPUS`` more for
-    Ray Data's read tasks, and a GPU per worker when ``gpus``. On a remote cluster (which may
-    autoscale) a shortfall is a warning on stderr instead.
+    It needs ``workers * cpus_per_worker`` CPUs for the workers (Train workers, or the scoring
+    actors of ``recemb evaluate``: ``what``), ``DATA_READ_CPUS`` more for Ray Data's read tasks,
+    and a GPU per worker when ``gpus``. On a remote cluster (which may autoscale) a shortfall
+    is a warning on stderr instead. ``knob`` names the setting that lowers the CPUs per worker.
     """
     import ray
 
@@ -135,11 +142,11 @@ def check_train_resources(workers: int, cpus_per_worker: float, gpus: bool, loca
     if need_cpu > have_cpu + 1e-9:
         most = int((have_cpu - DATA_READ_CPUS) / cpus_per_worker + 1e-9)
         problems.append(
-            f"{workers} workers x {cpus_per_worker:g} CPU + {DATA_READ_CPUS:g} CPU for Ray Data's reads = "
-            f"{need_cpu:g} CPUs, but the cluster has {have_cpu:g}; use at most {max(most, 0)} workers "
-            f"(--workers) or fewer CPUs each (cluster.cpus_per_worker)")
+            f"{workers} {what} x {cpus_per_worker:g} CPU + {DATA_READ_CPUS:g} CPU for Ray Data's reads = "
+            f"{need_cpu:g} CPUs, but the cluster has {have_cpu:g}; use at most {max(most, 0)} {what} "
+            f"(--workers)" + (f" or fewer CPUs each ({knob})" if knob else ""))
     if gpus and workers > have_gpu:
-        problems.append(f"{workers} workers need a GPU each, but the cluster has {have_gpu:g}")
+        problems.append(f"{workers} {what} need a GPU each, but the cluster has {have_gpu:g}")
     if not problems:
         return
     message = "; ".join(problems)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +76,14 @@ def check_experiment(cfg: ExperimentConfig) -> FeatureMap:
 def join_ray(cfg: ExperimentConfig) -> str:
     """Join (or start) Ray for ``cfg`` and check that it can schedule the run; returns the
     process-group backend (gloo or nccl). A local Ray that cannot is a ``ConfigError``."""
-    from pipelines.ray_runtime import check_train_resources, init_ray
+    from pipelines.ray_runtime import check_train_resources, init_ray, is_local
 
     backend = cfg.cluster.backend
     if backend == "auto":
         backend = "nccl" if cfg.train.device == "cuda" else "gloo"
-    joined = init_ray(cfg.cluster.address)
-    remote = joined not in ("local", "existing") or bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    init_ray(cfg.cluster.address)
     check_train_resources(cfg.cluster.workers, cfg.cluster.cpus_per_worker, gpus=backend == "nccl",
-                          local=not remote)
+                          local=is_local(cfg.cluster.address))
     return backend
 
 

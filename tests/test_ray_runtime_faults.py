@@ -57,6 +57,9 @@ def test_resource_check_passes_what_fits_and_warns_on_remote(ray_local: object,
     assert "cannot schedule this run now" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="need a GPU each"):
         check_train_resources(1, 0.5, gpus=True, local=True)
+    # recemb evaluate's scoring actors are checked the same way.
+    with pytest.raises(ConfigError, match=r"scoring actors x 0.5 CPU .* use at most \d+ scoring actors \(--workers\)$"):
+        check_train_resources(int(cpus / 0.5), 0.5, gpus=False, local=True, what="scoring actors", knob="")
 
 
 def test_private_dir_is_0700_and_refuses_links_and_files(tmp_path: Path) -> None:
