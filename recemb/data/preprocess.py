@@ -8,6 +8,12 @@ fixes vocabularies and transforms; ``transform_file`` maps ids and writes shards
 from a ``FileRunner`` (``fit_into``/``transform_into`` are the self-contained per-file units a
 fan-out calls), so ``pipelines/prepare.py`` runs them as a Ray map/reduce with the same commit.
 
+Nothing is silently wrong: a row with an unusable value (unparseable, non-finite, a count
+that is not a positive whole number) is a reject with its line and reason; a prepare that
+leaves no training row, an output folder that holds an input, and statistics that are not
+finite are errors; names that become paths stay inside their folder; temporaries of a
+killed prepare are removed by the next one.
+
 Example:
     >>> from recemb.data.schema import load_dataset_config
     >>> report = prepare_dataset(load_dataset_config("configs/datasets/criteo.yaml"))  # doctest: +SKIP
