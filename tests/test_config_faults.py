@@ -118,3 +118,27 @@ def test_overrides_may_follow_or_surround_options(capsys: pytest.CaptureFixture[
         parse_args(["train", "--config", "x.yaml", "a=1", "--resume", "r", "stray"])
     assert exc.value.code == 2
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_feature_map_paths_may_not_leave_its_folder(prepared_ctr: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from recemb.data.schema import FeatureMap
+    from recemb.errors import DataError
+
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared_ctr, copy)
+    data = json.loads((copy / "feature_map.json").read_text())
+    data["shards"]["train"][0] = "../../etc/passwd"
+    (copy / "feature_map.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="leads outside"):
+        FeatureMap.load(copy)
+    (copy / "feature_map.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="a feature map is a JSON object"):
+        FeatureMap.load(copy)
+    data["shards"]["train"][0] = "train/part-00000.parquet"
+    data["version"] = 99
+    (copy / "feature_map.json").write_text(json.dumps(data))
+    with pytest.raises(DataError, match="version 99 is newer"):
+        FeatureMap.load(copy)

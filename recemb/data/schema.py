@@ -24,7 +24,8 @@ from recemb.config.loader import from_dict, read_yaml, to_dict
 from recemb.errors import ConfigError, DataError, RecembError
 from recemb.io import write_text_atomic
 
-FEATURE_MAP_VERSION = 1
+# 2: FeatureInfo.clip (dense clip bounds); version 1 maps read as before.
+FEATURE_MAP_VERSION = 2
 FeatureKind = Literal["dense", "sparse", "multihot"]
 SourceFormat = Literal["criteo", "avazu", "csv", "parquet", "events"]
 NonFinite = Literal["reject", "clip"]
@@ -325,10 +326,19 @@ class FeatureMap:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: a feature map is a JSON object, got {type(data).__name__}")
         version = data.get("version", 0)
-        if version > FEATURE_MAP_VERSION:
-            raise DataError(f"{path}: feature map version {version} is newer than this recemb reads")
+        if not isinstance(version, int) or version > FEATURE_MAP_VERSION:
+            raise DataError(f"{path}: feature map version {version!r} is newer than this recemb reads")
         fm = from_dict(cls, data, where=str(path))
+        # Every file the map names is read relative to it: none may lead outside its folder.
+        for files in fm.shards.values():
+            for name in files:
+                path_under(path.parent, name, DataError)
+        for info in fm.features:
+            if info.vocab_file:
+                path_under(path.parent, info.vocab_file, DataError)
         fm.root = path.parent
         return fm
 
