@@ -180,12 +180,12 @@ def test_resume_matches_an_uninterrupted_run(make_experiment: MakeExperiment, tm
 def test_early_stopping_when_validation_does_not_improve(
     make_experiment: MakeExperiment, tmp_path: Path, patience: int
 ) -> None:
-    """The validation row count never changes, so only the first evaluation improves.
+    """A monitor weighting AUC by 0 scores every evaluation 0, so only the first one improves.
 
-    (``auc: 0`` because a mapping override merges into base.yaml's ``monitor: {auc: 1}``.)
+    (``count`` is no longer a metric ``train.monitor`` may name, so the constant score comes from a zero weight.)
     """
     cfg = make_experiment("lr", "train.eval_every_steps=1", "train.max_steps=1000", "train.epochs=5",
-                          f"train.patience={patience}", "train.monitor={auc: 0, count: 1}")
+                          f"train.patience={patience}", "train.monitor={auc: 0}")
     result = run_train(cfg)
     assert result.steps == patience + 2
     assert [h["step"] for h in result.history] == list(range(1, patience + 3))

@@ -3,8 +3,8 @@
 Each rank writes the pieces it holds (model shards, fused-optimizer state,
 dense-optimizer state) to ``rank-<r>.safetensors``, each tensor named with its
 global offsets, and the global shapes of what it holds in the file's metadata (a
-table sharded table-wise lives on one rank only); ``meta.json`` keeps step, epoch, RNG,
-the resolved config and the size and sha256 of every rank file, and
+table sharded table-wise lives on one rank only) and its own RNG states; ``meta.json``
+keeps step, epoch, rank 0's RNG, the resolved config and the size and sha256 of every rank file, and
 ``meta.json.sha256`` (``sha256sum -c`` reads it) guards ``meta.json`` itself.
 Loading verifies every file first, then assembles full tensors from every rank's
 file and copies each rank's slices in, so a checkpoint written at one world size
@@ -44,6 +44,7 @@ FORMAT_VERSION = 2
 META = "meta.json"
 META_DIGEST = "meta.json.sha256"
 _SEP = "@"
+_RNG = "rng/"  # rank files hold rng/<torch|cuda>/rank-<r>: that rank's generator state (format 2)
 _CHUNK = 1 << 20  # hash in 1 MiB reads: files of any size in constant memory
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DAMAGED = "restore the folder from a good copy or resume from another checkpoint (e.g. best/ or an epoch's last/)"
@@ -127,6 +128,10 @@ def save_checkpoint(
                 continue
             name = key + _SEP + ",".join(str(o) for o in offsets)
             tensors[name] = local.detach().to("cpu").contiguous().clone()
+    # Each rank's own RNG states (dropout draws differ by rank): rank r restores rank r's.
+    for kind, rng in _rng_states().items():
+        key = f"{_RNG}{kind}/rank-{rank}"
+        tensors[key + _SEP + "0"], shapes[key] = rng, list(rng.shape)
     part = tmp / _rank_file(rank)
     save_file(tensors, str(part), metadata={"shapes": json.dumps(shapes)})
     # Every rank hashes its own file (in parallel) and leaves the digest for rank 0.
@@ -159,6 +164,23 @@ def save_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """This process's generator states: the CPU one, and the current CUDA device's when CUDA is in use."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def _set_rng_states(where: str, states: dict[str, torch.Tensor]) -> None:
+    try:
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+    except RuntimeError as e:
+        raise DataError(f"{where}: saved RNG state does not fit this torch ({e}); {_DAMAGED}") from None
 
 
 def _is_distributed(value: Any) -> bool:
@@ -389,11 +411,15 @@ def assemble_full(path: str | Path) -> dict[str, torch.Tensor]:
     Every rank file is checked against the size and sha256 in ``meta.json`` before any
     is read (format 2), and a file that does not parse is a ``DataError`` naming it.
     """
-    path = Path(path)
-    meta = read_meta(path)
+    return _assemble(Path(path), read_meta(path))[0]
+
+
+def _assemble(path: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``assemble_full``'s tensors, and the saved RNG states apart (``<kind>/rank-<r>``)."""
     if meta["format_version"] >= 2:
         verify_files(path, _rank_digests(meta, path / META))
     full: dict[str, torch.Tensor] = {}
+    rng: dict[str, torch.Tensor] = {}
     for r in range(meta["world_size"]):
         part = path / _rank_file(r)
         if not part.is_file():
@@ -401,13 +427,15 @@ def assemble_full(path: str | Path) -> dict[str, torch.Tensor]:
         shapes, pieces = _read_part(part)
         for name, tensor in pieces.items():
             key, index = _place(part, name, tensor, shapes)
-            if not index:
+            if key.startswith(_RNG):
+                rng[key.removeprefix(_RNG)] = tensor
+            elif not index:
                 full[key] = tensor.clone()
-                continue
-            if key not in full:
-                full[key] = torch.zeros(shapes[key], dtype=tensor.dtype)
-            full[key][index] = tensor
-    return full
+            else:
+                if key not in full:
+                    full[key] = torch.zeros(shapes[key], dtype=tensor.dtype)
+                full[key][index] = tensor
+    return full, rng
 
 
 def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
@@ -419,7 +447,7 @@ def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
     fused state are copied in place.
     """
     meta = read_meta(path)
-    full = assemble_full(path)
+    full, rng = _assemble(Path(path), meta)
     targets = state.tensors()
     missing = [k for k in targets if k not in full]
     if missing:
@@ -445,10 +473,12 @@ def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: the '{prefix}' optimizer's saved state does not fit ({e}); "
                             f"model or optimizer changed?") from None
-    try:
-        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
-    except RuntimeError as e:
-        raise DataError(f"{path}/{META}: field 'torch_rng' is not a torch RNG state ({e})") from None
+    # This rank's own states when the checkpoint has them (format 2, this rank existed), else rank 0's.
+    rank = _rank()[0]
+    mine = {kind: rng[f"{kind}/rank-{rank}"] for kind in ("torch", "cuda") if f"{kind}/rank-{rank}" in rng}
+    if "torch" not in mine:
+        mine = {"torch": torch.tensor(meta["torch_rng"], dtype=torch.uint8)}
+    _set_rng_states(str(path), mine)
     return meta
 
 
