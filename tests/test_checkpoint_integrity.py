@@ -30,7 +30,9 @@ from recemb.train.checkpoint import (
     load_checkpoint,
     read_meta,
     save_checkpoint,
+    verify_checkpoint,
     verify_files,
+    write_meta,
 )
 
 RANK0 = "rank-0.safetensors"
@@ -146,6 +148,10 @@ def test_a_flipped_byte_is_refused_before_anything_is_loaded(folder: Path) -> No
     assert all(torch.equal(v, before[k]) for k, v in snapshot(state).items())  # nothing was copied in
     with pytest.raises(DataError, match=rf"{RANK0}: checksum mismatch"):
         assemble_full(folder)
+    # read_meta only stats the rank files; a driver that hands the folder on checks it all first.
+    assert read_meta(folder)["step"] == 3
+    with pytest.raises(DataError, match=rf"{RANK0}: checksum mismatch"):
+        verify_checkpoint(folder)
 
 
 @pytest.mark.parametrize("keep", [0, 5, 100])
@@ -155,12 +161,16 @@ def test_a_truncated_rank_file_is_refused(folder: Path, keep: int) -> None:
     part.write_bytes(data[:keep])
     with pytest.raises(DataError, match=rf"{RANK0}: size mismatch \({keep} bytes, {len(data):,} when written"):
         load_checkpoint(folder, small_state())
+    with pytest.raises(DataError, match=rf"{RANK0}: size mismatch"):
+        read_meta(folder)  # a stat per file: cheap enough for every read of meta.json
 
 
 def test_a_missing_rank_file_is_refused(folder: Path) -> None:
     (folder / RANK0).unlink()
     with pytest.raises(DataError, match=rf"{RANK0}: missing"):
         assemble_full(folder)
+    with pytest.raises(DataError, match=rf"{RANK0}: missing"):
+        read_meta(folder)
 
 
 # Damage that slips past the digests (a format-1 checkpoint has none, or a writer bug):
@@ -242,6 +252,14 @@ def test_a_changed_meta_json_is_refused(folder: Path) -> None:
     with pytest.raises(DataError, match=r"ck/meta\.json: checksum mismatch \(the file was changed") as excinfo:
         read_meta(folder)
     one_line_error(excinfo)
+
+
+def test_write_meta_re_signs_an_edited_meta(folder: Path) -> None:
+    """How a tool (or test) edits meta.json on purpose: the checksum follows the edit."""
+    meta = read_meta(folder)
+    meta["extra"]["note"] = "edited"
+    write_meta(folder, meta)
+    assert read_meta(folder)["extra"] == {"n": 2, "note": "edited"}
 
 
 def test_meta_json_sidecar_missing_or_damaged_is_refused(folder: Path) -> None:

@@ -156,14 +156,23 @@ def save_checkpoint(
             "extra": extra or {},
             "files": files,
         }
-        write_json_atomic(tmp / META, meta)
-        write_text_atomic(tmp / META_DIGEST, f"{file_sha256(tmp / META)}  {META}\n")
+        write_meta(tmp, meta)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def write_meta(folder: str | Path, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` and its ``meta.json.sha256`` (each atomically) into a checkpoint folder.
+
+    ``save_checkpoint`` calls it; so may a tool or test that edits a checkpoint's meta on purpose.
+    """
+    folder = Path(folder)
+    write_json_atomic(folder / META, meta)
+    write_text_atomic(folder / META_DIGEST, f"{file_sha256(folder / META)}  {META}\n")
 
 
 def _rng_states() -> dict[str, torch.Tensor]:
@@ -241,12 +250,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_files(folder: str | Path, expected: Mapping[str, FileDigest], hint: str = _DAMAGED) -> None:
+def verify_files(
+    folder: str | Path, expected: Mapping[str, FileDigest], hint: str = _DAMAGED, hashes: bool = True,
+) -> None:
     """Check every ``folder/<name>`` of ``expected`` has its recorded size and sha256.
 
     Sizes first (a ``stat`` each: a missing or truncated file is named before anything
-    is read), then the hashes. The first file that differs is a one-line ``DataError``
-    naming it, ending with ``hint`` (what the user can do).
+    is read), then, unless ``hashes`` is False, the hashes. The first file that differs
+    is a one-line ``DataError`` naming it, ending with ``hint`` (what the user can do).
+
+    Example:
+        >>> verify_files(folder, {"rank-0.safetensors": FileDigest(1024, "ab" * 32)})  # doctest: +SKIP
     """
     folder = Path(folder)
     for name, want in expected.items():
@@ -257,6 +271,8 @@ def verify_files(folder: str | Path, expected: Mapping[str, FileDigest], hint: s
         if size != want.size:
             raise DataError(f"{path}: size mismatch ({size:,} bytes, {want.size:,} when written: truncated or "
                             f"changed after it was written); {hint}")
+    if not hashes:
+        return
     for name, want in expected.items():
         if file_sha256(folder / name) != want.sha256:
             raise DataError(f"{folder / name}: checksum mismatch (the file was changed or corrupted after it was "
@@ -320,7 +336,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
     ``meta.json`` must match ``meta.json.sha256``, parse, and hold every field loading
     uses with its type; each failure is a one-line ``DataError`` naming the file and
-    the field. Format 1 (written before checksums) is read with a warning.
+    the field; the rank files must be there with their recorded sizes (their sha256 is
+    checked where they are read, or by ``verify_checkpoint``). Format 1 (written before
+    checksums) is read with a warning.
     """
     folder = Path(path)
     meta_path = folder / META
@@ -344,7 +362,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if version >= 2:
         if not verified:
             raise DataError(f"{folder / META_DIGEST}: missing (format {version} checkpoints carry it); {_DAMAGED}")
-        _rank_digests(meta, meta_path)
+        verify_files(folder, _rank_digests(meta, meta_path), hashes=False)
     elif folder.resolve() not in _warned_unverified:
         _warned_unverified.add(folder.resolve())
         log.warning("%s: format 1 checkpoint (written before checksums): its files cannot be verified", folder)
@@ -359,6 +377,15 @@ def _rank_digests(meta: dict[str, Any], meta_path: Path) -> dict[str, FileDigest
         raise DataError(f"{meta_path}: field 'files' lists {sorted(files)}, but world_size "
                         f"{meta['world_size']} means {names}; {_DAMAGED}")
     return {name: FileDigest.from_dict(files[name], where=f"{meta_path}: field 'files.{name}'") for name in names}
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``read_meta``, and every rank file's sha256 checked: for a driver that hands the
+    folder to workers (evaluation's scoring actors) and wants a damaged one refused first."""
+    meta = read_meta(path)
+    if meta["format_version"] >= 2:
+        verify_files(path, _rank_digests(meta, Path(path) / META))
+    return meta
 
 
 # ----------------------------------------------------------------------------- loading
