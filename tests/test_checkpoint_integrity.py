@@ -328,3 +328,10 @@ def test_a_checkpoint_of_another_model_names_the_tensor(folder: Path) -> None:
     state.model[2] = torch.nn.Linear(4, 2)  # the last layer's output grew
     with pytest.raises(DataError, match=r"tensor 'model/2\.weight' has shape \[1, 4\] in the checkpoint but \[2, 4\]"):
         load_checkpoint(folder, state)
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    result = doctest.testmod(ckpt, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted >= 3, result

@@ -240,7 +240,8 @@ def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, streamed in 1 MiB reads (constant memory for any size).
 
     Example:
-        >>> file_sha256(write_file("/tmp/x", b"abc"))[:16]    # doctest: +SKIP
+        >>> _ = Path("/tmp/recemb-sha-example").write_bytes(b"abc")
+        >>> file_sha256("/tmp/recemb-sha-example")[:16]
         'ba7816bf8f01cfea'
     """
     digest = hashlib.sha256()
