@@ -30,7 +30,7 @@ from recemb.data.schema import FeatureMap
 from recemb.errors import DataError, RecembError
 from recemb.eval.metrics import compute_metrics
 from recemb.io import atomic_path
-from recemb.train.checkpoint import read_meta
+from recemb.train.checkpoint import verify_checkpoint
 from recemb.train.restore import load_trained_model, locate_checkpoint
 
 PATH_COLUMN = "path"  # what ``read_parquet(include_paths=True)`` adds
@@ -265,7 +265,7 @@ def run_evaluate(
     t0 = time.perf_counter()
     ref = locate_checkpoint(run, mlflow_uri)
     checkpoint = ref.path.resolve()
-    meta = read_meta(checkpoint)
+    meta = verify_checkpoint(checkpoint)  # sizes and sha256 of every file, before any actor starts
     cfg_data = meta.get("config", {}).get("data_dir", "")
     if not cfg_data:
         raise DataError(f"{checkpoint}/meta.json: config has no data_dir; cannot find split '{split}'")

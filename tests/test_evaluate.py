@@ -32,6 +32,7 @@ from recemb.data.schema import FeatureMap
 from recemb.errors import DataError, RecembError
 from recemb.eval.metrics import compute_metrics
 from recemb.tracking import resolve_run
+from recemb.train.checkpoint import write_meta
 from recemb.train.loop import TrainResult
 from recemb.train.restore import load_trained_model, locate_checkpoint, model_state, resolve_checkpoint
 
@@ -129,11 +130,11 @@ def test_load_refuses_checkpoint_of_another_model(trained: Trained, tmp_path: Pa
     shutil.copytree(trained.run_dir / "checkpoints" / "best", ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     meta["config"]["model"]["params"] = {"mlp": [16]}
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    write_meta(ckpt, meta)
     with pytest.raises(DataError, match="do not fit the model"):
         load_trained_model(ckpt)
     meta["config"]["model"]["params"] = {"mlp": [24, 16]}
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    write_meta(ckpt, meta)
     with pytest.raises(DataError, match="has shape"):
         load_trained_model(ckpt)
 
