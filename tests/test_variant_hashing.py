@@ -128,10 +128,10 @@ def test_hashed_lookup_reads_the_hashed_row() -> None:
     out = layer(kjt(ids)).to_dict()
     w = tables(layer)
     assert torch.equal(out["small"], w["h_small"][torch.tensor(ids["small"])])  # fits: identity
-    manifest = layer.transform.to_manifest()["features"]["big"]
+    manifest = layer.plan.transform.params["features"]["big"]
     rows = hash_ids_np(np.array(ids["big"]), manifest["seed"], manifest["rows"])
     assert torch.equal(out["big"], w["h_big"][torch.from_numpy(rows)])
-    json.dumps(layer.transform.to_manifest())
+    json.dumps(layer.plan.to_dict())
 
 
 @pytest.mark.parametrize("op", ["mult", "add", "concat"])

@@ -182,7 +182,7 @@ def test_tt_keeps_small_tables_plain_and_sharded() -> None:
     assert isinstance(layer, GroupedEmbeddingLayer)
     assert sorted(layer.layers["tt"].features) == ["item", "tags", "user"]
     assert layer.layers["dense"].features == ["site"]
-    assert layer.layers["dense"].sharding == {"t_site": "auto"}
+    assert layer.layers["dense"].plan.sharding() == {"t_site": "auto"}
 
 
 @pytest.mark.parametrize(("kind", "params"), VARIANTS, ids=VARIANT_IDS)

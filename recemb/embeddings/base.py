@@ -15,50 +15,100 @@ Example:
 from __future__ import annotations
 
 import abc
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-BYTES_PER_FLOAT = 4
+from recemb.embeddings.plan import BYTES_PER_FLOAT, VariantPlan
 
 
 class IdTransform(nn.Module, abc.ABC):
     """Pure, deterministic map from a KJT of logical ids to a KJT over physical tables.
 
-    Subclasses hold their parameters (seeds, moduli, remap arrays) as plain
-    attributes or buffers and describe them in ``to_manifest`` so an export can
-    reproduce the map without this code's training stack.
+    Every transform is built from its plan (``from_plan``), the same data the numpy twin in
+    ``recemb.serving.transforms`` applies, so training and serving map ids alike. Register a
+    subclass for its ``TransformPlan.kind`` with ``register_transform``.
     """
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> IdTransform:
+        """The transform ``plan.transform`` describes (arrays from ``plan.arrays``)."""
+        raise NotImplementedError(f"{cls.__name__} has no from_plan")
 
     @abc.abstractmethod
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Return the physical-id KJT (keys are the physical tables' feature names)."""
 
-    @abc.abstractmethod
-    def to_manifest(self) -> dict[str, Any]:
-        """JSON-serialisable description (kind and parameters) of this transform."""
-
-
-class IdentityTransform(IdTransform):
-    """Logical ids are physical ids (the ``full`` variant)."""
-
-    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        return kjt
-
-    def to_manifest(self) -> dict[str, Any]:
-        return {"kind": "identity"}
-
 
 class Combiner(nn.Module):
-    """From physical lookups to one vector per logical feature; identity by default."""
+    """From physical lookups to one vector per logical feature; identity by default.
+
+    Built from its plan (``from_plan``); register a subclass for its ``CombinerPlan.kind``
+    with ``register_combiner``."""
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> Combiner:
+        """The combiner ``plan.combiner`` describes."""
+        return cls()
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         return pooled
+
+
+_TRANSFORMS: dict[str, type[IdTransform]] = {}
+_COMBINERS: dict[str, type[Combiner]] = {"identity": Combiner}
+T = TypeVar("T")
+
+
+def register_transform(kind: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: the torch transform of ``TransformPlan.kind == kind``."""
+    def wrap(cls: type[T]) -> type[T]:
+        _TRANSFORMS[kind] = cls  # type: ignore[assignment]
+        return cls
+    return wrap
+
+
+def register_combiner(kind: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: the torch combiner of ``CombinerPlan.kind == kind``."""
+    def wrap(cls: type[T]) -> type[T]:
+        _COMBINERS[kind] = cls  # type: ignore[assignment]
+        return cls
+    return wrap
+
+
+def transform_from_plan(plan: VariantPlan, device: torch.device | None = None) -> IdTransform:
+    """The registered torch transform for ``plan.transform.kind``."""
+    cls = _TRANSFORMS.get(plan.transform.kind)
+    if cls is None:
+        raise KeyError(f"no torch transform registered for kind '{plan.transform.kind}'")
+    return cls.from_plan(plan, device)
+
+
+def combiner_from_plan(plan: VariantPlan, device: torch.device | None = None) -> Combiner:
+    """The registered torch combiner for ``plan.combiner.kind``."""
+    cls = _COMBINERS.get(plan.combiner.kind)
+    if cls is None:
+        raise KeyError(f"no torch combiner registered for kind '{plan.combiner.kind}'")
+    return cls.from_plan(plan, device)
+
+
+@register_transform("identity")
+class IdentityTransform(IdTransform):
+    """Logical ids are physical ids (the ``full`` variant)."""
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> IdentityTransform:
+        return cls()
+
+    def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return kjt
 
 
 @torch.fx.wrap
@@ -130,6 +180,7 @@ class EmbeddingLayer(nn.Module, abc.ABC):
     features: list[str]
     dims: dict[str, int]
     full_rows: dict[str, int]
+    plan: VariantPlan | None = None  # set by the assembler (None for wrappers: grouped, projected)
 
     @abc.abstractmethod
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
@@ -176,6 +227,16 @@ def table_parameter_bytes(tables: list[EmbeddingBagConfig]) -> int:
     return sum(t.num_embeddings * t.embedding_dim * BYTES_PER_FLOAT for t in tables)
 
 
+def table_configs(plan: VariantPlan) -> list[EmbeddingBagConfig]:
+    """torchrec configs of ``plan``'s physical tables (sum pooling; normal init where the plan says)."""
+    configs = []
+    for t in plan.tables:
+        init = None if t.init_std is None else functools.partial(nn.init.normal_, mean=t.init_mean, std=t.init_std)
+        configs.append(EmbeddingBagConfig(name=t.name, num_embeddings=t.rows, embedding_dim=t.dim,
+                                          feature_names=list(t.keys), pooling=PoolingType.SUM, init_fn=init))
+    return configs
+
+
 class TableEmbeddingLayer(EmbeddingLayer):
     """Transform -> torchrec ``EmbeddingBagCollection`` -> combiner.
 
@@ -183,8 +244,20 @@ class TableEmbeddingLayer(EmbeddingLayer):
     ordinary torchrec module, so ``DistributedModelParallel`` shards it and swaps
     in FBGEMM's fused kernels; the transform and combiner stay dense modules.
     Bytes are computed from the table configs, so they are right on the meta
-    device and after sharding as well.
+    device and after sharding as well. ``from_plan`` builds one from a variant's plan
+    (which it keeps as ``plan``: the sharding and export read it).
     """
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> TableEmbeddingLayer:
+        """The layer ``plan`` describes: its transform, tables and combiner."""
+        layer = cls(
+            features=plan.features, dims=plan.dims, full_rows=plan.full_rows, tables=table_configs(plan),
+            transform=transform_from_plan(plan, device), combiner=combiner_from_plan(plan, device),
+            device=device, is_weighted=plan.transform.weighted,
+        )
+        layer.plan = plan
+        return layer
 
     def __init__(
         self,

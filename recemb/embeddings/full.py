@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-
-from recemb.embeddings.base import EmbeddingLayer, TableEmbeddingLayer
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.plan import TablePlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
 
 
@@ -27,7 +25,7 @@ class FullParams:
 
 
 @register_variant("full", FullParams)
-def build_full(spec: VariantSpec) -> EmbeddingLayer:
+def plan_full(spec: VariantSpec) -> VariantPlan:
     """One table per feature, ``spec.dim`` wide; features in a ``shared`` list share one."""
     params: FullParams = spec.params
     if spec.budget is not None:
@@ -35,34 +33,18 @@ def build_full(spec: VariantSpec) -> EmbeddingLayer:
             "embedding.kind=full takes no budget (it is the uncompressed baseline); pick a compressed kind "
             "such as unified or hashed, or drop embedding.budget"
         )
-    by_name = {f.name: f for f in spec.features}
+    vocab = spec.vocab
     grouped: dict[str, list[str]] = {}
     for i, names in enumerate(params.shared):
-        unknown = [n for n in names if n not in by_name]
+        unknown = [n for n in names if n not in vocab]
         if unknown:
             raise ConfigError(f"embedding.params.shared[{i}]: unknown feature '{unknown[0]}'")
-        grouped[f"{spec.prefix}shared{i}"] = list(names)
+        grouped[f"shared{i}"] = list(names)
     taken = {n for names in grouped.values() for n in names}
-    tables: list[EmbeddingBagConfig] = []
-    for f in spec.features:
-        if f.name not in taken:
-            grouped[f"{spec.prefix}t_{f.name}"] = [f.name]
-    for table, names in grouped.items():
-        tables.append(EmbeddingBagConfig(
-            name=table,
-            num_embeddings=max(by_name[n].num_embeddings for n in names),
-            embedding_dim=spec.dim,
-            feature_names=names,
-            pooling=PoolingType.SUM,
-            init_fn=init_fn(spec.init_std),
-        ))
-    features = [f.name for f in spec.features]
-    layer = TableEmbeddingLayer(
-        features=features,
-        dims={n: spec.dim for n in features},
-        full_rows={f.name: f.num_embeddings for f in spec.features},
-        tables=tables,
-        device=spec.device,
-    )
-    layer.sharding = {t.name: spec.sharding for t in tables}
-    return layer
+    for f in spec.names:
+        if f not in taken:
+            grouped[f"t_{f}"] = [f]
+    tables: list[TablePlan] = [
+        spec.table(table, max(vocab[n] for n in names), spec.dim, names) for table, names in grouped.items()
+    ]
+    return spec.plan("full", tables, budget={"solver": "none"})

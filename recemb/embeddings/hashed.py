@@ -16,20 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recemb.embeddings.base import (
-    BYTES_PER_FLOAT,
-    EmbeddingLayer,
-    IdTransform,
-    TableEmbeddingLayer,
-    join_keys,
-    split_by_key,
-)
+from recemb.embeddings.base import BYTES_PER_FLOAT, IdTransform, join_keys, register_transform, split_by_key
 from recemb.embeddings.budget import BudgetError, budget_bytes, full_bytes, water_fill
 from recemb.embeddings.hashing import hash_ids, salted_seed
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.plan import TransformPlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
 
 
@@ -74,51 +68,42 @@ def hashed_rows(vocab: dict[str, int], dim: int, budget: float | None, params: H
     return {f: fixed.get(f, min(v, cap)) for f, v in vocab.items()}
 
 
+@register_transform("hash")
 class HashTransform(IdTransform):
-    """Per-feature seeded hash into ``rows[f]`` buckets; features with ``rows[f] >= vocab`` pass through."""
+    """Per-feature seeded hash into ``rows[f]`` buckets; features with ``rows[f] >= vocab`` pass through.
 
-    def __init__(self, features: list[str], rows: dict[str, int], vocab: dict[str, int], seed: int) -> None:
+    Plan params: ``features: {f: {hashed, seed, rows}}`` (twin: ``recemb.serving.transforms.hash_np``).
+    """
+
+    def __init__(self, features: dict[str, dict[str, Any]]) -> None:
         super().__init__()
-        self.features = list(features)
-        self.rows = dict(rows)
-        self.hashed = {f: rows[f] < vocab[f] for f in features}
-        self.seeds = {f: salted_seed(seed, i) for i, f in enumerate(features)}
+        self.spec = {f: dict(v) for f, v in features.items()}
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> HashTransform:
+        return cls(plan.transform.params["features"])
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         parts = []
         for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):
-            if self.hashed[f]:
-                values = hash_ids(values, self.seeds[f], self.rows[f])
+            spec = self.spec[f]
+            if spec["hashed"]:
+                values = hash_ids(values, spec["seed"], spec["rows"])
             parts.append((values, lengths))
         return join_keys(kjt.keys(), parts, kjt.stride())
 
-    def to_manifest(self) -> dict[str, Any]:
-        return {
-            "kind": "hash",
-            "hash": "splitmix64(id ^ key(seed)) >> 1 mod rows",
-            "features": {
-                f: {"seed": self.seeds[f], "rows": self.rows[f]} if self.hashed[f] else {"identity": True}
-                for f in self.features
-            },
-        }
-
 
 @register_variant("hashed", HashedParams)
-def build_hashed(spec: VariantSpec) -> EmbeddingLayer:
+def plan_hashed(spec: VariantSpec) -> VariantPlan:
     """One ``rows[f] x dim`` table per feature behind a seeded hash."""
-    vocab = {f.name: f.num_embeddings for f in spec.features}
+    vocab = spec.vocab
     rows = hashed_rows(vocab, spec.dim, spec.budget, spec.params)
-    names = [f.name for f in spec.features]
-    tables = [
-        EmbeddingBagConfig(
-            name=f"{spec.prefix}h_{f}", num_embeddings=rows[f], embedding_dim=spec.dim, feature_names=[f],
-            pooling=PoolingType.SUM, init_fn=init_fn(spec.init_std),
-        )
-        for f in names
-    ]
-    layer = TableEmbeddingLayer(
-        features=names, dims={f: spec.dim for f in names}, full_rows=vocab, tables=tables,
-        transform=HashTransform(names, rows, vocab, spec.seed), device=spec.device,
+    features = {
+        f: {"hashed": rows[f] < vocab[f], "seed": salted_seed(spec.seed, i), "rows": rows[f]}
+        for i, f in enumerate(spec.names)
+    }
+    tables = [spec.table(f"h_{f}", rows[f], spec.dim, [f]) for f in spec.names]
+    return spec.plan(
+        "hashed", tables, transform=TransformPlan("hash", {"features": features}),
+        budget={"solver": "water_fill", "budget": spec.budget, "rows_cap": spec.params.rows},
     )
-    layer.sharding = {t.name: spec.sharding for t in tables}
-    return layer

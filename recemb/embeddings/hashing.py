@@ -17,16 +17,14 @@ Example:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from recemb.data.hashing import mix64
+from recemb.embeddings.idhash import hash64_np, hash_ids_np, hash_unit_np, salted_seed, seed_key
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 _MASK64 = (1 << 64) - 1
-_SEED_SALT = 0x6A09E667F3BCC909  # distinguishes id-hash keys from the data layer's string keys
 
 
 def _signed(x: int) -> int:
@@ -38,24 +36,6 @@ def _signed(x: int) -> int:
 def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
     return (z >> s) & ((1 << (64 - s)) - 1)
-
-
-def seed_key(seed: int) -> int:
-    """The 64-bit key (as unsigned int) that a ``seed`` xors into every id."""
-    return int(mix64(np.array([(seed ^ _SEED_SALT) & _MASK64], dtype=np.uint64))[0])
-
-
-def salted_seed(seed: int, *salts: int) -> int:
-    """One seed from a base seed and integer salts (e.g. feature index, chunk index).
-
-    Example:
-        >>> salted_seed(0, 1, 2) != salted_seed(0, 2, 1)
-        True
-    """
-    value = seed & _MASK64
-    for salt in salts:
-        value = int(mix64(np.array([(value ^ (salt * _M1)) & _MASK64], dtype=np.uint64))[0])
-    return value
 
 
 def mix64_torch(x: torch.Tensor) -> torch.Tensor:
@@ -88,11 +68,5 @@ def hash_unit(ids: torch.Tensor, seed: int) -> torch.Tensor:
     return _shr(hash64(ids, seed), 40).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def hash64_np(ids: np.ndarray, seed: int) -> np.ndarray:
-    """numpy twin of ``hash64`` (uint64 result), for serving and tests."""
-    return mix64(np.asarray(ids).astype(np.int64).view(np.uint64) ^ np.uint64(seed_key(seed)))
-
-
-def hash_ids_np(ids: np.ndarray, seed: int, buckets: int) -> np.ndarray:
-    """numpy twin of ``hash_ids`` (int64 result)."""
-    return ((hash64_np(ids, seed) >> np.uint64(1)) % np.uint64(buckets)).astype(np.int64)
+__all__ = ["hash64", "hash64_np", "hash_ids", "hash_ids_np", "hash_unit", "hash_unit_np", "mix64_torch",
+           "salted_seed", "seed_key"]

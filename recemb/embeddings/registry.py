@@ -23,8 +23,9 @@ import torch
 from recemb.config.experiment import EmbeddingConfig
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureInfo, FeatureMap
-from recemb.embeddings.base import EmbeddingLayer, GroupedEmbeddingLayer, ProjectedLayer
+from recemb.embeddings.base import EmbeddingLayer, GroupedEmbeddingLayer, ProjectedLayer, TableEmbeddingLayer
 from recemb.embeddings.budget import MIN_BYTE_BUDGET, check_budget
+from recemb.embeddings.plan import Capabilities, CombinerPlan, TablePlan, TransformPlan, VariantPlan
 from recemb.errors import ConfigError
 
 
@@ -54,13 +55,43 @@ class VariantSpec:
         """Training counts per id of feature ``name`` (``None`` when unknown), for frequency-aware variants."""
         return None if self.feature_map is None else self.feature_map.id_counts(name)
 
+    @property
+    def names(self) -> list[str]:
+        """The group's feature names, in order."""
+        return [f.name for f in self.features]
 
-Builder = Callable[[VariantSpec], EmbeddingLayer]
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Logical ids (rows of a full table) per feature."""
+        return {f.name: f.num_embeddings for f in self.features}
+
+    def table(self, name: str, rows: int, dim: int, keys: list[str], init_mean: float = 0.0) -> TablePlan:
+        """A physical table of this group: name prefixed, the group's sharding and init std."""
+        return TablePlan(name=self.prefix + name, rows=rows, dim=dim, keys=list(keys), sharding=self.sharding,
+                         init_mean=init_mean, init_std=self.init_std)
+
+    def plan(self, kind: str, tables: list[TablePlan], dims: dict[str, int] | None = None,
+             transform: TransformPlan | None = None, combiner: CombinerPlan | None = None,
+             arrays: dict[str, np.ndarray] | None = None, **capabilities: Any) -> VariantPlan:
+        """The plan of variant ``kind`` over this group's features (dims default to ``self.dim``);
+        ``capabilities`` are ``Capabilities`` fields (``storage``, ``multihot``, ``budget``)."""
+        return VariantPlan(
+            kind=kind, features=self.names, dims=dims or {f: self.dim for f in self.names}, full_rows=self.vocab,
+            transform=transform or TransformPlan(), tables=tables, combiner=combiner or CombinerPlan(),
+            capabilities=Capabilities(**capabilities), seed=self.seed, arrays=dict(arrays or {}),
+        )
+
+
+# A builder returns the variant's plan (``assemble`` builds the layer from it); builders not yet
+# converted return the layer itself.
+Builder = Callable[[VariantSpec], "VariantPlan | EmbeddingLayer"]
+ModuleAssembler = Callable[[VariantPlan, "torch.device | None"], EmbeddingLayer]
 _REGISTRY: dict[str, tuple[type, Builder]] = {}
+_MODULE_ASSEMBLERS: dict[str, ModuleAssembler] = {}
 
 
 def register_variant(kind: str, params_cls: type) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder`` for ``embedding.kind == kind``."""
+    """Decorator: register ``builder`` (spec -> ``VariantPlan``) for ``embedding.kind == kind``."""
 
     def wrap(builder: Builder) -> Builder:
         _REGISTRY[kind] = (params_cls, builder)
@@ -69,8 +100,46 @@ def register_variant(kind: str, params_cls: type) -> Callable[[Builder], Builder
     return wrap
 
 
+def register_module_assembler(kind: str) -> Callable[[ModuleAssembler], ModuleAssembler]:
+    """Decorator: how a plan of ``storage: module`` (TT, DHE, lowprec) becomes its layer.
+    Table variants need none: ``TableEmbeddingLayer.from_plan`` assembles them."""
+
+    def wrap(fn: ModuleAssembler) -> ModuleAssembler:
+        _MODULE_ASSEMBLERS[kind] = fn
+        return fn
+
+    return wrap
+
+
+def assemble(plan: VariantPlan, device: torch.device | None = None) -> EmbeddingLayer:
+    """The one way from a plan to its torch layer; the plan's ``achieved_bytes`` is set from it.
+
+    Example:
+        >>> layer = assemble(plan_of_hashed, torch.device("meta"))   # doctest: +SKIP
+        >>> layer.plan is plan_of_hashed                               # doctest: +SKIP
+        True
+    """
+    _load_builtin()
+    if plan.capabilities.storage == "module":
+        if plan.kind not in _MODULE_ASSEMBLERS:
+            raise KeyError(f"no module assembler registered for variant '{plan.kind}'")
+        layer = _MODULE_ASSEMBLERS[plan.kind](plan, device)
+    else:
+        layer = TableEmbeddingLayer.from_plan(plan, device)
+    layer.plan = plan
+    plan.capabilities.achieved_bytes = layer.parameter_bytes()
+    return layer
+
+
+def build_variant(kind: str, spec: VariantSpec) -> EmbeddingLayer:
+    """Plan and assemble variant ``kind`` for ``spec`` (builders not yet converted build directly)."""
+    _load_builtin()
+    built = _REGISTRY[kind][1](spec)
+    return assemble(built, spec.device) if isinstance(built, VariantPlan) else built
+
+
 # Modules of recemb.embeddings that are infrastructure, not variants.
-_NOT_VARIANTS = frozenset({"base", "budget", "hashing", "registry", "sharding"})
+_NOT_VARIANTS = frozenset({"base", "budget", "hashing", "idhash", "plan", "registry", "sharding"})
 
 
 @functools.cache
@@ -212,7 +281,7 @@ def build_embedding_layer(
     without allocating tables (DistributedModelParallel materialises the shards).
     """
     specs = _group_specs(feature_map, cfg, device, name_prefix)
-    layers = {name: _REGISTRY[kind][1](spec) for name, kind, spec in specs}
+    layers = {name: build_variant(kind, spec) for name, kind, spec in specs}
     layer = next(iter(layers.values())) if len(layers) == 1 else GroupedEmbeddingLayer(
         layers, feature_map.sparse_features
     )

@@ -210,10 +210,14 @@ def table_optimizer(model: nn.Module, cfg: EmbeddingConfig) -> torch.optim.Optim
 
 
 def table_sharding(model: nn.Module) -> dict[str, str]:
-    """Requested sharding type per physical table, as the variants recorded it."""
+    """Requested sharding type per physical table, as the variants' plans say."""
     out: dict[str, str] = {}
     for module in model.modules():
-        requested = getattr(module, "sharding", None)
+        plan = getattr(module, "plan", None)
+        if plan is not None and not callable(plan):
+            out.update(plan.sharding())
+            continue
+        requested = getattr(module, "sharding", None)  # layers not yet built from a plan
         if isinstance(requested, dict):
             out.update(requested)
     return out

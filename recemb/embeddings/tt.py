@@ -23,8 +23,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import BYTES_PER_FLOAT, EmbeddingLayer, GroupedEmbeddingLayer
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
-from recemb.embeddings.full import FullParams, build_full
-from recemb.embeddings.registry import VariantSpec, register_variant
+from recemb.embeddings.full import FullParams
+from recemb.embeddings.registry import VariantSpec, build_variant, register_variant
 from recemb.errors import ConfigError
 
 DENSE = 0  # rank of a feature that stays a plain table
@@ -233,7 +233,7 @@ def build_tt(spec: VariantSpec) -> EmbeddingLayer:
             sharding=spec.sharding, prefix=spec.prefix, device=spec.device, feature_map=spec.feature_map,
             seed=spec.seed,
         )
-        layers["dense"] = build_full(sub)
+        layers["dense"] = build_variant("full", sub)
     features = [f.name for f in spec.features]
     if len(layers) == 1:
         return next(iter(layers.values()))

@@ -1,0 +1,114 @@
+"""Embedding lookups from a plan and its weights with numpy only: the serving runtime's core.
+
+A table variant's lookup is its transform's numpy twin (``recemb.serving.transforms``),
+then a gather and a sum per row (weighted where the transform emits weights) from each
+physical table, then the combiner's numpy twin. A module variant (TT, DHE, lowprec)
+registers one function that computes the feature's pooled vectors from its weights.
+Tests compare every variant against its torch layer.
+
+Weights are plain arrays by name: ``tables`` (physical table name -> ``[rows, dim]``) and
+``dense`` (the layer's other tensors by their ``state_dict`` key under the layer, e.g.
+``combiner.proj.C1.weight``).
+
+Example:
+    >>> plan = VariantPlan(kind="full", features=["a"], dims={"a": 2}, full_rows={"a": 3},
+    ...                    tables=[TablePlan(name="t_a", rows=3, dim=2, keys=["a"])])
+    >>> lookup(plan, {"t_a": np.eye(3, 2, dtype=np.float32)}, {}, "a", np.array([1, 0, 1]), np.array([1, 2]))
+    array([[0., 1.],
+           [1., 1.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from recemb.embeddings.plan import TablePlan, VariantPlan
+from recemb.serving.transforms import PhysicalIds, apply_transform
+
+Arrays = dict[str, np.ndarray]
+NpCombiner = Callable[[VariantPlan, str, Arrays, Arrays], np.ndarray]
+NpModule = Callable[[VariantPlan, Arrays, str, np.ndarray, np.ndarray], np.ndarray]
+_NP_COMBINERS: dict[str, NpCombiner] = {}
+_NP_MODULES: dict[str, NpModule] = {}
+
+
+def register_np_combiner(kind: str) -> Callable[[NpCombiner], NpCombiner]:
+    """Decorator: the numpy twin of combiner ``kind``: ``fn(plan, feature, pooled, dense) -> [B, dims[f]]``
+    where ``pooled`` maps each physical key of the feature to its pooled ``[B, d]`` lookups."""
+
+    def wrap(fn: NpCombiner) -> NpCombiner:
+        _NP_COMBINERS[kind] = fn
+        return fn
+
+    return wrap
+
+
+def register_np_module(kind: str) -> Callable[[NpModule], NpModule]:
+    """Decorator: the numpy lookup of module variant ``kind``:
+    ``fn(plan, weights, feature, values, lengths) -> [B, dims[f]]``."""
+
+    def wrap(fn: NpModule) -> NpModule:
+        _NP_MODULES[kind] = fn
+        return fn
+
+    return wrap
+
+
+@register_np_combiner("identity")
+def identity_np(plan: VariantPlan, feature: str, pooled: Arrays, dense: Arrays) -> np.ndarray:
+    """The feature's one physical key is its vector."""
+    return pooled[feature]
+
+
+def segment_sum(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sum of ``rows`` (``[N, d]``) in consecutive segments of ``lengths`` (``[B]``): ``[B, d]``.
+
+    Empty segments give zero rows (as torchrec's sum pooling of an empty bag).
+    """
+    out = np.zeros((len(lengths), rows.shape[1]), dtype=np.float32)
+    if rows.shape[0]:
+        segment = np.repeat(np.arange(len(lengths)), lengths)
+        np.add.at(out, segment, rows)
+    return out
+
+
+def pooled_lookup(table: np.ndarray, ids: PhysicalIds) -> np.ndarray:
+    """``[B, dim]``: per row, the (weighted) sum of ``table``'s rows at ``ids``.
+
+    Negative ids (pruned rows) read zeros and ids are checked against the table's rows.
+    """
+    values = ids.values
+    if values.size and (values.max() >= table.shape[0]):
+        raise IndexError(f"key {ids.key}: id {int(values.max())} outside a table of {table.shape[0]} rows")
+    keep = values >= 0
+    rows = np.zeros((values.size, table.shape[1]), dtype=np.float32)
+    rows[keep] = table[values[keep]]
+    if ids.weights is not None:
+        rows *= ids.weights.astype(np.float32)[:, None]
+    return segment_sum(rows, ids.lengths)
+
+
+def table_of_keys(plan: VariantPlan) -> dict[str, TablePlan]:
+    """Physical key -> the table that serves it."""
+    return {k: t for t in plan.tables for k in t.keys}
+
+
+def lookup(plan: VariantPlan, tables: Arrays, dense: Arrays, feature: str, values: np.ndarray,
+           lengths: np.ndarray) -> np.ndarray:
+    """``[B, dims[feature]]`` pooled embeddings of ``feature``'s ids (jagged by ``lengths``)."""
+    values = np.asarray(values, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if plan.capabilities.storage == "module":
+        fn = _NP_MODULES.get(plan.kind)
+        if fn is None:
+            raise KeyError(f"no numpy lookup for module variant '{plan.kind}'")
+        return fn(plan, {**tables, **dense}, feature, values, lengths)
+    by_key = table_of_keys(plan)
+    pooled = {p.key: pooled_lookup(tables[by_key[p.key].name], p)
+              for p in apply_transform(plan, feature, values, lengths)}
+    combine = _NP_COMBINERS.get(plan.combiner.kind)
+    if combine is None:
+        raise KeyError(f"no numpy combiner for kind '{plan.combiner.kind}' (variant {plan.kind})")
+    return combine(plan, feature, pooled, dense).astype(np.float32, copy=False)
