@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from recemb.embeddings.plan import TablePlan, VariantPlan
-from recemb.serving.transforms import PhysicalIds, apply_transform
+from recemb.serving.transforms import PhysicalIds, apply_transform, load_twins
 
 Arrays = dict[str, np.ndarray]
 NpCombiner = Callable[[VariantPlan, str, Arrays, Arrays], np.ndarray]
@@ -98,6 +98,7 @@ def table_of_keys(plan: VariantPlan) -> dict[str, TablePlan]:
 def lookup(plan: VariantPlan, tables: Arrays, dense: Arrays, feature: str, values: np.ndarray,
            lengths: np.ndarray) -> np.ndarray:
     """``[B, dims[feature]]`` pooled embeddings of ``feature``'s ids (jagged by ``lengths``)."""
+    load_twins()
     values = np.asarray(values, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
     if plan.capabilities.storage == "module":

@@ -1,5 +1,9 @@
 """numpy twins of the variants' id transforms: one function per ``TransformPlan.kind``.
 
+This module holds the registry and the identity; each variant's twins (transform, and
+combiner or module lookup in ``recemb.serving.lookup``'s registries) live in
+``recemb/serving/variants/<kind>.py``, one file per variant, loaded on first use.
+
 The torch transforms (``recemb.embeddings.*``) run inside the model on a whole KJT; these
 apply the same plan to one feature's ids at a time, with numpy only, for the serving
 runtime. Tests run both on the same ids, variant by variant, and compare id for id.
@@ -15,12 +19,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from recemb.embeddings.idhash import hash_ids_np
 from recemb.embeddings.plan import VariantPlan
 
 
@@ -49,8 +55,18 @@ def register_np_transform(kind: str) -> Callable[[NpTransform], NpTransform]:
     return wrap
 
 
+@functools.cache
+def load_twins() -> None:
+    """Import every module of ``recemb.serving.variants`` (each registers its twins)."""
+    import recemb.serving.variants as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"recemb.serving.variants.{info.name}")
+
+
 def apply_transform(plan: VariantPlan, feature: str, values: np.ndarray, lengths: np.ndarray) -> list[PhysicalIds]:
     """The physical ids that ``plan``'s transform gives ``feature``'s ``values`` (jagged by ``lengths``)."""
+    load_twins()
     fn = _NP_TRANSFORMS.get(plan.transform.kind)
     if fn is None:
         raise KeyError(f"no numpy transform for kind '{plan.transform.kind}' (variant {plan.kind})")
@@ -60,13 +76,4 @@ def apply_transform(plan: VariantPlan, feature: str, values: np.ndarray, lengths
 @register_np_transform("identity")
 def identity_np(plan: VariantPlan, feature: str, values: np.ndarray, lengths: np.ndarray) -> list[PhysicalIds]:
     """Logical ids are physical ids (``full``)."""
-    return [PhysicalIds(feature, values, lengths)]
-
-
-@register_np_transform("hash")
-def hash_np(plan: VariantPlan, feature: str, values: np.ndarray, lengths: np.ndarray) -> list[PhysicalIds]:
-    """``hashed``: ``hash_ids(x, seed_f, rows_f)`` where the feature is hashed, else identity."""
-    spec = plan.transform.params["features"][feature]
-    if spec.get("hashed"):
-        values = hash_ids_np(values, spec["seed"], spec["rows"])
     return [PhysicalIds(feature, values, lengths)]

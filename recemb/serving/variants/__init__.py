@@ -1,0 +1,1 @@
+"""numpy twins of each variant, one file per variant (registered on import)."""
