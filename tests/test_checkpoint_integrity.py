@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from recemb import integrity
 from recemb.errors import DataError
 from recemb.train import checkpoint as ckpt
 from recemb.train.checkpoint import (
@@ -110,7 +111,7 @@ def test_file_sha256_streams_files_larger_than_a_chunk(tmp_path: Path, monkeypat
     data = bytes(range(256)) * 41 + b"tail"
     path = tmp_path / "blob"
     path.write_bytes(data)
-    monkeypatch.setattr(ckpt, "_CHUNK", 1000)  # many chunks, the last one short
+    monkeypatch.setattr(integrity, "_CHUNK", 1000)  # many chunks, the last one short
     assert file_sha256(path) == hashlib.sha256(data).hexdigest()
     assert FileDigest.of(path) == FileDigest(len(data), hashlib.sha256(data).hexdigest())
 
@@ -333,5 +334,6 @@ def test_a_checkpoint_of_another_model_names_the_tensor(folder: Path) -> None:
 def test_docstring_examples() -> None:
     import doctest
 
-    result = doctest.testmod(ckpt, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted >= 3, result
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    results = [doctest.testmod(module, optionflags=flags) for module in (ckpt, integrity)]
+    assert all(r.failed == 0 for r in results) and sum(r.attempted for r in results) >= 3, results

@@ -21,9 +21,7 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from safetensors.torch import save_file
 
 from recemb.embeddings.sharding import copy_full_into, local_pieces
 from recemb.errors import ConfigError, DataError
+from recemb.integrity import _SHA256, FileDigest, _is_int, _show, file_sha256, verify_files
 from recemb.io import write_json_atomic, write_text_atomic
 
 # 2: meta.json lists every rank file's size and sha256 ("files") and meta.json.sha256
@@ -45,8 +44,6 @@ META = "meta.json"
 META_DIGEST = "meta.json.sha256"
 _SEP = "@"
 _RNG = "rng/"  # rank files hold rng/<torch|cuda>/rank-<r>: that rank's generator state (format 2)
-_CHUNK = 1 << 20  # hash in 1 MiB reads: files of any size in constant memory
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DAMAGED = "restore the folder from a good copy or resume from another checkpoint (e.g. best/ or an epoch's last/)"
 
 log = logging.getLogger("recemb.train")
@@ -202,94 +199,6 @@ def _is_distributed(value: Any) -> bool:
 # ----------------------------------------------------------------------------- integrity
 
 
-@dataclass(frozen=True)
-class FileDigest:
-    """A file's size in bytes and sha256 (hex digits), as recorded when it was written.
-
-    Example:
-        >>> FileDigest.from_dict({"size": 3, "sha256": "ab" * 32}, where="x").size
-        3
-    """
-
-    size: int
-    sha256: str
-
-    @classmethod
-    def of(cls, path: str | Path) -> FileDigest:
-        """Size and sha256 of the file at ``path`` as it is now."""
-        return cls(Path(path).stat().st_size, file_sha256(path))
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> FileDigest:
-        """Parse ``{"size": int, "sha256": hex}``; ``where`` names it in errors."""
-        if not isinstance(data, dict):
-            raise DataError(f"{where}: should be {{size, sha256}}, got {_show(data)}")
-        size, sha256 = data.get("size"), data.get("sha256")
-        if not _is_int(size) or size < 0:
-            raise DataError(f"{where}.size: should be a byte count, got {_show(size)}")
-        if not isinstance(sha256, str) or not _SHA256.match(sha256):
-            raise DataError(f"{where}.sha256: should be 64 lowercase hex digits, got {_show(sha256)}")
-        return cls(size, sha256)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON."""
-        return {"size": self.size, "sha256": self.sha256}
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, streamed in 1 MiB reads (constant memory for any size).
-
-    Example:
-        >>> _ = Path("/tmp/recemb-sha-example").write_bytes(b"abc")
-        >>> file_sha256("/tmp/recemb-sha-example")[:16]
-        'ba7816bf8f01cfea'
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_files(
-    folder: str | Path, expected: Mapping[str, FileDigest], hint: str = _DAMAGED, hashes: bool = True,
-) -> None:
-    """Check every ``folder/<name>`` of ``expected`` has its recorded size and sha256.
-
-    Sizes first (a ``stat`` each: a missing or truncated file is named before anything
-    is read), then, unless ``hashes`` is False, the hashes. The first file that differs
-    is a one-line ``DataError`` naming it, ending with ``hint`` (what the user can do).
-
-    Example:
-        >>> verify_files(folder, {"rank-0.safetensors": FileDigest(1024, "ab" * 32)})  # doctest: +SKIP
-    """
-    folder = Path(folder)
-    for name, want in expected.items():
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path}: missing (it was written with this folder; copied only in part?); {hint}")
-        size = path.stat().st_size
-        if size != want.size:
-            raise DataError(f"{path}: size mismatch ({size:,} bytes, {want.size:,} when written: truncated or "
-                            f"changed after it was written); {hint}")
-    if not hashes:
-        return
-    for name, want in expected.items():
-        if file_sha256(folder / name) != want.sha256:
-            raise DataError(f"{folder / name}: checksum mismatch (the file was changed or corrupted after it was "
-                            f"written); {hint}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """A short one-line repr for error messages."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # What loading needs from meta.json, with the type each field must have.
 _META_FIELDS: dict[str, tuple[type, str]] = {
     "format_version": (int, "an integer"),
@@ -363,7 +272,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if version >= 2:
         if not verified:
             raise DataError(f"{folder / META_DIGEST}: missing (format {version} checkpoints carry it); {_DAMAGED}")
-        verify_files(folder, _rank_digests(meta, meta_path), hashes=False)
+        verify_files(folder, _rank_digests(meta, meta_path), hint=_DAMAGED, hashes=False)
     elif folder.resolve() not in _warned_unverified:
         _warned_unverified.add(folder.resolve())
         log.warning("%s: format 1 checkpoint (written before checksums): its files cannot be verified", folder)
@@ -385,7 +294,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     folder to workers (evaluation's scoring actors) and wants a damaged one refused first."""
     meta = read_meta(path)
     if meta["format_version"] >= 2:
-        verify_files(path, _rank_digests(meta, Path(path) / META))
+        verify_files(path, _rank_digests(meta, Path(path) / META), hint=_DAMAGED)
     return meta
 
 
@@ -445,7 +354,7 @@ def assemble_full(path: str | Path) -> dict[str, torch.Tensor]:
 def _assemble(path: Path, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``assemble_full``'s tensors, and the saved RNG states apart (``<kind>/rank-<r>``)."""
     if meta["format_version"] >= 2:
-        verify_files(path, _rank_digests(meta, path / META))
+        verify_files(path, _rank_digests(meta, path / META), hint=_DAMAGED)
     full: dict[str, torch.Tensor] = {}
     rng: dict[str, torch.Tensor] = {}
     for r in range(meta["world_size"]):
