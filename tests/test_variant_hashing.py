@@ -158,7 +158,7 @@ def test_unified_concatenates_salted_probes_over_round_robin_tables() -> None:
     ids = {"a": [1, 299], "b": [7, 400], "tiny": [2, 0]}
     out = layer(kjt(ids)).to_dict()
     w = tables(layer)
-    probes = layer.transform.to_manifest()["features"]
+    probes = layer.plan.transform.params["features"]
     assert [c["table"] for c in probes["a"]["chunks"] + probes["b"]["chunks"]] == [0, 1, 0, 1, 0]
     for f in ("a", "b"):
         blocks = [w[f"u{c['table']}"][torch.from_numpy(hash_ids_np(np.array(ids[f]), c["seed"], 64))]
@@ -172,7 +172,7 @@ def test_unified_one_chunk_without_collisions_equals_a_full_table() -> None:
     cfg = EmbeddingConfig(kind="unified", dim=8, seed=1, params={"tables": 1, "chunk": 8, "rows": 1 << 20})
     uni = build_embedding_layer(feature_map(vocab), cfg)
     full = build_embedding_layer(feature_map(vocab), EmbeddingConfig(kind="full", dim=8))
-    seed = uni.transform.to_manifest()["features"]["f"]["chunks"][0]["seed"]
+    seed = uni.plan.transform.params["features"]["f"]["chunks"][0]["seed"]
     rows = hash_ids_np(np.arange(40), seed, 1 << 20)
     assert len(set(rows.tolist())) == 40, "the test needs a collision-free hash of the 40 ids"
     with torch.no_grad():

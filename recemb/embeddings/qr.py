@@ -15,24 +15,22 @@ Example (YAML):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
-    EmbeddingLayer,
     IdTransform,
-    TableEmbeddingLayer,
     join_keys,
+    register_combiner,
+    register_transform,
     split_by_key,
-    table_parameter_bytes,
 )
 from recemb.embeddings.budget import (
     BudgetError,
@@ -43,7 +41,8 @@ from recemb.embeddings.budget import (
     water_fill,
 )
 from recemb.embeddings.hashing import hash_ids, salted_seed
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.plan import CombinerPlan, TablePlan, TransformPlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
 
 QrOp = Literal["mult", "add", "concat"]
@@ -135,24 +134,31 @@ def solve_qr(vocab: dict[str, int], row_budget: int, full_cost: int = 1) -> dict
     return {f: qr_layout(v, r, full_cost) for (f, v), r in zip(vocab.items(), shares, strict=True)}
 
 
+@register_transform("qr")
 class QrTransform(IdTransform):
     """Feature ``f`` -> keys ``f__q`` (``x // m``) and ``f__r`` (``x % m``), after an optional seeded hash;
-    full-table features pass through."""
+    full-table features pass through.
 
-    def __init__(self, features: list[str], layout: dict[str, QrLayout], seed: int) -> None:
+    Plan params: ``features: {f: {modulus, buckets, seed}}`` (``modulus`` 0 = full table, ``buckets`` 0 =
+    no hash first); twin: ``recemb.serving.variants.qr``.
+    """
+
+    def __init__(self, features: dict[str, dict[str, int]]) -> None:
         super().__init__()
-        self.features = list(features)
-        self.layout = dict(layout)
-        self.seeds = {f: salted_seed(seed, i) for i, f in enumerate(features)}
+        self.spec = {f: dict(v) for f, v in features.items()}
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> QrTransform:
+        return cls(plan.transform.params["features"])
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         parts, out_keys = [], []
         for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):
-            lay = self.layout[f]
-            if lay.buckets:
-                values = hash_ids(values, self.seeds[f], lay.buckets)
-            if lay.modulus:
-                m = lay.modulus
+            spec = self.spec[f]
+            if spec["buckets"]:
+                values = hash_ids(values, spec["seed"], spec["buckets"])
+            m = spec["modulus"]
+            if m:
                 parts += [(torch.div(values, m, rounding_mode="floor"), lengths), (values % m, lengths)]
                 out_keys += [f"{f}__q", f"{f}__r"]
             else:
@@ -160,31 +166,29 @@ class QrTransform(IdTransform):
                 out_keys.append(f)
         return join_keys(out_keys, parts, kjt.stride())
 
-    def to_manifest(self) -> dict[str, Any]:
-        return {
-            "kind": "quotient_remainder",
-            "features": {
-                f: {"modulus": lay.modulus, "hash_buckets": lay.buckets,
-                    "hash_seed": self.seeds[f] if lay.buckets else None}
-                for f, lay in self.layout.items()
-            },
-        }
 
-
+@register_combiner("qr")
 class QrCombiner(Combiner):
-    """``q op r`` per compressed feature; other features pass through."""
+    """``q op r`` per compressed feature; other features pass through.
 
-    def __init__(self, features: list[str], modulus: dict[str, int], op: QrOp) -> None:
+    Plan params: ``op`` and ``split`` (the features read as quotient and remainder parts).
+    """
+
+    def __init__(self, features: list[str], split: list[str], op: QrOp) -> None:
         super().__init__()
         self.features = list(features)
-        self.modulus = dict(modulus)  # 0 = full table
+        self.split = set(split)
         self.op = op
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> QrCombiner:
+        return cls(plan.features, plan.combiner.params["split"], plan.combiner.params["op"])
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         parts = pooled.to_dict()
         out: list[torch.Tensor] = []
         for f in self.features:
-            if not self.modulus[f]:
+            if f not in self.split:
                 out.append(parts[f])
                 continue
             q, r = parts[f"{f}__q"], parts[f"{f}__r"]
@@ -192,19 +196,14 @@ class QrCombiner(Combiner):
         return KeyedTensor(keys=self.features, length_per_key=[t.shape[1] for t in out], values=torch.cat(out, 1))
 
 
-def _remainder_init(std: float | None) -> Any:
-    """Remainder tables of ``mult`` start near 1, so ``q * r`` starts near ``q`` (a product of two
-    small random vectors would start at ~std**2 and barely train)."""
-    scale = 1e-3 if std is None else std
-
-    def init(weight: torch.Tensor) -> torch.Tensor:
-        return nn.init.normal_(weight, mean=1.0, std=scale)
-
-    return init
+def remainder_init_std(std: float | None) -> float:
+    """Remainder tables of ``mult`` start near 1 (mean 1, this std), so ``q * r`` starts near ``q`` (a
+    product of two small random vectors would start at ~std**2 and barely train)."""
+    return 1e-3 if std is None else std
 
 
 @register_variant("qr", QrParams)
-def build_qr(spec: VariantSpec) -> EmbeddingLayer:
+def plan_qr(spec: VariantSpec) -> VariantPlan:
     """Quotient and remainder tables per feature (or one full table where it fits)."""
     params: QrParams = spec.params
     if params.op == "concat" and spec.dim % 8:
@@ -217,40 +216,37 @@ def build_qr(spec: VariantSpec) -> EmbeddingLayer:
         )
     if params.modulus < 0:
         raise ConfigError(f"embedding.params.modulus must be >= 0 (0 = sqrt of the vocabulary), got {params.modulus}")
-    names = [f.name for f in spec.features]
-    vocab = {f.name: f.num_embeddings for f in spec.features}
+    names, vocab = spec.names, spec.vocab
     part_dim = spec.dim // 2 if params.op == "concat" else spec.dim
+    budget: dict[str, Any] = {"solver": "none", "modulus": params.modulus}
     if spec.budget is not None:
         target = budget_bytes(spec.budget, full_bytes(list(vocab.values()), [spec.dim] * len(vocab)))
-        layout = solve_qr(vocab, target // (part_dim * BYTES_PER_FLOAT), full_cost=spec.dim // part_dim)
+        row_budget = target // (part_dim * BYTES_PER_FLOAT)
+        layout = solve_qr(vocab, row_budget, full_cost=spec.dim // part_dim)
+        budget = {"solver": "qr_water_fill", "budget": spec.budget, "target_bytes": target, "row_budget": row_budget,
+                  "part_dim": part_dim}
     else:
         layout = {}
         for f, v in vocab.items():
             m = params.modulus or math.isqrt(v - 1) + 1
             layout[f] = QrLayout(v, 0, 0 if m >= v else m)
-    modulus = {f: lay.modulus for f, lay in layout.items()}
-    tables: list[EmbeddingBagConfig] = []
+    tables: list[TablePlan] = []
     for f in names:
         lay = layout[f]
         if not lay.modulus:
-            tables.append(EmbeddingBagConfig(
-                name=f"{spec.prefix}t_{f}", num_embeddings=vocab[f], embedding_dim=spec.dim, feature_names=[f],
-                pooling=PoolingType.SUM, init_fn=init_fn(spec.init_std)))
+            tables.append(spec.table(f"t_{f}", vocab[f], spec.dim, [f]))
             continue
-        rest_init = _remainder_init(spec.init_std) if params.op == "mult" else init_fn(spec.init_std)
-        tables += [
-            EmbeddingBagConfig(
-                name=f"{spec.prefix}q_{f}", num_embeddings=-(-lay.ids // lay.modulus), embedding_dim=part_dim,
-                feature_names=[f"{f}__q"], pooling=PoolingType.SUM, init_fn=init_fn(spec.init_std)),
-            EmbeddingBagConfig(
-                name=f"{spec.prefix}r_{f}", num_embeddings=lay.modulus, embedding_dim=part_dim,
-                feature_names=[f"{f}__r"], pooling=PoolingType.SUM, init_fn=rest_init),
-        ]
-    if spec.budget is not None:
-        check_achieved("qr", table_parameter_bytes(tables), target)
-    layer = TableEmbeddingLayer(
-        features=names, dims={f: spec.dim for f in names}, full_rows=vocab, tables=tables,
-        transform=QrTransform(names, layout, spec.seed), combiner=QrCombiner(names, modulus, params.op), device=spec.device,
+        rest = spec.table(f"r_{f}", lay.modulus, part_dim, [f"{f}__r"])
+        if params.op == "mult":
+            rest = dataclasses.replace(rest, init_mean=1.0, init_std=remainder_init_std(spec.init_std))
+        tables += [spec.table(f"q_{f}", -(-lay.ids // lay.modulus), part_dim, [f"{f}__q"]), rest]
+    features = {f: {"modulus": layout[f].modulus, "buckets": layout[f].buckets, "seed": salted_seed(spec.seed, i)}
+                for i, f in enumerate(names)}
+    plan = spec.plan(
+        "qr", tables, transform=TransformPlan("qr", {"features": features}),
+        combiner=CombinerPlan("qr", {"op": params.op, "split": [f for f in names if layout[f].modulus]}),
+        multihot=params.op != "mult", budget=budget,
     )
-    layer.sharding = {t.name: spec.sharding for t in tables}
-    return layer
+    if spec.budget is not None:
+        check_achieved("qr", plan.table_bytes(), budget["target_bytes"])
+    return plan

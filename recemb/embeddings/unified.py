@@ -21,22 +21,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
-    EmbeddingLayer,
     IdTransform,
-    TableEmbeddingLayer,
     concat_keyed,
     join_keys,
+    register_combiner,
+    register_transform,
     split_by_key,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes
 from recemb.embeddings.hashing import hash_ids, salted_seed
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.plan import CombinerPlan, TablePlan, TransformPlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
 
 
@@ -134,23 +135,40 @@ def chunk_key(feature: str, j: int) -> str:
     return f"{feature}__c{j}"
 
 
-class MultiProbeTransform(IdTransform):
-    """Each shared feature -> one key per chunk, ids hashed with a seed salted by (feature, chunk)."""
+def probe_plan(features: list[str], layout: UnifiedLayout, seed: int) -> dict[str, dict[str, Any]]:
+    """Per feature: ``exempt`` and its ``chunks`` (``[{key, seed, table}]``; seeds salted by feature and
+    chunk, tables round-robin over the shared ones by global chunk number), the transform's plan params."""
+    out: dict[str, dict[str, Any]] = {}
+    n = 0
+    for i, f in enumerate(features):
+        if f in layout.exempt:
+            out[f] = {"exempt": True, "chunks": []}
+            continue
+        chunks = []
+        for j in range(layout.chunks[f]):
+            chunks.append({"key": chunk_key(f, j), "seed": salted_seed(seed, i, j), "table": n % layout.tables})
+            n += 1
+        out[f] = {"exempt": False, "chunks": chunks}
+    return out
 
-    def __init__(self, features: list[str], layout: UnifiedLayout, seed: int) -> None:
+
+@register_transform("multi_probe")
+class MultiProbeTransform(IdTransform):
+    """Each shared feature -> one key per chunk, ids hashed with a seed salted by (feature, chunk).
+
+    Plan params: ``rows`` (of every shared table) and ``features`` (``probe_plan``); twin:
+    ``recemb.serving.variants.unified``.
+    """
+
+    def __init__(self, rows: int, features: dict[str, dict[str, Any]]) -> None:
         super().__init__()
-        self.features = list(features)
-        self.rows = layout.rows
-        self.exempt = set(layout.exempt)
-        self.probes: dict[str, list[tuple[str, int, int]]] = {}  # feature -> [(key, seed, table)]
-        n = 0
-        for i, f in enumerate(features):
-            if f in self.exempt:
-                continue
-            self.probes[f] = []
-            for j in range(layout.chunks[f]):
-                self.probes[f].append((chunk_key(f, j), salted_seed(seed, i, j), n % layout.tables))
-                n += 1
+        self.rows = rows
+        self.exempt = {f for f, p in features.items() if p["exempt"]}
+        self.probes = {f: [(c["key"], c["seed"]) for c in p["chunks"]] for f, p in features.items() if not p["exempt"]}
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> MultiProbeTransform:
+        return cls(plan.transform.params["rows"], plan.transform.params["features"])
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         parts, out_keys = [], []
@@ -159,57 +177,49 @@ class MultiProbeTransform(IdTransform):
                 parts.append((values, lengths))
                 out_keys.append(f)
             else:
-                parts += [(hash_ids(values, s, self.rows), lengths) for _, s, _ in self.probes[f]]
-                out_keys += [k for k, _, _ in self.probes[f]]
+                parts += [(hash_ids(values, s, self.rows), lengths) for _, s in self.probes[f]]
+                out_keys += [k for k, _ in self.probes[f]]
         return join_keys(out_keys, parts, kjt.stride())
 
-    def to_manifest(self) -> dict[str, Any]:
-        return {
-            "kind": "multi_probe_hash",
-            "rows": self.rows,
-            "features": {
-                f: {"identity": True} if f in self.exempt else {
-                    "chunks": [{"key": k, "seed": s, "table": t} for k, s, t in self.probes[f]]
-                }
-                for f in self.features
-            },
-        }
 
-
+@register_combiner("concat_chunks")
 class ConcatChunks(Combiner):
-    """Concatenates each feature's chunks (exempt features pass through)."""
+    """Concatenates each feature's chunks (exempt features pass through).
+
+    Plan params: ``groups`` (feature -> its physical keys, in concatenation order)."""
 
     def __init__(self, groups: dict[str, list[str]]) -> None:
         super().__init__()
-        self.groups = groups
+        self.groups = {f: list(keys) for f, keys in groups.items()}
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> ConcatChunks:
+        return cls(plan.combiner.params["groups"])
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         return concat_keyed(pooled, self.groups)
 
 
 @register_variant("unified", UnifiedParams)
-def build_unified(spec: VariantSpec) -> EmbeddingLayer:
+def plan_unified(spec: VariantSpec) -> VariantPlan:
     """``T`` shared multi-probe tables plus a table per exempt feature."""
-    names = [f.name for f in spec.features]
-    vocab = {f.name: f.num_embeddings for f in spec.features}
+    names, vocab = spec.names, spec.vocab
     layout = solve_unified(vocab, spec.dim, spec.budget, spec.params)
-    transform = MultiProbeTransform(names, layout, spec.seed)
-    init = init_fn(spec.init_std)
-    tables: list[EmbeddingBagConfig] = []
+    probes = probe_plan(names, layout, spec.seed)
+    tables: list[TablePlan] = []
     for t in range(layout.tables):
-        keys = [k for f in names if f not in layout.exempt for k, _, table in transform.probes[f] if table == t]
+        keys = [c["key"] for f in names for c in probes[f]["chunks"] if c["table"] == t]
         if keys:
-            tables.append(EmbeddingBagConfig(
-                name=f"{spec.prefix}u{t}", num_embeddings=layout.rows, embedding_dim=layout.chunk,
-                feature_names=keys, pooling=PoolingType.SUM, init_fn=init))
+            tables.append(spec.table(f"u{t}", layout.rows, layout.chunk, keys))
     for f in layout.exempt:
-        tables.append(EmbeddingBagConfig(
-            name=f"{spec.prefix}t_{f}", num_embeddings=vocab[f], embedding_dim=layout.chunks[f] * layout.chunk,
-            feature_names=[f], pooling=PoolingType.SUM, init_fn=init))
-    groups = {f: [f] if f in layout.exempt else [p[0] for p in transform.probes[f]] for f in names}
-    layer = TableEmbeddingLayer(
-        features=names, dims={f: layout.chunks[f] * layout.chunk for f in names}, full_rows=vocab,
-        tables=tables, transform=transform, combiner=ConcatChunks(groups), device=spec.device,
+        tables.append(spec.table(f"t_{f}", vocab[f], layout.chunks[f] * layout.chunk, [f]))
+    groups = {f: [f] if f in layout.exempt else [c["key"] for c in probes[f]["chunks"]] for f in names}
+    params: UnifiedParams = spec.params
+    return spec.plan(
+        "unified", tables, dims={f: layout.chunks[f] * layout.chunk for f in names},
+        transform=TransformPlan("multi_probe", {"rows": layout.rows, "features": probes}),
+        combiner=CombinerPlan("concat_chunks", {"groups": groups}),
+        budget={"solver": "none" if spec.budget is None else "exempt_then_even_split", "budget": spec.budget,
+                "exempt_share": params.exempt_share, "tables": layout.tables, "rows": layout.rows,
+                "chunk": layout.chunk, "exempt": list(layout.exempt)},
     )
-    layer.sharding = {t.name: spec.sharding for t in tables}
-    return layer
