@@ -24,17 +24,16 @@ from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.base import TableEmbeddingLayer
 from recemb.embeddings.budget import BudgetError
 from recemb.embeddings.hashing import hash64_np, hash_ids_np, salted_seed
-from recemb.embeddings.hybrid import HybridParams, build_hybrid, hot_rows, solve_hot_ids, solve_hybrid
+from recemb.embeddings.hybrid import HybridParams, hot_rows, solve_hot_ids, solve_hybrid
 from recemb.embeddings.mde import (
     MdeParams,
-    build_mde,
     frequency_blocks,
     mde_bytes,
     power_law_widths,
     solve_mde,
 )
-from recemb.embeddings.registry import VariantSpec, build_embedding_layer
-from recemb.embeddings.robe import RobeParams, build_robe, robe_rows
+from recemb.embeddings.registry import VariantSpec, build_embedding_layer, build_variant
+from recemb.embeddings.robe import RobeParams, robe_rows
 from recemb.embeddings.sharding import load_full_state, shard_model
 from recemb.errors import ConfigError
 
@@ -43,7 +42,7 @@ BENCH_VOCAB = [11, 252, 6302, 25196, 26, 632, 13870, 24188, 64, 1586, 21569, 251
 SMALL = {"user": 37, "item": 64, "tags": 101, "site": 16}
 DIM = 8
 BATCH = 6
-BUILDERS = {"robe": (build_robe, RobeParams), "mde": (build_mde, MdeParams), "hybrid": (build_hybrid, HybridParams)}
+PARAMS = {"robe": RobeParams, "mde": MdeParams, "hybrid": HybridParams}
 # Small-vocab settings that exercise every path: two ROBE blocks, capped (hashed) MDE tables, hot and cold ids.
 SMALL_CASES: dict[str, tuple[float | None, dict[str, Any]]] = {
     "robe": (None, {"block": 4, "rows": 23}),
@@ -58,13 +57,13 @@ def features(vocab: dict[str, int]) -> list[FeatureInfo]:
 
 def spec(kind: str, vocab: dict[str, int], budget: float | None, params: dict[str, Any], dim: int = DIM,
          device: torch.device | None = None, seed: int = 3) -> VariantSpec:
-    return VariantSpec(features=features(vocab), dim=dim, budget=budget, params=BUILDERS[kind][1](**params),
+    return VariantSpec(features=features(vocab), dim=dim, budget=budget, params=PARAMS[kind](**params),
                        init_std=0.1, device=device, seed=seed, prefix="x_")
 
 
 def build(kind: str, **kwargs: Any) -> TableEmbeddingLayer:
     budget, params = SMALL_CASES[kind]
-    layer = BUILDERS[kind][0](spec(kind, SMALL, budget, params, **kwargs))
+    layer = build_variant(kind, spec(kind, SMALL, budget, params, **kwargs))
     assert isinstance(layer, TableEmbeddingLayer)
     return layer
 
@@ -87,7 +86,7 @@ def batch(seed: int, keys: list[str] | None = None) -> KeyedJaggedTensor:
 # ------------------------------------------------------------------------------ contract
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", list(PARAMS))
 def test_forward_contract(kind: str) -> None:
     torch.manual_seed(0)
     layer = build(kind)
@@ -96,17 +95,17 @@ def test_forward_contract(kind: str) -> None:
     assert out.values().shape == (BATCH, DIM * len(SMALL)) and out.values().dtype == torch.float32
     assert layer.dims == {n: DIM for n in SMALL} and layer.full_rows == SMALL
     assert all(t.name.startswith("x_") for t in layer.tables)
-    assert set(layer.sharding) == {t.name for t in layer.tables}
+    assert layer.plan is not None and set(layer.plan.sharding()) == {t.name for t in layer.tables}
     # The input's key order does not matter: the transform reorders.
     shuffled = layer(batch(0, keys=["site", "tags", "user", "item"]))
     by_name = out.to_dict()
     for name, value in shuffled.to_dict().items():
         assert value.shape == by_name[name].shape
-    manifest = json.loads(json.dumps(layer.transform.to_manifest()))
-    assert manifest["features"] == list(SMALL)
+    plan = json.loads(json.dumps(layer.plan.to_dict()))
+    assert plan["features"] == list(SMALL) and plan["kind"] == kind
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", list(PARAMS))
 def test_empty_bag_of_a_table_is_zero(kind: str) -> None:
     layer = build(kind)
     out = layer(batch(1)).to_dict()["tags"]
@@ -115,10 +114,10 @@ def test_empty_bag_of_a_table_is_zero(kind: str) -> None:
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.01, 0.001])
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", list(PARAMS))
 def test_budget_met_on_benchmark_vocab(kind: str, budget: float) -> None:
     vocab = {f"C{i + 1}": n for i, n in enumerate(BENCH_VOCAB)}
-    layer = BUILDERS[kind][0](spec(kind, vocab, budget, {}, dim=16, device=torch.device("meta")))
+    layer = build_variant(kind, spec(kind, vocab, budget, {}, dim=16, device=torch.device("meta")))
     achieved, full = layer.bytes().achieved, layer.bytes().full
     assert full == sum(BENCH_VOCAB) * 16 * 4
     target = int(budget * full)
@@ -127,7 +126,7 @@ def test_budget_met_on_benchmark_vocab(kind: str, budget: float) -> None:
 
 def test_mde_at_budget_one_is_the_full_layout() -> None:
     """At budget 1 MDE is the full layout: every width is ``dim`` and there is no projection."""
-    layer = build_mde(spec("mde", SMALL, 1.0, {}, dim=16, device=torch.device("meta")))
+    layer = build_variant("mde", spec("mde", SMALL, 1.0, {}, dim=16, device=torch.device("meta")))
     assert {t.embedding_dim for t in layer.tables} == {16}
     assert layer.parameter_bytes() == layer.full_bytes()
 
@@ -178,12 +177,12 @@ def test_hybrid_rows_match_numpy() -> None:
 def test_mde_rows_match_numpy() -> None:
     kjt = batch(4)
     layer = build("mde")
-    manifest = layer.transform.to_manifest()
-    hashed = [t for t in manifest["tables"] if t["hashed"]]
-    assert hashed and len(hashed) < len(manifest["tables"]), "the small case must mix capped and whole tables"
+    tables = layer.plan.transform.params["tables"]
+    hashed = [t for t in tables if t["hashed"]]
+    assert hashed and len(hashed) < len(tables), "the small case must mix capped and whole tables"
     out = layer.transform(kjt).to_dict()
     assert torch.equal(layer.transform(kjt).values(), build("mde").transform(kjt).values())
-    for t in manifest["tables"]:
+    for t in tables:
         v = _array(kjt.to_dict()[t["feature"]].values()) - t["start"]
         want = hash_ids_np(v, salted_seed(3, list(SMALL).index(t["feature"]), 0), t["rows"]) if t["hashed"] else v
         assert np.array_equal(_array(out[t["key"]].values()), want)
@@ -192,7 +191,7 @@ def test_mde_rows_match_numpy() -> None:
 # ------------------------------------------------------------------------------ gradients
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", list(PARAMS))
 def test_gradient_reaches_the_tables(kind: str) -> None:
     layer = build(kind)
     kjt = batch(5)
@@ -222,9 +221,9 @@ def test_robe_rows_solver() -> None:
 
 def test_robe_refuses_bad_block() -> None:
     with pytest.raises(ConfigError, match=r"block=6"):
-        build_robe(spec("robe", SMALL, None, {"block": 6}, dim=12))
+        build_variant("robe", spec("robe", SMALL, None, {"block": 6}, dim=12))
     with pytest.raises(ConfigError, match=r"divides embedding.dim=8"):
-        build_robe(spec("robe", SMALL, None, {"block": 16}))
+        build_variant("robe", spec("robe", SMALL, None, {"block": 16}))
 
 
 def test_frequency_blocks_split_count_mass() -> None:
@@ -286,7 +285,7 @@ def test_count_aware_layouts_on_prepared_data(prepared_ctr: Path) -> None:
     fm = FeatureMap.load(prepared_ctr)
     cfg = EmbeddingConfig(kind="hybrid", dim=8, budget=0.05, params={"hot_fraction_of_budget": 0.5})
     layer = build_embedding_layer(fm, cfg, device=torch.device("meta"))
-    hot = dict(zip(layer.features, layer.transform.hot_ids, strict=True))
+    hot = dict(zip(layer.features, layer.plan.arrays["hot_ids"].tolist(), strict=True))
     hot_counts, cold_counts = [], []
     for name, k in hot.items():
         counts = fm.id_counts(name)
@@ -300,8 +299,8 @@ def test_count_aware_layouts_on_prepared_data(prepared_ctr: Path) -> None:
     mde = build_embedding_layer(fm, EmbeddingConfig(kind="mde", dim=16, params={"blocks": 3}),
                                device=torch.device("meta"))
     per_feature: dict[str, list[int]] = {}
-    for t in mde.transform.tables:
-        per_feature.setdefault(mde.features[t.feature], []).append(t.width)
+    for t in mde.plan.combiner.params["inputs"]:
+        per_feature.setdefault(t["feature"], []).append(t["width"])
     assert any(len(w) > 1 for w in per_feature.values()), "no feature was split into frequency blocks"
     assert all(w == sorted(w, reverse=True) for w in per_feature.values()), "a rarer block got wider rows"
 
@@ -310,7 +309,7 @@ def test_count_aware_layouts_on_prepared_data(prepared_ctr: Path) -> None:
     one_each = int(len(mde.features) * (16 + 256) * 1.5)
     tight = build_embedding_layer(fm, EmbeddingConfig(kind="mde", dim=16, budget=float(one_each), params={"blocks": 3}),
                                   device=torch.device("meta"))
-    assert len(tight.transform.tables) == len(tight.features)
+    assert len(tight.plan.transform.params["tables"]) == len(tight.features)
     assert tight.parameter_bytes() <= one_each
 
 

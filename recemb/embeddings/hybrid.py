@@ -7,6 +7,10 @@ that every cold id (``id > K``) reads; cold ids also read a row of one hashed ta
 shared by all features (salted per feature), and the two lookups add. Hot ids
 read only their own row, so they never collide.
 
+The plan holds each feature's ``K`` as the array ``hot_ids`` and the hash seeds as params;
+a budget covers the transform's two small buffers too. numpy twin:
+``recemb.serving.variants.hybrid``.
+
 Example (YAML):
     embedding: {kind: hybrid, dim: 16, budget: 0.01, params: {hot_fraction_of_budget: 0.5}}
 """
@@ -19,20 +23,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
-    EmbeddingLayer,
     IdTransform,
-    TableEmbeddingLayer,
     in_order,
+    register_combiner,
+    register_transform,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
 from recemb.embeddings.hashing import mix64_torch, salted_seed, seed_key
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.embeddings.robe import ordered_by, signed64
 from recemb.errors import ConfigError
 
@@ -121,46 +125,57 @@ def solve_hybrid(
     return hot, rows
 
 
+@register_transform("frequency_hybrid")
 class HybridTransform(IdTransform):
     """id -> hot row ``min(id, K_f + 1)`` (``K_f + 1`` is the cold row) and, for cold ids,
-    hashed row ``hash_ids_np(id, salted_seed(seed, f), rows)``.
+    hashed row ``hash_ids_np(id, seed_f, rows)`` with ``seed_f = salted_seed(seed, f)``.
 
-    Output keys: ``{feature}__hot`` for every feature (the input's lengths), then
-    ``{feature}__cold`` holding only the cold ids of each bag.
+    Output keys: every feature's hot key (the input's lengths), then every feature's cold
+    key holding only the cold ids of each bag. Plan params: ``rows`` and ``features: {f:
+    {hot_key, cold_key, seed}}``; plan array ``hot_ids`` (``K_f`` per feature, int64).
+
+    ``K_f`` and the hash keys are non-persistent buffers made from the plan, refilled by
+    ``reset_buffers`` (a meta-device build gets them back as zeros).
     """
 
-    def __init__(self, features: list[str], hot_ids: list[int], rows: int, seed: int) -> None:
+    def __init__(self, features: dict[str, dict[str, Any]], hot_ids: np.ndarray, rows: int,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.features = list(features)
-        self.hot_ids = list(hot_ids)
         self.rows = rows
-        self.seed = seed
-        self.seeds = [salted_seed(seed, f) for f in range(len(features))]
-        self.keys = [f"{f}__hot" for f in features] + [f"{f}__cold" for f in features]
-        self._consts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.keys = [features[f]["hot_key"] for f in self.features] + [features[f]["cold_key"] for f in self.features]
+        self._sources = {
+            "hot_ids": np.asarray(hot_ids, dtype=np.int64),
+            "hash_keys": np.array([signed64(seed_key(features[f]["seed"])) for f in self.features], dtype=np.int64),
+        }
+        for name, source in self._sources.items():
+            self.register_buffer(name, torch.empty(source.shape, dtype=torch.int64, device=device), persistent=False)
+        if device is None or device.type != "meta":
+            self.reset_buffers()
 
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # Plain tensors rebuilt per device from python data: no buffer for meta construction to zero.
-        key = str(device)
-        if key not in self._consts:
-            self._consts[key] = (
-                torch.tensor(self.hot_ids, dtype=torch.int64, device=device),
-                torch.tensor([signed64(seed_key(s)) for s in self.seeds], dtype=torch.int64, device=device),
-            )
-        return self._consts[key]
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> HybridTransform:
+        p = plan.transform.params
+        return cls(p["features"], plan.arrays["hot_ids"], p["rows"], device)
+
+    def reset_buffers(self) -> None:
+        """Refill the buffers from the plan's data (after a meta-device build)."""
+        for name, source in self._sources.items():
+            buffer = getattr(self, name)
+            if buffer.device.type != "meta":
+                buffer.copy_(torch.from_numpy(source))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         kjt = ordered_by(kjt, self.features)
         values, lengths = kjt.values().to(torch.int64), kjt.lengths()
-        thresholds, hash_keys = self._constants(values.device)
         segment = torch.repeat_interleave(
             torch.arange(lengths.numel(), device=values.device), lengths, output_size=values.numel()
         )
         feature = segment // kjt.stride()
-        limit = thresholds[feature]
+        limit = self.hot_ids[feature]
         hot = torch.minimum(values, limit + 1)
         cold = values > limit
-        h = mix64_torch(values[cold] ^ hash_keys[feature[cold]])
+        h = mix64_torch(values[cold] ^ self.hash_keys[feature[cold]])
         cold_rows = ((h >> 1) & _LOW63) % self.rows
         cold_lengths = torch.bincount(segment[cold], minlength=lengths.numel()).to(lengths.dtype)
         return KeyedJaggedTensor(
@@ -170,85 +185,81 @@ class HybridTransform(IdTransform):
             stride=kjt.stride(),
         )
 
-    def to_manifest(self) -> dict[str, Any]:
-        return {
-            "kind": "frequency_hybrid",
-            "features": self.features,
-            "hot_ids": dict(zip(self.features, self.hot_ids, strict=True)),
-            "hot_row": "id if id <= hot_ids else hot_ids + 1 (the shared cold row)",
-            "hashed_rows": self.rows,
-            "seed": self.seed,
-            "feature_seeds": dict(zip(self.features, self.seeds, strict=True)),
-            "hashed_row": "hash_ids(id, feature_seed, hashed_rows), for cold ids only",
-        }
 
-
+@register_combiner("hot_plus_cold")
 class HotPlusCold(Combiner):
-    """Each feature's hot lookup plus its cold (hashed) lookup."""
+    """Each feature's hot lookup plus its cold (hashed) lookup.
 
-    def __init__(self, features: list[str], keys: list[str], dim: int) -> None:
+    Plan params: ``parts: {feature: [hot_key, cold_key]}`` and ``dim``. No dense parameters."""
+
+    def __init__(self, parts: dict[str, list[str]], dim: int) -> None:
         super().__init__()
-        self.features = list(features)
-        self.keys = list(keys)
-        self.width = dim * len(features)
+        self.features = list(parts)
+        self.keys = [parts[f][0] for f in self.features] + [parts[f][1] for f in self.features]
+        self.dim = dim
+        self.width = dim * len(self.features)
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> HotPlusCold:
+        return cls(plan.combiner.params["parts"], plan.combiner.params["dim"])
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         values = in_order(pooled, self.keys).values()
         return KeyedTensor(
             keys=self.features,
-            length_per_key=[self.width // len(self.features)] * len(self.features),
+            length_per_key=[self.dim] * len(self.features),
             values=values[:, : self.width] + values[:, self.width :],
         )
 
 
+def buffer_bytes(num_features: int) -> int:
+    """Bytes of the transform's buffers: ``K_f`` and a hash key per feature (int64 each).
+
+    The budget covers them (achieved bytes count every buffer), so the solver gets the
+    target less these.
+
+    Example:
+        >>> buffer_bytes(26)
+        416
+    """
+    return 2 * 8 * num_features
+
+
 @register_variant("hybrid", HybridParams)
-def build_hybrid(spec: VariantSpec) -> EmbeddingLayer:
+def plan_hybrid(spec: VariantSpec) -> VariantPlan:
     """Per-feature hot tables (``K_f + 2`` rows) plus one hashed table shared by all features."""
     params: HybridParams = spec.params
-    vocab = [f.num_embeddings for f in spec.features]
+    names = spec.names
+    vocab = [spec.vocab[f] for f in names]
     if spec.budget is None:
         if not 0 <= params.hot <= 1 or params.rows < 1:
             raise ConfigError(f"embedding.params: hot={params.hot} must be in [0, 1] and rows={params.rows} >= 1")
         hot = [round(params.hot * (n - 1)) for n in vocab]
         rows = params.rows
+        budget: dict[str, Any] = {"solver": "none", "hot": params.hot, "rows": rows}
     else:
         if not 0 < params.hot_fraction_of_budget < 1:
             raise ConfigError(
                 f"embedding.params.hot_fraction_of_budget={params.hot_fraction_of_budget}: must be in (0, 1)"
             )
-        counts = [spec.id_counts(f.name) for f in spec.features]
+        counts = [spec.id_counts(f) for f in names]
         usable = None if any(c is None for c in counts) else counts
         target = budget_bytes(spec.budget, sum(vocab) * spec.dim * BYTES_PER_FLOAT)
-        hot, rows = solve_hybrid(vocab, usable, spec.dim, target, params.hot_fraction_of_budget)
-    features = [f.name for f in spec.features]
-    transform = HybridTransform(features, hot, rows, spec.seed)
-    tables = [
-        EmbeddingBagConfig(
-            name=f"{spec.prefix}hot_{name}",
-            num_embeddings=hot_rows(n, k),
-            embedding_dim=spec.dim,
-            feature_names=[f"{name}__hot"],
-            pooling=PoolingType.SUM,
-            init_fn=init_fn(spec.init_std),
-        )
-        for name, n, k in zip(features, vocab, hot, strict=True)
-    ]
-    tables.append(EmbeddingBagConfig(
-        name=f"{spec.prefix}hashed",
-        num_embeddings=rows,
-        embedding_dim=spec.dim,
-        feature_names=[f"{name}__cold" for name in features],
-        pooling=PoolingType.SUM,
-        init_fn=init_fn(spec.init_std),
-    ))
-    layer = TableEmbeddingLayer(
-        features=features,
-        dims={n: spec.dim for n in features},
-        full_rows={f.name: f.num_embeddings for f in spec.features},
-        tables=tables,
-        transform=transform,
-        combiner=HotPlusCold(features, transform.keys, spec.dim),
-        device=spec.device,
+        reserved = buffer_bytes(len(names))
+        hot, rows = solve_hybrid(vocab, usable, spec.dim, target - reserved, params.hot_fraction_of_budget)
+        budget = {"solver": "solve_hybrid", "budget": spec.budget, "target_bytes": target,
+                  "buffer_bytes": reserved, "hot_fraction_of_budget": params.hot_fraction_of_budget,
+                  "by_counts": usable is not None, "rows": rows}
+    keys = {f: {"hot_key": f"{f}__hot", "cold_key": f"{f}__cold", "seed": salted_seed(spec.seed, i)}
+            for i, f in enumerate(names)}
+    tables = [spec.table(f"hot_{f}", hot_rows(n, k), spec.dim, [keys[f]["hot_key"]])
+              for f, n, k in zip(names, vocab, hot, strict=True)]
+    tables.append(spec.table("hashed", rows, spec.dim, [keys[f]["cold_key"] for f in names]))
+    return spec.plan(
+        "hybrid", tables,
+        transform=TransformPlan("frequency_hybrid", {"rows": rows, "features": keys}, arrays=["hot_ids"]),
+        combiner=CombinerPlan("hot_plus_cold", {"parts": {f: [keys[f]["hot_key"], keys[f]["cold_key"]] for f in names},
+                                                "dim": spec.dim}),
+        arrays={"hot_ids": np.asarray(hot, dtype=np.int64)},
+        budget=budget,
     )
-    layer.sharding = {t.name: spec.sharding for t in tables}
-    return layer

@@ -7,6 +7,10 @@ per block): rarer ids get narrower rows. Widths are multiples of 4 (FBGEMM) in
 ``[4, dim]``; a per-table linear projection (counted in the bytes) brings each table
 back to ``dim``, and the blocks of a feature add up.
 
+The plan's transform (``mixed_dim``) lists every table's id range, rows and seed; its
+combiner (``project_sum``) names the projections, whose weights the model holds. A budget
+covers the transform's lookup buffers too. numpy twin: ``recemb.serving.variants.mde``.
+
 Example (YAML):
     embedding: {kind: mde, dim: 16, budget: 0.01, params: {alpha: 0.3, blocks: 4}}
 """
@@ -20,13 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recemb.embeddings.base import BYTES_PER_FLOAT, Combiner, EmbeddingLayer, IdTransform, TableEmbeddingLayer
+from recemb.embeddings.base import (
+    BYTES_PER_FLOAT,
+    Combiner,
+    IdTransform,
+    register_combiner,
+    register_transform,
+)
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
 from recemb.embeddings.hashing import mix64_torch, salted_seed, seed_key
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.embeddings.robe import ordered_by, signed64
 from recemb.errors import ConfigError
 
@@ -147,54 +157,102 @@ def solve_mde(
     return d0_widths, cap
 
 
+def buffer_bytes(num_features: int, max_blocks: int, num_tables: int) -> int:
+    """Bytes of the transform's buffers when it needs them (blocks or capped tables): the first
+    id and table index of each (feature, block) and four ints per table, all int64.
+
+    Example:
+        >>> buffer_bytes(26, 1, 26)
+        1248
+    """
+    return 8 * (2 * num_features * max_blocks + 4 * num_tables)
+
+
+def solve_mde_with_buffers(
+    sizes: Sequence[int], probs: Sequence[float], dim: int, alpha: float, target: int | None,
+    num_features: int, max_blocks: int,
+) -> tuple[np.ndarray, int | None, int]:
+    """``solve_mde`` with the transform's buffers inside ``target``: widths, row cap and the
+    buffer bytes reserved (0 when the layout needs no buffers: one block per feature, no cap).
+
+    Achieved bytes count every buffer, so a layout that needs them is solved for the target
+    less their bytes.
+    """
+    reserve = buffer_bytes(num_features, max_blocks, len(sizes))
+    if target is None:
+        widths, cap = solve_mde(sizes, probs, dim, alpha, None)
+        return widths, cap, 0
+    if max_blocks == 1:
+        try:
+            widths, cap = solve_mde(sizes, probs, dim, alpha, target)
+            if cap is None:
+                return widths, cap, 0
+        except BudgetError:
+            pass
+    widths, cap = solve_mde(sizes, probs, dim, alpha, target - reserve)
+    return widths, cap, reserve
+
+
+@register_transform("mixed_dim")
 class MdeTransform(IdTransform):
     """Logical id -> (table of its frequency block, row): ``id - start``, or its hash when the table is capped.
 
-    Output keys are ``{feature}__m{block}``; each sample's ids go to the key of
-    their block (so a key's bag may be empty). A capped table's row is
+    Output keys are one per table (``{feature}__m{block}``); each sample's ids go to the key
+    of their block (so a key's bag may be empty). A capped table's row is
     ``hash_ids_np(id - start, seed, rows)`` with ``seed = salted_seed(spec_seed, f, block)``.
+
+    Plan params: ``tables: [{key, feature, block, start, size, rows, hashed, seed}]``,
+    feature-major. With blocks or capped tables the lookup constants are non-persistent
+    buffers made from the plan and refilled by ``reset_buffers`` (a meta-device build gets
+    them back as zeros); one uncapped table per feature needs none.
     """
 
-    def __init__(self, features: list[str], tables: list[MdeTable]) -> None:
+    def __init__(self, features: list[str], tables: list[dict[str, Any]], device: torch.device | None = None) -> None:
         super().__init__()
         self.features = list(features)
-        self.tables = list(tables)
-        self.keys = [f"{features[t.feature]}__m{t.block}" for t in tables]
-        self.max_blocks = max(t.block for t in tables) + 1
-        self._plain = self.max_blocks == 1 and not any(t.hashed for t in tables)
-        self._consts: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.keys = [t["key"] for t in tables]
+        self.max_blocks = max(t["block"] for t in tables) + 1
+        self._plain = self.max_blocks == 1 and not any(t["hashed"] for t in tables)
+        self._sources: dict[str, np.ndarray] = {}
+        if not self._plain:
+            fidx = {f: i for i, f in enumerate(self.features)}
+            starts = np.full((len(self.features), self.max_blocks), np.iinfo(np.int64).max, dtype=np.int64)
+            index = np.zeros((len(self.features), self.max_blocks), dtype=np.int64)
+            for i, t in enumerate(tables):
+                starts[fidx[t["feature"]], t["block"]] = t["start"]
+                index[fidx[t["feature"]], t["block"]] = i
+            per_table = np.array([[t["start"], t["rows"], int(t["hashed"]), signed64(seed_key(t["seed"]))]
+                                  for t in tables], dtype=np.int64)
+            self._sources = {"starts": starts, "index": index, "per_table": per_table}
+        for name, source in self._sources.items():
+            self.register_buffer(name, torch.empty(source.shape, dtype=torch.int64, device=device), persistent=False)
+        if device is None or device.type != "meta":
+            self.reset_buffers()
 
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        # Plain tensors rebuilt per device from python data: no buffer for meta construction to zero.
-        key = str(device)
-        if key not in self._consts:
-            big = torch.iinfo(torch.int64).max
-            starts = torch.full((len(self.features), self.max_blocks), big, dtype=torch.int64)
-            index = torch.zeros((len(self.features), self.max_blocks), dtype=torch.int64)
-            for i, t in enumerate(self.tables):
-                starts[t.feature, t.block] = t.start
-                index[t.feature, t.block] = i
-            per_table = torch.tensor(
-                [[t.start, t.rows, int(t.hashed), signed64(seed_key(t.seed))] for t in self.tables],
-                dtype=torch.int64,
-            )
-            self._consts[key] = (starts.to(device), index.to(device), per_table.to(device))
-        return self._consts[key]
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> MdeTransform:
+        return cls(plan.features, plan.transform.params["tables"], device)
+
+    def reset_buffers(self) -> None:
+        """Refill the buffers from the plan's data (after a meta-device build)."""
+        for name, source in self._sources.items():
+            buffer = getattr(self, name)
+            if buffer.device.type != "meta":
+                buffer.copy_(torch.from_numpy(source))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         kjt = ordered_by(kjt, self.features)
         values, lengths = kjt.values().to(torch.int64), kjt.lengths()
         if self._plain:
             return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=kjt.stride())
-        starts, index, per_table = self._constants(values.device)
         batch = kjt.stride()
         segment = torch.repeat_interleave(
             torch.arange(lengths.numel(), device=values.device), lengths, output_size=values.numel()
         )
         feature = segment // batch
-        block = (values.unsqueeze(1) >= starts[feature]).sum(dim=1) - 1
-        table = index[feature, block]
-        info = per_table[table]
+        block = (values.unsqueeze(1) >= self.starts[feature]).sum(dim=1) - 1
+        table = self.index[feature, block]
+        info = self.per_table[table]
         local = values - info[:, 0]
         h = mix64_torch(local ^ info[:, 3])
         rows = torch.where(info[:, 2].bool(), ((h >> 1) & _LOW63) % info[:, 1], local)
@@ -203,53 +261,49 @@ class MdeTransform(IdTransform):
             order = torch.sort(table, stable=True).indices
             rows, table, segment = rows[order], table[order], segment[order]
         sample = segment % batch
-        out_lengths = torch.bincount(table * batch + sample, minlength=len(self.tables) * batch)
+        out_lengths = torch.bincount(table * batch + sample, minlength=len(self.keys) * batch)
         return KeyedJaggedTensor(
             keys=self.keys, values=rows, lengths=out_lengths.to(lengths.dtype), stride=batch
         )
 
-    def to_manifest(self) -> dict[str, Any]:
-        return {
-            "kind": "mixed_dimension",
-            "features": self.features,
-            "tables": [
-                {"key": k, "feature": self.features[t.feature], "block": t.block, "start": t.start,
-                 "size": t.size, "width": t.width, "rows": t.rows, "hashed": t.hashed, "seed": t.seed}
-                for k, t in zip(self.keys, self.tables, strict=True)
-            ],
-            "row": "id - start, or hash_ids(id - start, seed, rows) when hashed",
-        }
 
-
+@register_combiner("project_sum")
 class ProjectSum(Combiner):
-    """Projects each table's pooled block to ``dim`` (identity at full width) and adds a feature's blocks."""
+    """Projects each table's pooled block to ``dim`` (identity at full width) and adds a feature's blocks.
 
-    def __init__(
-        self, features: list[str], keys: list[str], owners: list[int], widths: list[int], dim: int,
-        device: torch.device | None,
-    ) -> None:
+    Plan params: ``dim`` and ``inputs: [{key, feature, width, proj}]`` in table order, where
+    ``proj`` is the name of the ``width x dim`` projection (``proj.p{i}``; null at full width).
+    ``CombinerPlan.dense`` lists their weights (``proj.p{i}.weight``: ``[dim, width]``, no bias).
+    """
+
+    def __init__(self, features: list[str], inputs: list[dict[str, Any]], dim: int,
+                 device: torch.device | None = None) -> None:
         super().__init__()
         self.features = list(features)
-        self.keys = list(keys)
-        self.owners = list(owners)
+        owner = {f: i for i, f in enumerate(self.features)}
+        self.parts = [(t["key"], owner[t["feature"]], t["proj"]) for t in inputs]
         self.dim = dim
         self.proj = nn.ModuleDict({
-            f"p{i}": nn.Linear(w, dim, bias=False, device=device) for i, w in enumerate(widths) if w != dim
+            t["proj"]: nn.Linear(t["width"], dim, bias=False, device=device) for t in inputs if t["proj"]
         })
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> ProjectSum:
+        p = plan.combiner.params
+        return cls(plan.features, p["inputs"], p["dim"], device)
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         parts = pooled.to_dict()
         out: list[torch.Tensor | None] = [None] * len(self.features)
-        for i, (key, owner) in enumerate(zip(self.keys, self.owners, strict=True)):
-            name = f"p{i}"
-            vec = self.proj[name](parts[key]) if name in self.proj else parts[key]
+        for key, owner, proj in self.parts:
+            vec = self.proj[proj](parts[key]) if proj else parts[key]
             prev = out[owner]
             out[owner] = vec if prev is None else prev + vec
         return KeyedTensor.from_tensor_list(self.features, [v for v in out if v is not None])
 
 
 @register_variant("mde", MdeParams)
-def build_mde(spec: VariantSpec) -> EmbeddingLayer:
+def plan_mde(spec: VariantSpec) -> VariantPlan:
     """Per-feature (or per-frequency-block) tables of power-law widths, projected to ``spec.dim``."""
     params: MdeParams = spec.params
     if spec.dim % MIN_DIM:
@@ -258,20 +312,23 @@ def build_mde(spec: VariantSpec) -> EmbeddingLayer:
         raise ConfigError(
             f"embedding.params: alpha={params.alpha} must be >= 0 and blocks={params.blocks} >= 1"
         )
+    names, vocab = spec.names, spec.vocab
     target = None
     if spec.budget is not None:
-        full = sum(f.num_embeddings for f in spec.features) * spec.dim * BYTES_PER_FLOAT
-        target = budget_bytes(spec.budget, full)
+        target = budget_bytes(spec.budget, sum(vocab.values()) * spec.dim * BYTES_PER_FLOAT)
     # Blocks multiply the tables (and their minimum bytes): a budget too small for them gets one per feature.
     for n_blocks in dict.fromkeys((params.blocks, 1)):
         layout: list[tuple[int, int, int, int, float]] = []  # feature, block, start, size, p
-        for fi, f in enumerate(spec.features):
-            counts = spec.id_counts(f.name) if n_blocks > 1 else None
-            for b, (start, size, p) in enumerate(frequency_blocks(counts, f.num_embeddings, n_blocks)):
+        for fi, f in enumerate(names):
+            counts = spec.id_counts(f) if n_blocks > 1 else None
+            for b, (start, size, p) in enumerate(frequency_blocks(counts, vocab[f], n_blocks)):
                 layout.append((fi, b, start, size, p))
-        sizes = [s for _, _, _, s, _ in layout]
+        max_blocks = max(b for _, b, *_ in layout) + 1
         try:
-            widths, cap = solve_mde(sizes, [p for *_, p in layout], spec.dim, params.alpha, target)
+            widths, cap, reserved = solve_mde_with_buffers(
+                [s for _, _, _, s, _ in layout], [p for *_, p in layout], spec.dim, params.alpha, target,
+                len(names), max_blocks,
+            )
             break
         except BudgetError:
             if n_blocks == 1:
@@ -281,30 +338,22 @@ def build_mde(spec: VariantSpec) -> EmbeddingLayer:
                  rows=size if cap is None else min(size, cap), seed=salted_seed(spec.seed, fi, b))
         for (fi, b, start, size, _), w in zip(layout, widths, strict=True)
     ]
-    features = [f.name for f in spec.features]
-    transform = MdeTransform(features, tables)
-    configs = [
-        EmbeddingBagConfig(
-            name=f"{spec.prefix}mde_{features[t.feature]}_{t.block}",
-            num_embeddings=t.rows,
-            embedding_dim=t.width,
-            feature_names=[key],
-            pooling=PoolingType.SUM,
-            init_fn=init_fn(spec.init_std),
-        )
-        for t, key in zip(tables, transform.keys, strict=True)
+    keys = [f"{names[t.feature]}__m{t.block}" for t in tables]
+    transform = [
+        {"key": k, "feature": names[t.feature], "block": t.block, "start": t.start, "size": t.size,
+         "rows": t.rows, "hashed": t.hashed, "seed": t.seed}
+        for k, t in zip(keys, tables, strict=True)
     ]
-    combiner = ProjectSum(
-        features, transform.keys, [t.feature for t in tables], [t.width for t in tables], spec.dim, spec.device
+    inputs = [
+        {"key": k, "feature": names[t.feature], "width": t.width, "proj": f"p{i}" if t.width != spec.dim else None}
+        for i, (k, t) in enumerate(zip(keys, tables, strict=True))
+    ]
+    return spec.plan(
+        "mde",
+        [spec.table(f"mde_{names[t.feature]}_{t.block}", t.rows, t.width, [k]) for k, t in zip(keys, tables, strict=True)],
+        transform=TransformPlan("mixed_dim", {"tables": transform}),
+        combiner=CombinerPlan("project_sum", {"dim": spec.dim, "inputs": inputs},
+                              dense=[f"proj.{t['proj']}.weight" for t in inputs if t["proj"]]),
+        budget={"solver": "solve_mde", "budget": spec.budget, "target_bytes": target, "buffer_bytes": reserved,
+                "alpha": params.alpha, "blocks": params.blocks, "blocks_used": max_blocks, "row_cap": cap},
     )
-    layer = TableEmbeddingLayer(
-        features=features,
-        dims={n: spec.dim for n in features},
-        full_rows={f.name: f.num_embeddings for f in spec.features},
-        tables=configs,
-        transform=transform,
-        combiner=combiner,
-        device=spec.device,
-    )
-    layer.sharding = {c.name: spec.sharding for c in configs}
-    return layer

@@ -11,6 +11,9 @@ the overlap between neighbouring blocks. An optional sign hash (±1 per feature,
 block and id, as per-value weights of a weighted collection) decorrelates the
 collisions, as in feature hashing.
 
+The plan's transform (kind ``robe_z``) lists each feature's block keys and seeds; the
+numpy twin is ``recemb.serving.variants.robe``.
+
 Example (YAML):
     embedding: {kind: robe, dim: 16, budget: 0.01, params: {block: 8}}
 """
@@ -21,20 +24,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
-    EmbeddingLayer,
     IdTransform,
-    TableEmbeddingLayer,
     in_order,
+    register_combiner,
+    register_transform,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes
 from recemb.embeddings.hashing import mix64_torch, salted_seed, seed_key
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
 
 _LOW63 = (1 << 63) - 1
@@ -68,7 +71,12 @@ def robe_rows(target_bytes: int, block: int) -> int:
 
 
 def signed64(x: int) -> int:
-    """The int64 value with the bits of unsigned 64-bit ``x`` (for torch int64 arithmetic)."""
+    """The int64 value with the bits of unsigned 64-bit ``x`` (for torch int64 arithmetic).
+
+    Example:
+        >>> signed64(2**64 - 1)
+        -1
+    """
     x &= (1 << 64) - 1
     return x - (1 << 64) if x >= 1 << 63 else x
 
@@ -82,6 +90,17 @@ def ordered_by(kjt: KeyedJaggedTensor, features: list[str]) -> KeyedJaggedTensor
     return kjt.permute([index[f] for f in features])
 
 
+def block_keys(features: list[str], blocks: int) -> list[str]:
+    """Physical feature names, one per (feature, block), feature-major.
+
+    Example:
+        >>> block_keys(["a", "b"], 2)
+        ['a__b0', 'a__b1', 'b__b0', 'b__b1']
+    """
+    return [f"{f}__b{j}" for f in features for j in range(blocks)]
+
+
+@register_transform("robe_z")
 class RobeTransform(IdTransform):
     """Logical ids -> one physical row per (feature, block): ``hash(id, salt=(f, j)) % rows``.
 
@@ -89,18 +108,27 @@ class RobeTransform(IdTransform):
     lengths. With ``signed`` the lowest hash bit (unused by the row, which takes the
     top 63 bits) gives the value's weight ±1. The row of block ``j`` of feature index
     ``f`` equals ``hash_ids_np(ids, salted_seed(seed, f, j), rows)``.
+
+    Plan params: ``rows``, ``signed`` and ``blocks: {feature: [{key, seed}, ...]}`` (every
+    feature has the same number of blocks). The per-block hash keys are python ints from
+    the seeds, made a tensor on the input's device at each call (a few dozen values).
     """
 
-    def __init__(self, features: list[str], blocks: int, rows: int, seed: int, signed: bool) -> None:
+    def __init__(self, blocks: dict[str, list[dict[str, Any]]], rows: int, signed: bool) -> None:
         super().__init__()
-        self.features = list(features)
-        self.blocks = blocks
+        self.features = list(blocks)
+        self.blocks = len(next(iter(blocks.values())))
+        if any(len(b) != self.blocks for b in blocks.values()):
+            raise ValueError("robe_z: every feature must have the same number of blocks")
         self.rows = rows
-        self.seed = seed
         self.signed = signed
-        self.keys = block_keys(self.features, blocks)
-        self.seeds = [salted_seed(seed, f, j) for f in range(len(self.features)) for j in range(blocks)]
-        self._hash_keys = [signed64(seed_key(s)) for s in self.seeds]
+        self.keys = [b["key"] for f in self.features for b in blocks[f]]
+        self._hash_keys = [signed64(seed_key(b["seed"])) for f in self.features for b in blocks[f]]
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> RobeTransform:
+        p = plan.transform.params
+        return cls(p["blocks"], p["rows"], p["signed"])
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         kjt = ordered_by(kjt, self.features)
@@ -118,43 +146,32 @@ class RobeTransform(IdTransform):
             keys=self.keys, values=rows, weights=weights, lengths=out_lengths, stride=kjt.stride()
         )
 
-    def to_manifest(self) -> dict[str, Any]:
-        return {
-            "kind": "robe_z_aligned",
-            "features": self.features,
-            "blocks_per_feature": self.blocks,
-            "rows": self.rows,
-            "seed": self.seed,
-            "block_seeds": {k: s for k, s in zip(self.keys, self.seeds, strict=True)},
-            "row": "hash_ids(id, block_seed, rows)",
-            "sign": "1 - 2 * (hash64(id, block_seed) & 1)" if self.signed else None,
-        }
 
-
-def block_keys(features: list[str], blocks: int) -> list[str]:
-    """Physical feature names, one per (feature, block), feature-major."""
-    return [f"{f}__b{j}" for f in features for j in range(blocks)]
-
-
+@register_combiner("block_concat")
 class BlockConcat(Combiner):
-    """Concatenates each feature's ``blocks`` pooled blocks into its ``[B, dim]`` vector."""
+    """Concatenates each feature's pooled blocks into its vector.
 
-    def __init__(self, features: list[str], blocks: int, dim: int) -> None:
+    Plan params: ``blocks: {feature: [key, ...]}`` and ``width`` (floats per block). No
+    dense parameters."""
+
+    def __init__(self, blocks: dict[str, list[str]], width: int) -> None:
         super().__init__()
-        self.features = list(features)
-        self.keys = block_keys(self.features, blocks)
-        self.dim = dim
+        self.features = list(blocks)
+        self.keys = [k for f in self.features for k in blocks[f]]
+        self.dims = [width * len(blocks[f]) for f in self.features]
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> BlockConcat:
+        return cls(plan.combiner.params["blocks"], plan.combiner.params["width"])
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         # Feature-major block keys laid side by side are the features' vectors laid side by side.
         pooled = in_order(pooled, self.keys)
-        return KeyedTensor(
-            keys=self.features, length_per_key=[self.dim] * len(self.features), values=pooled.values()
-        )
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=pooled.values())
 
 
 @register_variant("robe", RobeParams)
-def build_robe(spec: VariantSpec) -> EmbeddingLayer:
+def plan_robe(spec: VariantSpec) -> VariantPlan:
     """One shared table of ``rows`` x ``block`` floats; ``dim / block`` hashed blocks per id."""
     params: RobeParams = spec.params
     z = params.block or (8 if spec.dim % 8 == 0 else 4)
@@ -162,33 +179,25 @@ def build_robe(spec: VariantSpec) -> EmbeddingLayer:
         raise ConfigError(
             f"embedding.params.block={z}: must be a multiple of 4 (FBGEMM) that divides embedding.dim={spec.dim}"
         )
+    target = None
     if spec.budget is None:
         if params.rows < 1:
             raise ConfigError(f"embedding.params.rows={params.rows}: must be >= 1")
         rows = params.rows
     else:
-        full = sum(f.num_embeddings for f in spec.features) * spec.dim * BYTES_PER_FLOAT
-        rows = robe_rows(budget_bytes(spec.budget, full), z)
-    features = [f.name for f in spec.features]
-    blocks = spec.dim // z
-    transform = RobeTransform(features, blocks, rows, spec.seed, params.signed)
-    table = EmbeddingBagConfig(
-        name=f"{spec.prefix}robe",
-        num_embeddings=rows,
-        embedding_dim=z,
-        feature_names=transform.keys,
-        pooling=PoolingType.SUM,
-        init_fn=init_fn(spec.init_std),
+        target = budget_bytes(spec.budget, sum(spec.vocab.values()) * spec.dim * BYTES_PER_FLOAT)
+        rows = robe_rows(target, z)
+    nb = spec.dim // z
+    keys = block_keys(spec.names, nb)
+    blocks = {
+        f: [{"key": keys[fi * nb + j], "seed": salted_seed(spec.seed, fi, j)} for j in range(nb)]
+        for fi, f in enumerate(spec.names)
+    }
+    return spec.plan(
+        "robe", [spec.table("robe", rows, z, keys)],
+        transform=TransformPlan("robe_z", {"rows": rows, "signed": params.signed, "blocks": blocks},
+                                weighted=params.signed),
+        combiner=CombinerPlan("block_concat", {"blocks": {f: [b["key"] for b in blocks[f]] for f in spec.names},
+                                               "width": z}),
+        budget={"solver": "robe_rows", "budget": spec.budget, "target_bytes": target, "block": z, "rows": rows},
     )
-    layer = TableEmbeddingLayer(
-        features=features,
-        dims={n: spec.dim for n in features},
-        full_rows={f.name: f.num_embeddings for f in spec.features},
-        tables=[table],
-        transform=transform,
-        combiner=BlockConcat(features, blocks, spec.dim),
-        device=spec.device,
-        is_weighted=params.signed,
-    )
-    layer.sharding = {table.name: spec.sharding}
-    return layer

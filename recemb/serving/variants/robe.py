@@ -1,0 +1,32 @@
+"""numpy twins of the ``robe`` variant: hashed blocks with ±1 signs, concatenated
+(torch: ``recemb.embeddings.robe``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recemb.embeddings.idhash import hash64_np
+from recemb.embeddings.plan import VariantPlan
+from recemb.serving.lookup import Arrays, register_np_combiner
+from recemb.serving.transforms import PhysicalIds, register_np_transform
+
+
+@register_np_transform("robe_z")
+def robe_z_np(plan: VariantPlan, feature: str, values: np.ndarray, lengths: np.ndarray) -> list[PhysicalIds]:
+    """One key per block of ``feature``: row = top 63 bits of the block's hash mod ``rows``,
+    weight = ``1 - 2 * (hash & 1)`` when ``signed`` (no weights otherwise)."""
+    params = plan.transform.params
+    rows, signed = np.uint64(params["rows"]), params["signed"]
+    out = []
+    for block in params["blocks"][feature]:
+        h = hash64_np(values, block["seed"])
+        ids = ((h >> np.uint64(1)) % rows).astype(np.int64)
+        weights = (1.0 - 2.0 * (h & np.uint64(1)).astype(np.float32)) if signed else None
+        out.append(PhysicalIds(block["key"], ids, lengths, weights))
+    return out
+
+
+@register_np_combiner("block_concat")
+def block_concat_np(plan: VariantPlan, feature: str, pooled: Arrays, dense: Arrays) -> np.ndarray:
+    """The feature's pooled blocks side by side, in block order."""
+    return np.concatenate([pooled[k] for k in plan.combiner.params["blocks"][feature]], axis=1)
