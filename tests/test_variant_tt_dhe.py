@@ -27,7 +27,6 @@ from recemb.embeddings.budget import BudgetError
 from recemb.embeddings.dhe import (
     DHEEmbeddingLayer,
     dhe_encoding,
-    dhe_encoding_np,
     hash_seeds,
     mlp_floats,
     solve_dhe_widths,
@@ -36,6 +35,7 @@ from recemb.embeddings.hashing import hash_unit, seed_key
 from recemb.embeddings.registry import build_embedding_layer
 from recemb.embeddings.tt import DENSE, TTEmbeddingLayer, dim_factors, row_factors, solve_tt_ranks, tt_floats
 from recemb.errors import ConfigError
+from recemb.serving.variants.dhe import dhe_encoding_np
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # exact comparisons, steadier timing
 BENCH_VOCAB = [11, 252, 6302, 25196, 26, 632, 13870, 24188, 64, 1586, 21569, 25189, 159, 3982, 24791, 17, 399,

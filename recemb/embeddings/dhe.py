@@ -4,7 +4,11 @@ An id becomes ``k`` seeded hashes mapped to uniform ``[-1, 1)`` or Gaussian
 (Box-Muller) values, and an MLP decodes them into the embedding; bags sum their
 ids' vectors. The MLP weights are dense parameters: the dense optimizer trains
 them and DDP averages their gradients, so the layer is data parallel (every rank
-holds the whole decoder). ``dhe_encoding_np`` reproduces the encoding in numpy.
+holds the whole decoder).
+
+The builder plans (``storage: module``): ``params`` hold the solved ``k``, decoder widths,
+encoding, activation and every feature's hash seeds (JSON ints); the layer is assembled
+from the plan alone, and ``recemb.serving.variants.dhe`` computes the same rows in numpy.
 
 Example (YAML):
     embedding: {kind: dhe, dim: 16, budget: 0.01, params: {k: 64, layers: 2, shared: true}}
@@ -14,9 +18,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,8 +27,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import BYTES_PER_FLOAT, EmbeddingLayer
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
-from recemb.embeddings.hashing import hash64_np, mix64_torch, salted_seed, seed_key
-from recemb.embeddings.registry import VariantSpec, register_variant
+from recemb.embeddings.hashing import mix64_torch, salted_seed, seed_key
+from recemb.embeddings.plan import VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_module_assembler, register_variant
 from recemb.errors import ConfigError
 
 Encoding = Literal["uniform", "gaussian"]
@@ -76,25 +80,11 @@ def dhe_encoding(ids: torch.Tensor, keys: torch.Tensor, k: int, encoding: Encodi
     """``[len(ids), k]`` float32 encoding; ``keys`` are the signed ``seed_key``s of the hash seeds.
 
     Column ``j``'s uniform equals ``hash_unit(ids, seeds[j])``; all columns in one
-    broadcast hash instead of ``k`` calls.
+    broadcast hash instead of ``k`` calls. numpy twin: ``recemb.serving.variants.dhe.encode_np``.
     """
     hashed = mix64_torch(ids.to(torch.int64)[:, None] ^ keys[None, :])
     top = (hashed >> (64 - _UNIT_BITS)) & ((1 << _UNIT_BITS) - 1)
     return _units_to_encoding(top.to(torch.float32) * (1.0 / (1 << _UNIT_BITS)), k, encoding)
-
-
-def dhe_encoding_np(ids: np.ndarray, seed: int, feature_index: int, k: int, encoding: Encoding) -> np.ndarray:
-    """numpy twin of the layer's encoding of feature ``feature_index`` (for serving and tests)."""
-    seeds = hash_seeds(seed, feature_index, _hash_count(k, encoding))
-    u = np.stack(
-        [(hash64_np(ids, s) >> np.uint64(64 - _UNIT_BITS)).astype(np.float32) / np.float32(1 << _UNIT_BITS)
-         for s in seeds], axis=1,
-    )
-    if encoding == "uniform":
-        return u[:, :k] * np.float32(2.0) - np.float32(1.0)
-    radius = np.sqrt(np.float32(-2.0) * np.log1p(-u[:, 0::2]))
-    angle = np.float32(2.0 * math.pi) * u[:, 1::2]
-    return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=2).reshape(len(u), -1)[:, :k]
 
 
 def mlp_floats(widths: list[int]) -> int:
@@ -167,31 +157,57 @@ def decoder(widths: list[int], activation: str, device: torch.device | None = No
 class DHEEmbeddingLayer(EmbeddingLayer):
     """Hash encodings of each batch's distinct ids, decoded by MLPs, summed per bag.
 
-    ``decoders`` holds one decoder under ``"shared"`` or one per feature. The
-    hash seeds are plain Python ints (not buffers): they cost no parameter bytes
-    and survive meta-device construction.
+    ``decoders`` holds one decoder under ``"shared"`` or one per feature. ``seeds`` are the
+    plan's hash seeds (JSON ints); their 64-bit keys are a non-persistent buffer
+    (``[features, hashes]``) refilled by ``reset_buffers``, so they follow the module to
+    its device and survive meta-device construction without entering the state_dict.
     """
 
     def __init__(
         self, features: list[str], full_rows: dict[str, int], dim: int, seeds: dict[str, list[int]], k: int,
-        encoding: Encoding, decoders: dict[str, nn.Module],
+        encoding: Encoding, decoders: dict[str, nn.Module], device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.features = list(features)
         self.dims = {f: dim for f in features}
         self.full_rows = dict(full_rows)
         self.k, self.encoding = k, encoding
-        self.seed_keys = {f: [_signed_key(s) for s in seeds[f]] for f in features}
+        self.seeds = {f: [int(s) for s in seeds[f]] for f in features}
+        hashes = {len(v) for v in self.seeds.values()}
+        if len(hashes) != 1:
+            raise ValueError(f"every feature needs the same number of hash seeds, got {sorted(hashes)}")
+        self.register_buffer("hash_keys", torch.empty(len(features), hashes.pop(), dtype=torch.int64, device=device),
+                             persistent=False)
         self.decoders = nn.ModuleDict(decoders)
         self.shared = "shared" in self.decoders
-        self._key_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+        if self.hash_keys.device.type != "meta":
+            self.reset_buffers()
 
-    def _keys(self, feature: str, device: torch.device) -> torch.Tensor:
-        cached = self._key_cache.get((feature, device))
-        if cached is None:
-            cached = torch.tensor(self.seed_keys[feature], dtype=torch.int64, device=device)
-            self._key_cache[(feature, device)] = cached
-        return cached
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> DHEEmbeddingLayer:
+        """The layer ``plan.params`` describes (decoder widths, k, encoding, seeds); decoders freshly initialised."""
+        p = plan.params
+        dims = set(plan.dims.values())
+        if len(dims) != 1:
+            raise ValueError(f"dhe plans have one dim for all features, got {sorted(dims)}")
+        decoders = {name: decoder(widths, p["activation"], device) for name, widths in p["decoders"].items()}
+        return cls(features=plan.features, full_rows=plan.full_rows, dim=dims.pop(), seeds=p["seeds"], k=p["k"],
+                   encoding=p["encoding"], decoders=decoders, device=device)
+
+    @property
+    def seed_keys(self) -> dict[str, list[int]]:
+        """Each feature's signed 64-bit hash keys (what ``hash_keys`` holds), from the seeds."""
+        return {f: [_signed_key(s) for s in self.seeds[f]] for f in self.features}
+
+    def reset_buffers(self) -> None:
+        """Refill ``hash_keys`` from the seeds (after meta construction or DMP materialisation)."""
+        keys = self.seed_keys
+        with torch.no_grad():
+            self.hash_keys.copy_(torch.tensor([keys[f] for f in self.features], dtype=torch.int64))
+
+    def parameter_bytes(self) -> int:
+        """The decoders' bytes: the hash keys are the plan's seeds, not trained storage."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
         batch = kjt.stride()
@@ -199,13 +215,13 @@ class DHEEmbeddingLayer(EmbeddingLayer):
         values, lengths, starts = kjt.values(), kjt.lengths(), kjt.offset_per_key()
         bags: list[tuple[torch.Tensor, torch.Tensor]] = []
         codes: list[torch.Tensor] = []
-        for f in self.features:
+        for j, f in enumerate(self.features):
             i = keys.index(f)
             ids = values[starts[i]:starts[i + 1]]
             offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths[i * batch:(i + 1) * batch])
             unique, inverse = torch.unique(ids, return_inverse=True)
             bags.append((inverse, offsets))
-            codes.append(dhe_encoding(unique, self._keys(f, ids.device), self.k, self.encoding))
+            codes.append(dhe_encoding(unique, self.hash_keys[j], self.k, self.encoding))
         if self.shared:
             rows = list(self.decoders["shared"](torch.cat(codes)).split([c.shape[0] for c in codes]))
         else:
@@ -217,28 +233,42 @@ class DHEEmbeddingLayer(EmbeddingLayer):
         return KeyedTensor.from_tensor_list(self.features, out)
 
 
-@register_variant("dhe", DHEParams)
-def build_dhe(spec: VariantSpec) -> EmbeddingLayer:
-    """DHE over all of the group's features, the decoder widths solved from the budget."""
-    params: DHEParams = spec.params
+def _check_params(params: DHEParams) -> None:
     for name in ("k", "hidden", "layers"):
         if getattr(params, name) < 1:
             raise ConfigError(f"embedding.params.{name} must be >= 1, got {getattr(params, name)}")
-    features = [f.name for f in spec.features]
-    full = sum(f.num_embeddings for f in spec.features) * spec.dim * BYTES_PER_FLOAT
+
+
+@register_variant("dhe", DHEParams)
+def plan_dhe(spec: VariantSpec) -> VariantPlan:
+    """DHE over all of the group's features, the decoder widths solved from the budget."""
+    params: DHEParams = spec.params
+    _check_params(params)
+    full = sum(spec.vocab.values()) * spec.dim * BYTES_PER_FLOAT
     target = None if spec.budget is None else budget_bytes(spec.budget, full)
-    names = ["shared"] if params.shared else features
+    names = ["shared"] if params.shared else spec.names
     k, widths = solve_dhe_widths(
         len(names), params.k, params.layers, spec.dim, target, hidden=params.hidden, min_hidden=params.min_hidden
     )
-    decoders = {n: decoder([k, *w, spec.dim], params.activation, spec.device) for n, w in zip(names, widths, strict=True)}
     count = _hash_count(k, params.encoding)
-    return DHEEmbeddingLayer(
-        features=features,
-        full_rows={f.name: f.num_embeddings for f in spec.features},
-        dim=spec.dim,
-        seeds={f: hash_seeds(spec.seed, i, count) for i, f in enumerate(features)},
-        k=k,
-        encoding=params.encoding,
-        decoders=decoders,
-    )
+    plan = spec.plan("dhe", [], storage="module", multihot=True, budget={
+        "solver": "dhe_widths", "budget": spec.budget, "target_bytes": target, "k": params.k,
+        "hidden": params.hidden, "layers": params.layers, "min_hidden": params.min_hidden,
+    })
+    plan.params = dhe_plan_params(k, params, {n: [k, *w, spec.dim] for n, w in zip(names, widths, strict=True)},
+                                  {f: hash_seeds(spec.seed, i, count) for i, f in enumerate(spec.names)})
+    return plan
+
+
+def dhe_plan_params(k: int, params: DHEParams, decoders: dict[str, list[int]],
+                    seeds: dict[str, list[int]]) -> dict[str, Any]:
+    """The plan's JSON: ``k`` values from ``hashes`` seeds per feature, the encoding, and each
+    decoder's layer widths (input ``k`` first, the dim last) and activation."""
+    return {"k": k, "hashes": _hash_count(k, params.encoding), "encoding": params.encoding,
+            "activation": params.activation, "shared": params.shared, "decoders": decoders, "seeds": seeds}
+
+
+@register_module_assembler("dhe")
+def assemble_dhe(plan: VariantPlan, device: torch.device | None = None) -> DHEEmbeddingLayer:
+    """The DHE layer of a plan."""
+    return DHEEmbeddingLayer.from_plan(plan, device)

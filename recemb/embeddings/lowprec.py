@@ -9,6 +9,10 @@ parameter (trained by the dense optimizer, averaged by DDP). Data parallel: each
 rank holds the whole table; backward all-gathers the touched rows' gradients so every
 rank applies the same update with the same (step-seeded) random rounding.
 
+The builder plans (``storage: module``): ``params`` hold the resolved settings (bits,
+scale mode, lr, init seed) and each feature's row offset in the stacked table;
+``recemb.serving.variants.lowprec`` dequantises the codes in numpy.
+
 Example (YAML):
     embedding: {kind: lowprec, dim: 16, params: {bits: 8, scale: learned}}
 """
@@ -29,7 +33,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from recemb.embeddings.base import EmbeddingLayer, in_order
 from recemb.embeddings.budget import TOLERANCE, BudgetError, budget_bytes, full_bytes
 from recemb.embeddings.hashing import salted_seed
-from recemb.embeddings.registry import VariantSpec, register_variant
+from recemb.embeddings.plan import VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_module_assembler, register_variant
 from recemb.errors import ConfigError
 
 INT_DTYPES = {8: torch.int8, 16: torch.int16}
@@ -75,6 +80,20 @@ def lowprec_bytes(rows: Sequence[int], dim: int, bits: int, per_row: bool) -> in
     """
     total = sum(rows)
     return total * dim * bits // 8 + (total if per_row else 1) * SCALE_BYTES
+
+
+def stack_offsets(rows: dict[str, int]) -> dict[str, int]:
+    """First row of each feature in the one stacked table (features in ``rows`` order).
+
+    Example:
+        >>> stack_offsets({"a": 3, "b": 5, "c": 2})
+        {'a': 0, 'b': 3, 'c': 8}
+    """
+    out, total = {}, 0
+    for f, n in rows.items():
+        out[f] = total
+        total += n
+    return out
 
 
 def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -160,7 +179,24 @@ class LowPrecEmbeddingLayer(EmbeddingLayer):
     Not a torchrec table: the planner leaves it to DDP (data parallel). Built on the
     meta device it is materialised by ``reset_parameters`` (step sizes) and
     ``reset_buffers`` (codes regenerated from ``seed``; optimizer state zeroed).
+    ``from_plan`` builds it from a plan's ``params``.
     """
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> LowPrecEmbeddingLayer:
+        """The layer ``plan.params`` describes (freshly initialised codes)."""
+        p = plan.params
+        dims = set(plan.dims.values())
+        if len(dims) != 1:
+            raise ValueError(f"lowprec plans have one dim for all features, got {sorted(dims)}")
+        rows = {f: plan.full_rows[f] for f in plan.features}
+        if p["offsets"] != stack_offsets(rows):
+            raise ValueError(f"lowprec plan: offsets {p['offsets']} are not the features stacked in order")
+        settings = LowPrecParams(bits=p["bits"], scale=p["scale"], scale_per=p["scale_per"], max_abs=p["max_abs"],
+                                 optimizer=p["optimizer"], lr=p["lr"], eps=p["eps"])
+        _check_params(settings)
+        return cls(rows=rows, dim=dims.pop(), params=settings, lr=p["lr"], init_std=p["init_std"],
+                   seed=p["init_seed"], device=device, initial_accumulator=p["initial_accumulator"])
 
     def __init__(
         self,
@@ -189,13 +225,8 @@ class LowPrecEmbeddingLayer(EmbeddingLayer):
         self.init_std = init_std
         self.seed = seed
         self.log_scale0 = math.log(params.max_abs / self.qmax)
-        offsets, total = {}, 0
-        for f in self.features:
-            offsets[f] = total
-            total += rows[f]
-        self.offsets = offsets
-        self.total_rows = total
-        self.sharding: dict[str, str] = {}
+        self.offsets = stack_offsets(rows)
+        self.total_rows = total = sum(rows.values())
         self.process_group: Any = None  # None: the default group
         scale_shape = (total if self.per_row else 1,)
         log_scale = torch.empty(scale_shape, dtype=torch.float32, device=device)
@@ -314,7 +345,7 @@ def _check_params(p: LowPrecParams) -> None:
 
 
 @register_variant("lowprec", LowPrecParams)
-def build_lowprec(spec: VariantSpec) -> EmbeddingLayer:
+def plan_lowprec(spec: VariantSpec) -> VariantPlan:
     """An int8/int16 table over ``spec.features``; its bytes are fixed by ``bits`` and ``scale_per``.
 
     A ``budget`` does not size anything: it is checked, and one below the layer's
@@ -322,7 +353,8 @@ def build_lowprec(spec: VariantSpec) -> EmbeddingLayer:
     """
     params: LowPrecParams = spec.params
     _check_params(params)
-    rows = {f.name: f.num_embeddings for f in spec.features}
+    rows = spec.vocab
+    target = None
     if spec.budget is not None:
         achieved = lowprec_bytes(list(rows.values()), spec.dim, params.bits, params.scale_per == "row")
         target = budget_bytes(spec.budget, full_bytes(list(rows.values()), [spec.dim] * len(rows)))
@@ -335,23 +367,31 @@ def build_lowprec(spec: VariantSpec) -> EmbeddingLayer:
             )
     lr = params.lr if params.lr is not None else float(spec.extra.get("lr", DEFAULT_LR))
     salt = zlib.crc32(spec.prefix.encode("utf-8"))
-    return LowPrecEmbeddingLayer(
-        rows=rows,
-        dim=spec.dim,
-        params=params,
-        lr=lr,
-        init_std=spec.init_std if spec.init_std is not None else DEFAULT_INIT_STD,
-        seed=salted_seed(spec.seed, salt),
-        device=spec.device,
-        initial_accumulator=float(spec.extra.get("initial_accumulator", 0.0)),
-    )
+    plan = spec.plan("lowprec", [], storage="module", multihot=True,
+                     budget={"solver": "fixed_by_bits", "budget": spec.budget, "target_bytes": target})
+    plan.params = {
+        "bits": params.bits, "scale": params.scale, "scale_per": params.scale_per, "max_abs": params.max_abs,
+        "optimizer": params.optimizer, "lr": lr, "eps": params.eps,
+        "init_std": spec.init_std if spec.init_std is not None else DEFAULT_INIT_STD,
+        "init_seed": salted_seed(spec.seed, salt),
+        "initial_accumulator": float(spec.extra.get("initial_accumulator", 0.0)),
+        "offsets": stack_offsets(rows),
+    }
+    return plan
+
+
+@register_module_assembler("lowprec")
+def assemble_lowprec(plan: VariantPlan, device: torch.device | None = None) -> LowPrecEmbeddingLayer:
+    """The low-precision layer of a plan."""
+    return LowPrecEmbeddingLayer.from_plan(plan, device)
 
 
 __all__ = [
     "LowPrecEmbeddingLayer",
     "LowPrecParams",
-    "build_lowprec",
     "lowprec_bytes",
     "max_code",
+    "plan_lowprec",
+    "stack_offsets",
     "stochastic_round",
 ]

@@ -7,14 +7,20 @@ parameters: the dense optimizer trains them and DDP averages their gradients, so
 this part is data parallel (every rank holds all cores); only the plain tables
 left for small features are sharded by the planner.
 
+The builder plans: the TT features are one ``storage: module`` plan (per feature its
+rank, row and dim factors and init std in ``params``), the plain features a ``tt`` plan
+of ordinary tables (``full``'s layout); each part is assembled from its own plan.
+
 Example (YAML):
     embedding: {kind: tt, dim: 16, budget: 0.01, params: {min_rows: 0}}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +29,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import BYTES_PER_FLOAT, EmbeddingLayer, GroupedEmbeddingLayer
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
-from recemb.embeddings.full import FullParams
-from recemb.embeddings.registry import VariantSpec, build_variant, register_variant
+from recemb.embeddings.full import FullParams, plan_full
+from recemb.embeddings.plan import Capabilities, VariantPlan
+from recemb.embeddings.registry import VariantSpec, assemble, register_module_assembler, register_variant
 from recemb.errors import ConfigError
 
 DENSE = 0  # rank of a feature that stays a plain table
@@ -142,14 +149,17 @@ class TTTable(nn.Module):
     """One tensor-train table: cores ``g1 [n1, d1, r]``, ``g2 [n2, r, d2, r]``, ``g3 [n3, r, d3]``.
 
     The cores are stored with the row factor first (TT-Rec's ``[r, n2, d2, r]``
-    transposed) so a lookup gathers contiguous slices.
+    transposed) so a lookup gathers contiguous slices. ``n`` and ``d`` are the row and dim
+    factors the plan recorded (``row_factors``, ``dim_factors``).
     """
 
-    def __init__(self, rows: int, dim: int, rank: int, std: float, device: torch.device | None = None) -> None:
+    def __init__(self, rows: int, n: tuple[int, int, int], d: tuple[int, int, int], rank: int, std: float,
+                 device: torch.device | None = None) -> None:
         super().__init__()
-        self.rows, self.dim, self.rank, self.std = rows, dim, rank, std
-        self.n = row_factors(rows)
-        self.d = dim_factors(dim)
+        if n[0] * n[1] * n[2] < rows:
+            raise ValueError(f"row factors {n} cover fewer than {rows} rows")
+        self.rows, self.dim, self.rank, self.std = rows, d[0] * d[1] * d[2], rank, std
+        self.n, self.d = tuple(n), tuple(d)
         (n1, n2, n3), (d1, d2, d3) = self.n, self.d
         self.g1 = nn.Parameter(torch.empty(n1, d1, rank, device=device))
         self.g2 = nn.Parameter(torch.empty(n2, rank, d2, rank, device=device))
@@ -184,8 +194,18 @@ class TTEmbeddingLayer(EmbeddingLayer):
     """Features whose tables are ``TTTable``s; each bag is the sum of its ids' rows.
 
     Rows are contracted once per distinct id of the batch and then pooled with
-    ``embedding_bag`` over those rows.
+    ``embedding_bag`` over those rows. Built from a plan by ``from_plan``.
     """
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> TTEmbeddingLayer:
+        """The cores ``plan.params["tables"]`` describes, one ``TTTable`` per feature in plan order."""
+        tables = plan.params["tables"]
+        return cls({
+            f: TTTable(plan.full_rows[f], tuple(tables[f]["row_factors"]), tuple(tables[f]["dim_factors"]),
+                       tables[f]["rank"], tables[f]["init_std"], device)
+            for f in plan.features
+        })
 
     def __init__(self, tables: dict[str, TTTable]) -> None:
         super().__init__()
@@ -209,35 +229,51 @@ class TTEmbeddingLayer(EmbeddingLayer):
         return KeyedTensor.from_tensor_list(self.features, out)
 
 
+def tt_table_params(rows: int, dim: int, rank: int, init_std: float | None) -> dict[str, Any]:
+    """The plan's JSON for one TT feature: rank, row and dim factors, and the rows' init std."""
+    return {"rank": rank, "row_factors": list(row_factors(rows)), "dim_factors": list(dim_factors(dim)),
+            "init_std": _row_std(init_std, rows)}
+
+
 @register_variant("tt", TTParams)
-def build_tt(spec: VariantSpec) -> EmbeddingLayer:
-    """TT tables for the features the budget solver gives a rank, plain tables for the rest."""
+def plan_tt(spec: VariantSpec) -> VariantPlan | EmbeddingLayer:
+    """TT tables for the features the budget solver gives a rank, plain tables for the rest.
+
+    One part: its plan (the registry assembles it). Both: a ``GroupedEmbeddingLayer`` of
+    ``tt`` (module plan) and ``dense`` (table plan), each assembled from its own plan.
+    """
     params: TTParams = spec.params
     if params.rank < 1:
         raise ConfigError(f"embedding.params.rank must be >= 1, got {params.rank}")
-    vocab = [f.num_embeddings for f in spec.features]
-    full = sum(vocab) * spec.dim * BYTES_PER_FLOAT
+    vocab = spec.vocab
+    full = sum(vocab.values()) * spec.dim * BYTES_PER_FLOAT
     target = None if spec.budget is None else budget_bytes(spec.budget, full)
-    ranks = solve_tt_ranks(vocab, spec.dim, target, rank=params.rank, min_rows=params.min_rows)
-    tt_specs = {f.name: (f, r) for f, r in zip(spec.features, ranks, strict=True) if r != DENSE}
-    dense = [f for f, r in zip(spec.features, ranks, strict=True) if r == DENSE]
-    layers: dict[str, EmbeddingLayer] = {}
-    if tt_specs:
-        layers["tt"] = TTEmbeddingLayer({
-            name: TTTable(f.num_embeddings, spec.dim, r, _row_std(spec.init_std, f.num_embeddings), spec.device)
-            for name, (f, r) in tt_specs.items()
-        })
+    ranks = dict(zip(spec.names, solve_tt_ranks(list(vocab.values()), spec.dim, target, rank=params.rank,
+                                                 min_rows=params.min_rows), strict=True))
+    budget = {"solver": "tt_ranks", "budget": spec.budget, "target_bytes": target, "rank": params.rank,
+              "min_rows": params.min_rows, "ranks": ranks}
+    parts: dict[str, VariantPlan] = {}
+    tt_features = [f for f in spec.features if ranks[f.name] != DENSE]
+    if tt_features:
+        tt_spec = dataclasses.replace(spec, features=tt_features)
+        plan = tt_spec.plan("tt", [], storage="module", multihot=True, budget=budget)
+        plan.params = {"tables": {f: tt_table_params(vocab[f], spec.dim, ranks[f], spec.init_std)
+                                  for f in tt_spec.names}}
+        parts["tt"] = plan
+    dense = [f for f in spec.features if ranks[f.name] == DENSE]
     if dense:
-        sub = VariantSpec(
-            features=dense, dim=spec.dim, budget=None, params=FullParams(), init_std=spec.init_std,
-            sharding=spec.sharding, prefix=spec.prefix, device=spec.device, feature_map=spec.feature_map,
-            seed=spec.seed,
-        )
-        layers["dense"] = build_variant("full", sub)
-    features = [f.name for f in spec.features]
-    if len(layers) == 1:
-        return next(iter(layers.values()))
-    return GroupedEmbeddingLayer(layers, features)
+        # Plain tables laid out as ``full`` lays them out, under this variant's kind.
+        sub = dataclasses.replace(spec, features=dense, budget=None, params=FullParams())
+        parts["dense"] = dataclasses.replace(plan_full(sub), kind="tt", capabilities=Capabilities(budget=budget))
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    return GroupedEmbeddingLayer({name: assemble(p, spec.device) for name, p in parts.items()}, spec.names)
+
+
+@register_module_assembler("tt")
+def assemble_tt(plan: VariantPlan, device: torch.device | None = None) -> TTEmbeddingLayer:
+    """The TT layer of a ``storage: module`` plan."""
+    return TTEmbeddingLayer.from_plan(plan, device)
 
 
 def _row_std(init_std: float | None, rows: int) -> float:
