@@ -53,6 +53,12 @@ LR = CONFIGS / "experiments" / "lr_synthetic_ctr.yaml"
         ("expid=/tmp/abs", "expid '/tmp/abs' is not a safe file name"),
         ("expid=.hidden", "expid '.hidden' is not a safe file name"),
         ("embedding.groups=[{features: [], kind: full}]", "groups[0] names no features"),
+        ("embedding.groups=[{features: [C1], budget: -0.1}]", "groups[0].budget must be > 0"),
+        ("train.shuffle_rows=-1", "these must be >= 0: {'shuffle_rows': -1}"),
+        ("train.eval_every_steps=-5", "these must be >= 0: {'eval_every_steps': -5}"),
+        ("train.output_dir=' '", "output_dir must name a folder"),
+        ("cluster.cpus_per_worker=2000", "cpus_per_worker must be > 0"),
+        ("dataset_id=../x", "is not a safe file name"),
         ("embedding.groups=[{features: [C1], dim: 0}]", "groups[0].dim must be >= 1"),
     ],
 )

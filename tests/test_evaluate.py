@@ -139,6 +139,24 @@ def test_load_refuses_checkpoint_of_another_model(trained: Trained, tmp_path: Pa
         load_trained_model(ckpt)
 
 
+def test_evaluate_refuses_a_damaged_checkpoint_before_scoring(trained: Trained, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained.run_dir / "checkpoints" / "best", ckpt)
+    part = ckpt / "rank-0.safetensors"
+    data = bytearray(part.read_bytes())
+    data[-10] ^= 0xFF
+    part.write_bytes(bytes(data))
+    import pipelines.ray_runtime as runtime
+
+    def no_ray(*args: object, **kwargs: object) -> str:
+        raise AssertionError("Ray was started for a damaged checkpoint")
+
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
+    with pytest.raises(DataError, match=r"rank-0\.safetensors: checksum mismatch"):
+        run_evaluate(str(ckpt), "test", workers=1)
+
+
 def test_resolve_checkpoint_forms(trained: Trained, tmp_path: Path) -> None:
     run_dir = trained.run_dir
     best, last = run_dir / "checkpoints" / "best", run_dir / "checkpoints" / "last"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.ray_progress import ProgressWatch, start_board
-from pipelines.ray_reaper import descendants, process_table
+from pipelines.ray_reaper import _alive, descendants, process_table, terminate
 from pipelines.ray_runtime import check_train_resources, private_dir
 from pipelines.train import run_train
 from recemb.errors import ConfigError, RecembError
@@ -163,3 +163,18 @@ def test_progress_watch_reports_moves_and_stalls(ray_local: object) -> None:
         watch.stop()
     assert any(line.startswith("[ray] no training step yet for") and "free of" in line for line in watch.lines)
     assert any(line.startswith("[ray] epoch 0:") and "rows trained on rank 0" in line for line in watch.lines)
+
+
+def test_reaper_never_signals_a_process_that_reused_a_pid() -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = process_table()[sleeper.pid][1]
+        assert _alive(sleeper.pid, start)
+        # A recorded start time that differs is another process that got the same pid: left alone.
+        assert terminate({sleeper.pid: start + 1}, grace_s=0.2) == []
+        assert sleeper.poll() is None
+        assert terminate({sleeper.pid: start}, grace_s=2.0) == [sleeper.pid]
+        assert sleeper.wait(timeout=5) is not None
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()

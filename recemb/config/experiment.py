@@ -285,6 +285,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     dataset_id = data.get("dataset_id")
     if not isinstance(dataset_id, str):
         raise ConfigError(f"{where}: missing 'dataset_id' (a name under configs/datasets/)")
+    problem = name_problem(dataset_id)
+    if problem:  # before it is joined to configs/datasets/
+        raise ConfigError(f"{where}: dataset_id {problem} (it names configs/datasets/<dataset_id>.yaml)")
     ds_file = _configs_root(path) / "datasets" / f"{dataset_id}.yaml"
     ds_data: dict[str, Any] = read_yaml(ds_file) if ds_file.is_file() else {}
     inline = data.pop("dataset", None) or {}
