@@ -131,7 +131,7 @@ def test_module_twins_import_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from recemb.serving.variants import dhe, lowprec, tt\n"
+        "from recemb.serving.variants import dhe, lowprec, quant, tt\n"
         "print(dhe.encode_np(np.arange(3), [1, 2], 2, 'gaussian').shape)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -145,7 +145,7 @@ def test_lookup_of_a_module_plan_needs_its_weights() -> None:
         lookup(layer.plan, {}, {}, "mid", np.array([1]), np.array([1]))
 
 
-@pytest.mark.parametrize("name", ["tt", "dhe", "lowprec"])
+@pytest.mark.parametrize("name", ["tt", "dhe", "lowprec", "quant"])
 def test_serving_docstring_examples(name: str) -> None:
     import doctest
     import importlib

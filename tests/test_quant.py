@@ -120,6 +120,28 @@ def test_quantized_lookup_within_error_bound(dtype: str, init: str) -> None:
                 assert float((err.amax(1) / (span * nominal[dtype])).max()) < 1.01
 
 
+@pytest.mark.parametrize("row_alignment", [1, 16])
+@pytest.mark.parametrize("dtype", ["int8", "int4", "fp16"])
+def test_numpy_dequantisation_is_fbgemms_bit_for_bit(dtype: str, row_alignment: int) -> None:
+    """``table_arrays`` + ``dequantize_np`` give exactly the quantised layer's rows; the plan is the source's."""
+    from recemb.serving.variants.quant import dequantize_np
+
+    layer = full_layer("hard")
+    q = quantize_layer(layer, dtype, row_alignment)  # type: ignore[arg-type]
+    assert isinstance(q, QuantizedTableLayer) and q.plan is layer.plan
+    assert q.manifest()["plan"] == layer.plan.to_dict()
+    with torch.no_grad():
+        out = q(every_row()).to_dict()
+    arrays = q.table_arrays()
+    assert sorted(arrays) == sorted(f"t_{f}" for f in SPARSE)
+    for f, rows in SPARSE.items():
+        got = dequantize_np(arrays[f"t_{f}"], dtype, DIM)
+        assert got.shape == (rows, DIM)
+        np.testing.assert_array_equal(got, out[f][:rows].numpy(), err_msg=f"{dtype} {f}")
+        picked = np.array([rows - 1, 0])
+        np.testing.assert_array_equal(dequantize_np(arrays[f"t_{f}"], dtype, DIM, picked), got[picked])
+
+
 def test_quantized_bytes_match_storage() -> None:
     layer = full_layer()
     full = layer.bytes().full

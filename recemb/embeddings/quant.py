@@ -5,7 +5,10 @@ for torchrec's quantised inference collection (FBGEMM's ``IntNBitTableBatchedEmb
 which runs on CPU and GPU): int rows carry a per-row fp16 scale and bias, fp16 rows are plain
 halves. The transform and combiner are kept, so the layer's forward contract is unchanged.
 This is an export/inference step, not a training variant: no fused kernel trains these
-tables (see ``lowprec`` for low-precision training).
+tables (see ``lowprec`` for low-precision training). A quantised layer keeps its source's
+``plan`` (tables, transform, combiner, sharding); ``table_arrays`` reads the stored rows
+back as numpy (values, fp16 scale and bias), which ``recemb.serving.variants.quant``
+dequantises exactly as FBGEMM does.
 
 Example:
     >>> q = quantize_layer(trained_layer, "int8")          # doctest: +SKIP
@@ -20,6 +23,7 @@ from __future__ import annotations
 import copy
 from typing import Literal, get_args
 
+import numpy as np
 import torch
 from torch import nn
 from torch.ao.quantization import PlaceholderObserver
@@ -163,7 +167,8 @@ class QuantizedTableLayer(EmbeddingLayer):
 
     Inference only (the quantised tables hold no parameters). ``parameter_bytes``
     is the quantised storage FBGEMM allocates plus the transform's buffers and
-    the combiner's parameters; ``full_bytes`` stays the fp32 baseline.
+    the combiner's parameters; ``full_bytes`` stays the fp32 baseline. ``plan`` is the
+    source layer's (the fp32 plan the tables were trained under).
     """
 
     def __init__(
@@ -183,8 +188,7 @@ class QuantizedTableLayer(EmbeddingLayer):
         self.combiner = copy.deepcopy(source.combiner)
         self.ebc = quantize_ebc(source.ebc, dtype, row_alignment)
         self._identity = isinstance(self.transform, IdentityTransform)
-        if hasattr(source, "sharding"):
-            self.sharding = dict(source.sharding)
+        self.plan = source.plan
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
         physical = kjt if self._identity else self.transform(kjt)
@@ -202,8 +206,27 @@ class QuantizedTableLayer(EmbeddingLayer):
         dense += sum(b.numel() * b.element_size() for b in self.transform.buffers())
         return self.table_bytes() + dense
 
+    def table_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        """Each table's stored rows as numpy: ``weight`` (uint8 ``[rows, packed]``; int4 two per byte,
+        low nibble first) with fp16 ``scale`` and ``bias`` per row for int8/int4, or fp16 ``[rows, dim]``.
+
+        The one place that reads FBGEMM's batched module (torchrec keeps it private): its row
+        layout puts the fp16 scale and bias before the values; they are split off here.
+        """
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for module in self.ebc._emb_modules:  # private in torchrec, with no public accessor
+            for spec, (data, scale_bias) in zip(module.embedding_specs, module.split_embedding_weights(), strict=True):
+                name, dim = spec[0], spec[2]
+                values = data.detach().cpu().numpy()
+                if self.dtype == "fp16":
+                    out[name] = {"weight": values.view(np.float16)[:, :dim].copy()}
+                    continue
+                halves = scale_bias.detach().cpu().numpy().view(np.float16)
+                out[name] = {"weight": values.copy(), "scale": halves[:, 0].copy(), "bias": halves[:, 1].copy()}
+        return out
+
     def manifest(self) -> dict[str, object]:
-        """JSON-serialisable description of the storage, for an export bundle."""
+        """JSON-serialisable description of the storage, for an export bundle (with the source's plan)."""
         return {
             "dtype": self.dtype,
             "row_alignment": self.row_alignment,
@@ -213,7 +236,7 @@ class QuantizedTableLayer(EmbeddingLayer):
                          "row_bytes": row_bytes(t.embedding_dim, self.dtype, self.row_alignment)}  # type: ignore[arg-type]
                 for t in self.tables
             },
-            "transform": self.transform.to_manifest(),
+            "plan": None if self.plan is None else self.plan.to_dict(),
         }
 
 
