@@ -23,7 +23,6 @@ from recemb.embeddings.base import TableEmbeddingLayer
 from recemb.embeddings.optembed import (
     OptEmbedMask,
     OptEmbedParams,
-    build_optembed,
     candidate_dims,
     row_keep_mask,
 )
@@ -35,7 +34,7 @@ from recemb.embeddings.pruned import (
     remap_from_mask,
     save_pruning,
 )
-from recemb.embeddings.registry import VariantSpec, build_embedding_layer
+from recemb.embeddings.registry import VariantSpec, build_embedding_layer, build_variant
 from recemb.errors import ConfigError
 from recemb.models.ctr.registry import build_model
 from recemb.search.evolution import EvolutionSettings, crossover, evolve, mutate
@@ -137,7 +136,7 @@ def test_optembed_refuses_budget_and_multi_hot(prepared_ctr: Path) -> None:
         build_embedding_layer(_fm(prepared_ctr), EmbeddingConfig(kind="optembed", dim=DIM, budget=0.1))
     tags = FeatureInfo(name="tags", kind="multihot", source="tags", num_embeddings=10, max_len=3)
     with pytest.raises(ConfigError, match="multi-hot"):
-        build_optembed(VariantSpec(features=[tags], dim=DIM, budget=None, params=OptEmbedParams()))
+        build_variant("optembed", VariantSpec(features=[tags], dim=DIM, budget=None, params=OptEmbedParams()))
 
 
 # ----------------------------------------------------------------------------- compact tables

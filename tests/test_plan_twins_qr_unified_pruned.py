@@ -9,14 +9,18 @@ OOV vector) in eval mode, and the pruned remap's dropped ids and OOV fill.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from twin_utils import as_kjt, check_twins, feature_map, random_ids
 
 from recemb.config.experiment import EmbeddingConfig
-from recemb.embeddings.registry import build_embedding_layer
+from recemb.embeddings.base import reset_buffers
+from recemb.embeddings.pruned import FeaturePruning, PrunedLayer, PruningPlan, remap_from_mask, save_pruning
+from recemb.embeddings.registry import assemble, build_embedding_layer
 from recemb.serving.transforms import apply_transform
 
 # ----------------------------------------------------------------------------- qr
@@ -72,3 +76,75 @@ def test_unified_transform_twin_keys_follow_the_plan() -> None:
     assert keys == layer.transform(as_kjt(ids)).keys()
     assert keys.count("big__c2") == 1 and all(np.max(p.values) < 64 for f in fm.sparse_features
                                               for p in apply_transform(layer.plan, f, *ids[f]))
+
+
+# ----------------------------------------------------------------------------- optembed
+
+
+@pytest.mark.parametrize("scope", ["field", "global"])
+@pytest.mark.parametrize("pruned_vector", ["zero", "oov"])
+def test_optembed_twins_apply_the_learned_mask(pruned_vector: str, scope: str) -> None:
+    torch.manual_seed(0)
+    fm = feature_map(False)
+    cfg = EmbeddingConfig(kind="optembed", dim=8, init_std=0.05, seed=3,
+                          params={"pruned_vector": pruned_vector, "threshold_scope": scope})
+    layer = build_embedding_layer(fm, cfg)
+    mask = layer.combiner
+    with torch.no_grad():  # inside the norms' range (L1 of 8 N(0, 0.05) values ~ 0.32): some rows pruned
+        mask.thresholds.copy_(torch.linspace(0.28, 0.34, mask.thresholds.numel()))
+    check_twins("optembed", False, layer=layer)
+    assert layer.plan.combiner.dense == (["thresholds", "oov"] if pruned_vector == "oov" else ["thresholds"])
+    assert not layer.plan.capabilities.multihot
+    out = layer(as_kjt(random_ids(fm, 256, seed=2))).values().view(256, -1, 8)
+    pruned = (out.abs().sum(-1) == 0) if pruned_vector == "zero" else (out == mask.oov.detach()).all(-1)
+    assert 0 < int(pruned.sum()) < pruned.numel()  # the twin was checked on a mix of kept and pruned rows
+
+
+# ----------------------------------------------------------------------------- pruned
+
+
+def _pruning_folder(root: Path, multihot: bool) -> Path:
+    """A pruning folder for the twin feature map: random kept rows, 'small' pruned whole, mixed dims."""
+    rng = np.random.default_rng(0)
+    fm = feature_map(multihot)
+    features = {}
+    for i, f in enumerate(fm.sparse_features):
+        n = fm.feature(f).num_embeddings
+        keep = np.zeros(n, dtype=bool) if f == "small" else rng.random(n) < 0.6
+        features[f] = FeaturePruning(remap_from_mask(keep), dim=4 if i % 2 else 8)
+    return save_pruning(root / ("pruned_multi" if multihot else "pruned"), PruningPlan(full_dim=8, features=features))
+
+
+@pytest.mark.parametrize("multihot", [False, True], ids=["single", "multi"])
+@pytest.mark.parametrize("pruned_vector", ["zero", "oov"])
+def test_pruned_twins(tmp_path: Path, pruned_vector: str, multihot: bool) -> None:
+    path = _pruning_folder(tmp_path, multihot)
+    layer = check_twins("pruned", multihot, dim=8, params={"path": str(path), "pruned_vector": pruned_vector})
+    assert isinstance(layer, PrunedLayer)
+    plan = layer.plan
+    assert plan.capabilities.storage == "module" and "p_small" not in {t.name for t in plan.tables}
+    assert plan.capabilities.full_bytes == layer.full_bytes()
+    assert plan.capabilities.achieved_bytes == layer.parameter_bytes()
+    # The remap is made from the plan and is not part of the weights (no persistent copy).
+    assert "transform.remap" not in layer.state_dict()
+    # Transform twin id for id (check_twins compares lookups; a module variant's transform is checked here).
+    fm = feature_map(multihot)
+    ids = random_ids(fm, 64, seed=4)
+    physical = layer.transform(as_kjt(ids)).to_dict()
+    for f in fm.sparse_features:
+        (p,) = apply_transform(plan, f, *ids[f])
+        assert np.array_equal(physical[f].values().numpy(), p.values), f
+        assert np.array_equal(physical[f].lengths().numpy(), p.lengths), f
+    assert (physical["small"].lengths() == 0).all()
+
+
+def test_pruned_meta_build_refills_the_remap_from_the_plan(tmp_path: Path) -> None:
+    path = _pruning_folder(tmp_path, False)
+    fm = feature_map(False)
+    layer = build_embedding_layer(fm, EmbeddingConfig(kind="pruned", dim=8, params={"path": str(path)}))
+    meta = assemble(layer.plan, torch.device("meta"))
+    meta.to_empty(device=torch.device("cpu"))
+    meta.transform.remap.zero_()  # what a meta-device build materialises
+    reset_buffers(meta)
+    assert torch.equal(meta.transform.remap, layer.transform.remap)
+    assert int((layer.transform.remap < 0).sum()) > fm.feature("small").num_embeddings - 1

@@ -15,16 +15,17 @@ Example (YAML):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from recemb.embeddings.base import Combiner, EmbeddingLayer, TableEmbeddingLayer, in_order
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.base import Combiner, in_order, register_combiner
+from recemb.embeddings.plan import CombinerPlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
 
 PrunedVector = Literal["zero", "oov"]
@@ -79,11 +80,17 @@ class _StraightThroughStep(torch.autograd.Function):
         return grad * ctx.slope * s * (1.0 - s), None
 
 
+@register_combiner("optembed_mask")
 class OptEmbedMask(Combiner):
     """Row mask (learned thresholds, straight-through) and random prefix dims on pooled vectors.
 
     ``eval_dims`` (set by the search through ``set_eval_dims``) fixes each field's prefix
     at evaluation; without it evaluation uses the full dim. The row mask is always on.
+    ``eval_dims`` is search-time state, not part of the plan: the numpy twin
+    (``recemb.serving.variants.optembed``) applies the mask at full dims, as eval does without it.
+
+    Plan params: ``dim``, ``init_std`` (of the OOV vectors; None = 1e-3) and the ``OptEmbedParams`` fields; dense:
+    ``thresholds`` (and ``oov`` with ``pruned_vector: oov``).
     """
 
     def __init__(self, features: list[str], dim: int, params: OptEmbedParams, init_std: float | None,
@@ -100,6 +107,12 @@ class OptEmbedMask(Combiner):
                     if params.pruned_vector == "oov" else None)
         self.eval_dims: list[int] | None = None
         self.reset_parameters()
+
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> OptEmbedMask:
+        p = plan.combiner.params
+        params = OptEmbedParams(**{f.name: p[f.name] for f in dataclasses.fields(OptEmbedParams)})
+        return cls(plan.features, p["dim"], params, p["init_std"], device=device)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -163,7 +176,7 @@ def optembed_masks(model: nn.Module) -> list[OptEmbedMask]:
 
 
 @register_variant("optembed", OptEmbedParams)
-def build_optembed(spec: VariantSpec) -> EmbeddingLayer:
+def plan_optembed(spec: VariantSpec) -> VariantPlan:
     """Full tables (``t_<feature>``) and an ``OptEmbedMask`` combiner over them."""
     params: OptEmbedParams = spec.params
     if spec.budget is not None:
@@ -175,21 +188,8 @@ def build_optembed(spec: VariantSpec) -> EmbeddingLayer:
         raise ConfigError(f"embedding.kind=optembed needs single-valued features; '{multi[0]}' is multi-hot "
                           "(put it in an embedding.groups entry with another kind)")
     candidate_dims(spec.dim, params.dim_step)
-    tables = [
-        EmbeddingBagConfig(
-            name=f"{spec.prefix}t_{f.name}", num_embeddings=f.num_embeddings, embedding_dim=spec.dim,
-            feature_names=[f.name], pooling=PoolingType.SUM, init_fn=init_fn(spec.init_std),
-        )
-        for f in spec.features
-    ]
-    features = [f.name for f in spec.features]
-    layer = TableEmbeddingLayer(
-        features=features,
-        dims={n: spec.dim for n in features},
-        full_rows={f.name: f.num_embeddings for f in spec.features},
-        tables=tables,
-        combiner=OptEmbedMask(features, spec.dim, params, spec.init_std, device=spec.device),
-        device=spec.device,
-    )
-    layer.sharding = {t.name: spec.sharding for t in tables}
-    return layer
+    tables = [spec.table(f"t_{f}", rows, spec.dim, [f]) for f, rows in spec.vocab.items()]
+    mask = {"dim": spec.dim, "init_std": spec.init_std, **dataclasses.asdict(params)}
+    dense = ["thresholds", "oov"] if params.pruned_vector == "oov" else ["thresholds"]
+    return spec.plan("optembed", tables, combiner=CombinerPlan("optembed_mask", mask, dense=dense),
+                     multihot=False, budget={"solver": "none", "sizes_from": "recemb search"})

@@ -23,13 +23,20 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recemb.embeddings.base import BYTES_PER_FLOAT, EmbeddingLayer, IdTransform, table_parameter_bytes
+from recemb.embeddings.base import (
+    BYTES_PER_FLOAT,
+    EmbeddingLayer,
+    IdTransform,
+    register_transform,
+    table_configs,
+    table_parameter_bytes,
+)
 from recemb.embeddings.optembed import PrunedVector
-from recemb.embeddings.registry import VariantSpec, init_fn, register_variant
+from recemb.embeddings.plan import TransformPlan, VariantPlan
+from recemb.embeddings.registry import VariantSpec, register_module_assembler, register_variant
 from recemb.errors import ConfigError, DataError
 from recemb.io import write_json_atomic
 
@@ -122,26 +129,42 @@ def load_pruning(path: str | Path) -> PruningPlan:
     return plan
 
 
-class RemapTransform(IdTransform):
-    """Logical ids -> compact rows through one flat int32 remap; pruned ids are dropped from their bags."""
+def remap_array(feature: str) -> str:
+    """The plan's array name of ``feature``'s remap."""
+    return f"remap/{feature}"
 
-    def __init__(self, remaps: dict[str, np.ndarray], device: torch.device | None = None) -> None:
+
+@register_transform("remap")
+class RemapTransform(IdTransform):
+    """Logical ids -> compact rows through one flat int32 remap; pruned ids are dropped from their bags.
+
+    Plan params: ``features: {f: {offset, size, kept_rows}}`` (each remap's place in the flat buffer);
+    arrays ``remap/<f>`` (int32, -1 = pruned). The buffer is not persistent: it is made from the plan's
+    arrays, and refilled by ``reset_buffers`` after a meta-device build. Twin:
+    ``recemb.serving.variants.pruned``.
+    """
+
+    def __init__(self, offsets: dict[str, int], remaps: list[np.ndarray], device: torch.device | None = None) -> None:
         super().__init__()
-        self.features = list(remaps)
-        self.sizes = {f: int(r.shape[0]) for f, r in remaps.items()}
-        starts = np.cumsum([0] + [r.shape[0] for r in remaps.values()])[:-1]
-        self.offsets = {f: int(s) for f, s in zip(self.features, starts, strict=True)}
-        # numpy source of the buffer: DMP materialises buffers of a meta-built model as zeros.
-        self._remap_np = np.concatenate([r.astype(np.int32) for r in remaps.values()]) if remaps \
-            else np.zeros(0, dtype=np.int32)
-        self.register_buffer("remap", torch.empty(self._remap_np.shape[0], dtype=torch.int32, device=device))
+        self.offsets = dict(offsets)
+        self._remaps = remaps  # the plan's arrays (references, not copies): the buffer's source
+        total = sum(int(r.shape[0]) for r in remaps)
+        self.register_buffer("remap", torch.empty(total, dtype=torch.int32, device=device), persistent=False)
         if self.remap.device.type != "meta":
             self.reset_buffers()
 
+    @classmethod
+    def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> RemapTransform:
+        features = plan.transform.params["features"]
+        return cls({f: features[f]["offset"] for f in plan.features},
+                   [plan.arrays[remap_array(f)] for f in plan.features], device=device)
+
     def reset_buffers(self) -> None:
-        """Refill the remap buffer from its numpy source (after meta construction)."""
+        """Refill the remap buffer from the plan's arrays (after meta construction)."""
+        flat = np.concatenate(self._remaps).astype(np.int32, copy=False) if self._remaps \
+            else np.zeros(0, dtype=np.int32)
         with torch.no_grad():
-            self.remap.copy_(torch.from_numpy(self._remap_np))
+            self.remap.copy_(torch.from_numpy(flat))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = kjt.keys()
@@ -154,36 +177,34 @@ class RemapTransform(IdTransform):
         new_lengths = torch.zeros_like(lengths).index_add_(0, bag, keep.to(lengths.dtype))
         return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=rows[keep], lengths=new_lengths)
 
-    def to_manifest(self) -> dict[str, Any]:
-        return {"kind": "remap", "pruned": -1, "dtype": "int32",
-                "features": {f: {"offset": self.offsets[f], "size": self.sizes[f]} for f in self.features}}
-
 
 class PrunedLayer(EmbeddingLayer):
-    """Remap -> compact torchrec tables (kept rows, per-field widths) -> zero/OOV for pruned ids."""
+    """Remap -> compact torchrec tables (kept rows, per-field widths) -> zero/OOV for pruned ids.
 
-    def __init__(self, spec: VariantSpec, plan: PruningPlan, oov: bool) -> None:
+    A layer of its own (``storage: module`` in its plan, assembled by ``assemble_pruned``) rather
+    than a ``TableEmbeddingLayer``: a bag whose ids were all pruned takes the OOV vector, which
+    needs the remapped lengths, and a feature with no kept rows has no table. Its tables are
+    still torchrec tables (in ``plan.tables``), sharded and run by FBGEMM like any other.
+    """
+
+    def __init__(self, plan: VariantPlan, device: torch.device | None = None) -> None:
         super().__init__()
-        self.features = [f.name for f in spec.features]
-        self.dims = {f: plan.features[f].dim for f in self.features}
-        self.full_rows = {f.name: f.num_embeddings for f in spec.features}
-        self.full_dim = spec.dim
-        self.kept_rows = {f: plan.features[f].kept_rows for f in self.features}
-        self.transform = RemapTransform({f: plan.features[f].remap for f in self.features}, device=spec.device)
-        self.table_features = [f for f in self.features if self.kept_rows[f] > 0]
-        self.tables = [
-            EmbeddingBagConfig(
-                name=f"{spec.prefix}p_{f}", num_embeddings=self.kept_rows[f], embedding_dim=self.dims[f],
-                feature_names=[f], pooling=PoolingType.SUM, init_fn=init_fn(spec.init_std),
-            )
-            for f in self.table_features
-        ]
-        self.ebc = EmbeddingBagCollection(tables=self.tables, device=spec.device) if self.tables else None
-        self.init_std = spec.init_std if spec.init_std is not None else 1e-3
+        self.features = list(plan.features)
+        self.dims = dict(plan.dims)
+        self.full_rows = dict(plan.full_rows)
+        self.full_dim = int(plan.params["full_dim"])
+        pruning = plan.transform.params["features"]
+        self.kept_rows = {f: int(pruning[f]["kept_rows"]) for f in self.features}
+        self.transform = RemapTransform.from_plan(plan, device)
+        self.tables = table_configs(plan)
+        self.table_features = [t.feature_names[0] for t in self.tables]
+        self.ebc = EmbeddingBagCollection(tables=self.tables, device=device) if self.tables else None
+        self.init_std = float(plan.params["oov_init_std"])
         # One flat parameter owned by this module, so DMP's meta init calls our reset_parameters.
         starts = np.cumsum([0] + [self.dims[f] for f in self.features])
         self._oov_at = {f: (int(starts[i]), int(starts[i + 1])) for i, f in enumerate(self.features)}
-        self.oov = nn.Parameter(torch.empty(int(starts[-1]), device=spec.device)) if oov else None
+        oov = plan.params["pruned_vector"] == "oov"
+        self.oov = nn.Parameter(torch.empty(int(starts[-1]), device=device)) if oov else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -222,17 +243,23 @@ class PrunedLayer(EmbeddingLayer):
         return sum(self.full_rows[f] * self.full_dim * BYTES_PER_FLOAT for f in self.features)
 
 
+@register_module_assembler("pruned")
+def assemble_pruned(plan: VariantPlan, device: torch.device | None = None) -> PrunedLayer:
+    """The ``PrunedLayer`` of a ``pruned`` plan."""
+    return PrunedLayer(plan, device)
+
+
 @register_variant("pruned", PrunedParams)
-def build_pruned(spec: VariantSpec) -> EmbeddingLayer:
+def plan_pruned(spec: VariantSpec) -> VariantPlan:
     """Compact tables (``p_<feature>``) from the pruning folder ``params.path``."""
     params: PrunedParams = spec.params
     if spec.budget is not None:
         raise ConfigError("embedding.kind=pruned takes its sizes from the search folder; remove embedding.budget")
     if not params.path:
         raise ConfigError("embedding.kind=pruned needs embedding.params.path (a search's `pruned` folder)")
-    plan = load_pruning(params.path)
+    pruning = load_pruning(params.path)
     for f in spec.features:
-        p = plan.features.get(f.name)
+        p = pruning.features.get(f.name)
         if p is None:
             raise ConfigError(f"{params.path}: no pruning for feature '{f.name}' (searched on other data?)")
         if p.remap.shape[0] != f.num_embeddings:
@@ -240,6 +267,20 @@ def build_pruned(spec: VariantSpec) -> EmbeddingLayer:
                               f"{f.num_embeddings} in this dataset (search again on this data)")
         if p.dim % 4:
             raise ConfigError(f"{params.path}: dim {p.dim} of '{f.name}' is not a multiple of 4 (FBGEMM)")
-    layer = PrunedLayer(spec, plan, oov=params.pruned_vector == "oov")
-    layer.sharding = {t.name: spec.sharding for t in layer.tables}
-    return layer
+    names = spec.names
+    kept = {f: pruning.features[f].kept_rows for f in names}
+    dims = {f: pruning.features[f].dim for f in names}
+    offsets = np.cumsum([0] + [spec.vocab[f] for f in names])
+    features = {f: {"offset": int(offsets[i]), "size": spec.vocab[f], "kept_rows": kept[f]}
+                for i, f in enumerate(names)}
+    arrays = {remap_array(f): np.ascontiguousarray(pruning.features[f].remap, dtype=np.int32) for f in names}
+    tables = [spec.table(f"p_{f}", kept[f], dims[f], [f]) for f in names if kept[f] > 0]
+    plan = spec.plan(
+        "pruned", tables, dims=dims, arrays=arrays,
+        transform=TransformPlan("remap", {"features": features, "pruned": -1}, arrays=list(arrays)),
+        storage="module", budget={"solver": "optembed_search", "source": params.path, "search": pruning.extra},
+        full_bytes=sum(spec.vocab[f] * spec.dim * BYTES_PER_FLOAT for f in names),
+    )
+    plan.params = {"full_dim": spec.dim, "pruned_vector": params.pruned_vector,
+                   "oov_init_std": spec.init_std if spec.init_std is not None else 1e-3}
+    return plan
