@@ -1,4 +1,4 @@
-"""The examples in the embedding modules' docstrings run and give what they show."""
+"""The examples in the embedding and serving modules' docstrings run and give what they show."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import importlib
 
 import pytest
 
-MODULES = ["budget", "hashing", "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec",
-           "quant", "optembed", "pruned"]
+MODULES = [f"recemb.embeddings.{name}" for name in (
+    "budget", "hashing", "idhash", "plan", "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec",
+    "quant", "optembed", "pruned")] + ["recemb.integrity", "recemb.serving.transforms", "recemb.serving.lookup"] + [
+    f"recemb.serving.variants.{name}" for name in (
+        "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec", "quant", "optembed", "pruned")]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(f"recemb.embeddings.{name}")
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {module.__name__} failed"

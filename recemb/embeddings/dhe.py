@@ -251,13 +251,12 @@ def plan_dhe(spec: VariantSpec) -> VariantPlan:
         len(names), params.k, params.layers, spec.dim, target, hidden=params.hidden, min_hidden=params.min_hidden
     )
     count = _hash_count(k, params.encoding)
-    plan = spec.plan("dhe", [], storage="module", multihot=True, budget={
+    solved = dhe_plan_params(k, params, {n: [k, *w, spec.dim] for n, w in zip(names, widths, strict=True)},
+                             {f: hash_seeds(spec.seed, i, count) for i, f in enumerate(spec.names)})
+    return spec.plan("dhe", [], storage="module", multihot=True, params=solved, budget={
         "solver": "dhe_widths", "budget": spec.budget, "target_bytes": target, "k": params.k,
         "hidden": params.hidden, "layers": params.layers, "min_hidden": params.min_hidden,
     })
-    plan.params = dhe_plan_params(k, params, {n: [k, *w, spec.dim] for n, w in zip(names, widths, strict=True)},
-                                  {f: hash_seeds(spec.seed, i, count) for i, f in enumerate(spec.names)})
-    return plan
 
 
 def dhe_plan_params(k: int, params: DHEParams, decoders: dict[str, list[int]],

@@ -367,9 +367,7 @@ def plan_lowprec(spec: VariantSpec) -> VariantPlan:
             )
     lr = params.lr if params.lr is not None else float(spec.extra.get("lr", DEFAULT_LR))
     salt = zlib.crc32(spec.prefix.encode("utf-8"))
-    plan = spec.plan("lowprec", [], storage="module", multihot=True,
-                     budget={"solver": "fixed_by_bits", "budget": spec.budget, "target_bytes": target})
-    plan.params = {
+    solved = {
         "bits": params.bits, "scale": params.scale, "scale_per": params.scale_per, "max_abs": params.max_abs,
         "optimizer": params.optimizer, "lr": lr, "eps": params.eps,
         "init_std": spec.init_std if spec.init_std is not None else DEFAULT_INIT_STD,
@@ -377,7 +375,8 @@ def plan_lowprec(spec: VariantSpec) -> VariantPlan:
         "initial_accumulator": float(spec.extra.get("initial_accumulator", 0.0)),
         "offsets": stack_offsets(rows),
     }
-    return plan
+    return spec.plan("lowprec", [], storage="module", multihot=True, params=solved,
+                     budget={"solver": "fixed_by_bits", "budget": spec.budget, "target_bytes": target})
 
 
 @register_module_assembler("lowprec")

@@ -83,8 +83,11 @@ class CombinerPlan:
 class Capabilities:
     """What the variant can do and how its size was found.
 
-    ``storage``: ``tables`` (torchrec tables: fused kernels, every sharding type) or ``module``
-    (a dense module of its own, trained data parallel). ``multihot``: pooled bags are exact.
+    ``storage``: ``tables`` (a ``TableEmbeddingLayer``: transform, torchrec tables, combiner) or
+    ``module`` (a layer of its own, built by the variant's registered assembler: TT cores, DHE's
+    MLP and lowprec's int table train data parallel; ``pruned`` keeps torchrec tables, listed in
+    ``tables`` and sharded like any, behind its own remap-and-fill module). ``multihot``: pooled
+    bags are exact.
     ``budget``: how a budget became sizes (solver and its inputs, JSON). ``achieved_bytes``:
     the built layer's bytes (tables, dense combiner parameters, buffers), set by the assembler;
     ``full_bytes`` the uncompressed baseline at the same dims.

@@ -72,13 +72,16 @@ class VariantSpec:
 
     def plan(self, kind: str, tables: list[TablePlan], dims: dict[str, int] | None = None,
              transform: TransformPlan | None = None, combiner: CombinerPlan | None = None,
-             arrays: dict[str, np.ndarray] | None = None, **capabilities: Any) -> VariantPlan:
+             arrays: dict[str, np.ndarray] | None = None, params: dict[str, Any] | None = None,
+             **capabilities: Any) -> VariantPlan:
         """The plan of variant ``kind`` over this group's features (dims default to ``self.dim``);
-        ``capabilities`` are ``Capabilities`` fields (``storage``, ``multihot``, ``budget``)."""
+        ``params`` are a module variant's solved settings; ``capabilities`` are ``Capabilities``
+        fields (``storage``, ``multihot``, ``budget``)."""
         return VariantPlan(
             kind=kind, features=self.names, dims=dims or {f: self.dim for f in self.names}, full_rows=self.vocab,
             transform=transform or TransformPlan(), tables=tables, combiner=combiner or CombinerPlan(),
-            capabilities=Capabilities(**capabilities), seed=self.seed, arrays=dict(arrays or {}),
+            capabilities=Capabilities(**capabilities), params=dict(params or {}), seed=self.seed,
+            arrays=dict(arrays or {}),
         )
 
 

@@ -33,6 +33,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from recemb.config.experiment import EmbeddingConfig
 from recemb.embeddings.base import reset_buffers
+from recemb.embeddings.plan import VariantPlan
 from recemb.errors import ConfigError
 
 SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -214,12 +215,8 @@ def table_sharding(model: nn.Module) -> dict[str, str]:
     out: dict[str, str] = {}
     for module in model.modules():
         plan = getattr(module, "plan", None)
-        if plan is not None and not callable(plan):
+        if isinstance(plan, VariantPlan):
             out.update(plan.sharding())
-            continue
-        requested = getattr(module, "sharding", None)  # layers not yet built from a plan
-        if isinstance(requested, dict):
-            out.update(requested)
     return out
 
 

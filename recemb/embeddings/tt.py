@@ -256,10 +256,8 @@ def plan_tt(spec: VariantSpec) -> VariantPlan | EmbeddingLayer:
     tt_features = [f for f in spec.features if ranks[f.name] != DENSE]
     if tt_features:
         tt_spec = dataclasses.replace(spec, features=tt_features)
-        plan = tt_spec.plan("tt", [], storage="module", multihot=True, budget=budget)
-        plan.params = {"tables": {f: tt_table_params(vocab[f], spec.dim, ranks[f], spec.init_std)
-                                  for f in tt_spec.names}}
-        parts["tt"] = plan
+        parts["tt"] = tt_spec.plan("tt", [], storage="module", multihot=True, budget=budget, params={
+            "tables": {f: tt_table_params(vocab[f], spec.dim, ranks[f], spec.init_std) for f in tt_spec.names}})
     dense = [f for f in spec.features if ranks[f.name] == DENSE]
     if dense:
         # Plain tables laid out as ``full`` lays them out, under this variant's kind.
