@@ -8,6 +8,8 @@ Example:
     $ recemb prepare --config configs/datasets/synthetic_ctr.yaml --overwrite
     $ recemb search --config configs/experiments/optembed_synthetic_ctr.yaml
     $ recemb config show --config configs/experiments/deepfm_synthetic_ctr.yaml train.epochs=2
+    $ recemb export --run runs/deepfm_synthetic_ctr --out bundles/deepfm --dtype int8
+    $ recemb score --bundle bundles/deepfm --data data/synthetic/ctr.tsv --out scores.parquet
 """
 
 from __future__ import annotations
@@ -71,6 +73,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     result = run_evaluate(args.run, split=args.split, mlflow_uri=args.mlflow_uri, predictions=args.predictions,
                           workers=args.workers, batch_size=args.batch_size, address=args.address)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from pipelines.export import run_export
+
+    summary = run_export(args.run, args.out, dtype=args.dtype, features=args.features, mlflow_uri=args.mlflow_uri,
+                         overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def _cmd_score(args: argparse.Namespace) -> None:
+    from pipelines.score import run_score
+
+    result = run_score(args.bundle, args.data, args.out, batch_rows=args.batch_size)
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -152,6 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16384, help="rows per scoring batch")
     p.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="a trained run -> serving bundle (safetensors + manifest, checksummed)")
+    p.add_argument("--run", required=True,
+                   help="checkpoint folder, run folder (runs/<expid>: best, else last) or MLflow run id")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                   help="storage of the physical tables (int8/int4: row-wise, fp16 scale and bias per row)")
+    p.add_argument("--features", nargs="+", help="export only the tables these features read (lookups only)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("score", help="score raw logs (or a prepared split folder) with an export bundle")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (recemb export)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="raw file in the format the model's data was prepared from, or a prepared split folder")
+    p.add_argument("--out", required=True, type=Path, help="Parquet file for the scores")
+    p.add_argument("--batch-size", type=int, default=65_536, help="rows per scoring batch")
+    p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("runs", help="tracked runs (MLflow)")
     rsub = p.add_subparsers(dest="runs_verb", required=True)

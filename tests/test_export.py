@@ -1,0 +1,345 @@
+"""Export bundles from trained runs: parity per variant, quantised bounds and AUC, bytes, shard-by-shard
+export on two ranks, atomic writes, ``--features`` and the ``export``/``score`` verbs.
+
+A tiny DeepFM per variant is trained in this process (one per module, on the session's
+synthetic data) and exported. The fp32 bundle, looked up from RAW values (the vocabulary
+strings of the test split's ids), must give the trained model's embedding-layer outputs,
+and its scores ``load_trained_model`` + forward (what ``recemb evaluate`` computes).
+Figures go to stdout (run with ``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import experiment_config
+from dist_utils import run_ranks
+
+from recemb.cli import main
+from recemb.config.experiment import ExperimentConfig
+from recemb.config.loader import from_dict
+from recemb.data.batch import arrow_to_batch
+from recemb.data.hashing import row_uniform
+from recemb.data.preprocess import load_vocab
+from recemb.data.schema import FeatureMap
+from recemb.errors import ConfigError, DataError, OutputExistsError
+from recemb.eval.metrics import compute_metrics
+from recemb.export import export_bundle
+from recemb.export import writer as export_writer
+from recemb.export.format import MANIFEST, row_bound
+from recemb.models.ctr.registry import embedding_layers
+from recemb.serving.bundle import Bundle, StoredTable
+from recemb.train.loop import train
+from recemb.train.restore import load_trained_model, resolve_checkpoint
+
+# Variant -> overrides of the small DeepFM run. Gather variants must match exactly.
+VARIANTS: dict[str, list[str]] = {
+    "full": [],
+    "hashed": ["embedding.budget=0.1"],
+    "qr": ["embedding.budget=0.1"],
+    "unified": ["embedding.budget=0.1"],
+    "robe": ["embedding.budget=0.1"],
+    "mde": ["embedding.budget=0.1"],
+    "hybrid": ["embedding.budget=0.1"],
+    "tt": ["embedding.budget=0.1"],
+    "dhe": ["embedding.budget=0.1"],
+    "lowprec": [],
+    "optembed": [],
+}
+GATHER = {"full", "hashed", "unified", "hybrid"}
+RUN = ["train.max_steps=12"]  # a few steps move every table off its init; `full` trains a whole epoch (AUC checks)
+UNSEEN = "__never_seen_in_training__"
+
+
+class Runs:
+    """Trains each variant once per module (in this process) and keeps its run folder."""
+
+    def __init__(self, data_dir: Path, root: Path) -> None:
+        self.data_dir, self.root = data_dir, root
+        self.done: dict[str, Any] = {}
+
+    def __call__(self, kind: str) -> Any:
+        if kind not in self.done:
+            cfg = experiment_config("deepfm", self.data_dir, self.root / "runs",
+                                    [f"embedding.kind={kind}", f"expid=deepfm_{kind}",
+                                     *([] if kind == "full" else RUN), *VARIANTS[kind]])
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                self.done[kind] = train(cfg)
+            finally:
+                torch.set_num_threads(threads)
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+        return self.done[kind]
+
+
+@pytest.fixture(scope="module")
+def runs(prepared_ctr: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(prepared_ctr, tmp_path_factory.mktemp("export_runs"))
+
+
+def test_split(data_dir: str | Path) -> tuple[FeatureMap, pa.Table]:
+    fm = FeatureMap.load(Path(data_dir))
+    return fm, pa.concat_tables([pq.read_table(Path(data_dir) / s) for s in fm.shards["test"]])
+
+
+def raw_values(fm: FeatureMap, data_dir: str | Path, table: pa.Table) -> dict[str, np.ndarray]:
+    """The raw strings behind each sparse column's ids (id 0, the OOV id: a string never seen)."""
+    out = {}
+    for f in fm.sparse_features:
+        info = fm.feature(f)
+        vocab = load_vocab(Path(data_dir) / info.vocab_file).sort_by("id").column("value").to_numpy(zero_copy_only=False)
+        ids = table.column(f).to_numpy()
+        out[f] = np.where(ids == 0, UNSEEN, vocab[np.maximum(ids - 1, 0)]).astype(object)
+    return out
+
+
+def reference(checkpoint: Path) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, pa.Table, Any]:
+    """The trained model's layer outputs and logits on the test split (``load_trained_model``)."""
+    model, cfg = load_trained_model(checkpoint)
+    fm, table = test_split(cfg.data_dir)
+    batch = arrow_to_batch(table, fm)
+    with torch.no_grad():
+        outs = {name: {f: v.numpy() for f, v in layer(batch.sparse).to_dict().items()}
+                for name, layer in embedding_layers(model).items()}
+        logits = model(batch).numpy()
+    return outs, logits, table, cfg
+
+
+def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(a[f] - b[f]).max()) for f in a)
+
+
+# ----------------------------------------------------------------------------- fp32 parity per variant
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+def test_fp32_bundle_reproduces_the_trained_model(runs: Runs, kind: str, tmp_path: Path) -> None:
+    result = runs(kind)
+    checkpoint = resolve_checkpoint(result.output_dir)
+    bundle = Bundle.open(export_bundle(result.output_dir, tmp_path / "bundle"))
+    outs, logits, table, cfg = reference(checkpoint)
+    fm = FeatureMap.load(cfg.data_dir)
+    raw = raw_values(fm, cfg.data_dir, table)
+    diffs = {}
+    for name, per_feature in outs.items():
+        got = {f: bundle.lookup(f, raw[f], layer=name) for f in per_feature}
+        assert {f: v.shape for f, v in got.items()} == {f: v.shape for f, v in per_feature.items()}
+        diffs[name] = max_diff(got, per_feature)
+    probs = bundle.score_prepared(table)
+    score_diff = float(np.abs(probs - torch.sigmoid(torch.from_numpy(logits)).numpy()).max())
+    unseen = int((table.column("C1").to_numpy() == 0).sum())
+    print(f"[parity] {kind}: lookup max|diff| {diffs}, score max|diff| {score_diff:.2e}, "
+          f"unknown C1 values {bundle.unknown_counts['C1']}")
+    assert bundle.unknown_counts["C1"] == unseen * len(outs)  # every layer looked C1 up once
+    limit = 0.0 if kind in GATHER else 1e-6
+    assert max(diffs.values()) <= limit, diffs
+    assert score_diff <= 1e-6
+
+
+def test_bundle_bytes_are_the_achieved_bytes(runs: Runs, tmp_path: Path) -> None:
+    """fp32: the embedding arrays in the bundle are the run's achieved bytes (within 5%), vocabularies apart."""
+    for kind in ("full", "hashed", "hybrid", "tt"):
+        result = runs(kind)
+        path = export_bundle(result.output_dir, tmp_path / kind)
+        sizes = json.loads((path / MANIFEST).read_text())["bytes"]
+        payload = sizes["tables_payload"] + sizes["plans_payload"] + sizes["layers_payload"]
+        files = sizes["tables"] + sizes["plans"] + sizes["layers"]
+        print(f"[bytes] {kind} fp32: arrays {payload:,} (files {files:,}, with safetensors headers) vs achieved "
+              f"{result.embedding_bytes:,} (ratio {payload / result.embedding_bytes:.4f}); vocab {sizes['vocab']:,}")
+        assert sizes["achieved"] == result.embedding_bytes
+        assert abs(payload - result.embedding_bytes) <= 0.05 * result.embedding_bytes
+
+
+# ----------------------------------------------------------------------------- quantised
+
+
+def _stored_bound(table: StoredTable) -> np.ndarray:
+    """Per row, the stated bound of the piece that stores it (column pieces: the larger)."""
+    bound = np.zeros(table.shape[0], np.float32)
+    for p in table.pieces:
+        r0, r1 = p.rows
+        piece = row_bound(p.arrays, table.dtype, p.cols[1] - p.cols[0])
+        bound[r0:r1] = np.maximum(bound[r0:r1], piece)
+    return bound
+
+
+def test_quantized_bundles_stay_within_the_stated_bound_and_auc(runs: Runs, tmp_path: Path) -> None:
+    result = runs("full")
+    fp32 = Bundle.open(export_bundle(result.output_dir, tmp_path / "fp32"))
+    _, _, table, cfg = reference(resolve_checkpoint(result.output_dir))
+    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.float32))
+    logits32 = fp32.logits_of(fp32.encode_prepared(table))
+    auc32 = compute_metrics(torch.from_numpy(logits32), labels)["auc"]
+    for dtype in ("fp16", "int8", "int4"):
+        bundle = Bundle.open(export_bundle(result.output_dir, tmp_path / dtype, dtype=dtype))
+        worst = 0.0
+        for name, stored in bundle.tables.items():
+            assert isinstance(stored, StoredTable) and stored.dtype == dtype
+            exact = fp32.tables[name]
+            bound = _stored_bound(stored)
+            err = np.abs(stored.dequantized() - exact).max(axis=1)
+            assert (err <= bound).all(), (dtype, name, float((err - bound).max()))
+            worst = max(worst, float((err / np.maximum(bound, 1e-30)).max()))
+        # Lookups of single ids are the rows: each within its row's bound.
+        ids = table.column("C3").to_numpy()
+        q, e = bundle.lookup_ids("C3", ids), fp32.lookup_ids("C3", ids)
+        assert (np.abs(q - e).max(axis=1) <= _stored_bound(bundle.tables["t_C3"])[ids]).all()
+        logits = bundle.logits_of(bundle.encode_prepared(table))
+        auc = compute_metrics(torch.from_numpy(logits), labels)["auc"]
+        sizes = bundle.manifest["bytes"]
+        print(f"[quant] {dtype}: max err/bound {worst:.4f}; test AUC {auc:.5f} vs fp32 {auc32:.5f} "
+              f"(diff {auc - auc32:+.5f}); table arrays {sizes['tables_payload']:,} bytes (files {sizes['tables']:,}) "
+              f"vs achieved fp32 {sizes['achieved']:,}")
+        assert abs(auc - auc32) <= 0.001
+        expected = {"fp16": 2, "int8": 1, "int4": 0.5}[dtype]
+        rows_dims = [(t["rows"], t["dim"]) for t in bundle.manifest["tables"].values()]
+        scale_bias = 0 if dtype == "fp16" else 4
+        assert sizes["tables_payload"] == sum(r * (math.ceil(d * expected) + scale_bias) for r, d in rows_dims)
+
+
+# ----------------------------------------------------------------------------- two ranks, shard by shard
+
+
+def export_worker(rank: int, world_size: int, cfg_data: dict[str, Any], checkpoint: str, out: str) -> dict[str, Any]:
+    """Shard a DeepFM row-wise over the ranks, checkpoint it, and export each rank's own pieces."""
+    torch.set_num_threads(1)
+    from recemb.embeddings.sharding import shard_model
+    from recemb.models.ctr.registry import build_model
+    from recemb.train.checkpoint import TrainState, save_checkpoint
+    from recemb.train.loop import TrainModel, dense_optimizer
+
+    cfg = from_dict(ExperimentConfig, cfg_data)
+    fm = FeatureMap.load(cfg.data_dir)
+    torch.manual_seed(0)
+    model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")))
+    dmp = shard_model(model, cfg.embedding, torch.device("cpu")).model
+    state = TrainState(model=dmp, dense_optimizer=dense_optimizer(dmp, cfg.train),
+                       fused_optimizer=dmp.fused_optimizer)
+    save_checkpoint(checkpoint, state, step=0, epoch=0, config=cfg.to_dict())
+    if rank == 0:
+        export_writer.prepare_staging(out)
+    dist.barrier()
+    mine = export_writer.export_rank_pieces(checkpoint, rank, out)
+    dist.barrier()
+    if rank == 0:
+        export_writer.finish_bundle(checkpoint, out)
+    dist.barrier()
+    return {"largest_piece": mine.largest_piece, "pieces": mine.pieces}
+
+
+@pytest.mark.usefixtures("no_process_group")
+def test_two_ranks_export_their_own_row_wise_pieces(prepared_ctr: Path, tmp_path: Path) -> None:
+    cfg = experiment_config("deepfm", prepared_ctr, tmp_path / "runs", ["embedding.sharding=row_wise"])
+    checkpoint, out = tmp_path / "ckpt", tmp_path / "bundle"
+    results = run_ranks(export_worker, 2, cfg.to_dict(), str(checkpoint), str(out))
+    bundle = Bundle.open(out)
+    tables = bundle.manifest["tables"]
+    split = {name: t for name, t in tables.items() if len(t["pieces"]) > 1}
+    assert split, "row-wise sharding should split tables over both ranks"
+    for rank, got in enumerate(results):
+        assert got["pieces"], f"rank {rank} wrote no pieces"
+        for piece in got["pieces"]:
+            t = tables[piece["table"]]
+            if piece["table"] in split:  # a rank held only its own rows of a table sharded over ranks
+                assert piece["rows"][1] - piece["rows"][0] < t["rows"]
+        biggest = max(t["rows"] * t["dim"] for t in split.values())
+        largest_split = max(t["rows"] * t["dim"] for t in tables.values())
+        print(f"[two ranks] rank {rank}: largest table piece held {got['largest_piece']} values; largest table "
+              f"{largest_split} values; {len(got['pieces'])} pieces")
+        assert got["largest_piece"] < biggest
+    for t in split.values():
+        assert [p["rows"][0] for p in t["pieces"]] == sorted(p["rows"][0] for p in t["pieces"])
+        assert t["pieces"][0]["rows"][0] == 0 and t["pieces"][-1]["rows"][1] == t["rows"]
+    outs, logits, table, _ = reference(checkpoint)
+    for name, per_feature in outs.items():
+        got = {f: bundle.lookup_ids(f, table.column(f).to_numpy(), layer=name) for f in per_feature}
+        assert max_diff(got, per_feature) == 0.0
+    probs = bundle.score_prepared(table)
+    assert float(np.abs(probs - torch.sigmoid(torch.from_numpy(logits)).numpy()).max()) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- atomic, features, errors
+
+
+def test_a_failed_export_leaves_no_bundle(runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = runs("hashed")
+    out = tmp_path / "bundle"
+    calls = {"n": 0}
+    real = export_writer.quantize_rows
+
+    def failing(rows: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt  # as if the process were stopped mid-export
+        return real(rows, dtype)
+
+    monkeypatch.setattr(export_writer, "quantize_rows", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(result.output_dir, out)
+    assert not out.exists() and not export_writer.staging_dir(out).exists()
+    with pytest.raises(DataError, match="no such bundle folder"):
+        Bundle.open(out)
+    # A SIGKILLed export leaves its staging folder, which is not a bundle; the next export replaces it.
+    export_writer.prepare_staging(out)
+    export_writer.export_rank_pieces(resolve_checkpoint(result.output_dir), 0, out)
+    assert not out.exists()
+    monkeypatch.setattr(export_writer, "quantize_rows", real)
+    Bundle.open(export_bundle(result.output_dir, out))
+    assert not export_writer.staging_dir(out).exists()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export_bundle(result.output_dir, out)
+
+
+def test_features_exports_only_their_tables(runs: Runs, tmp_path: Path) -> None:
+    result = runs("hashed")
+    bundle = Bundle.open(export_bundle(result.output_dir, tmp_path / "b", features=["C2", "C1"]))
+    assert bundle.features == ["C1", "C2"]
+    assert sorted(bundle.manifest["tables"]) == ["h_C1", "h_C2", "lin_h_C1", "lin_h_C2"]
+    assert sorted(p.name for p in (tmp_path / "b" / "data" / "vocab").iterdir()) == ["C1.parquet", "C2.parquet"]
+    assert bundle.lookup("C1", ["a", None]).shape == (2, 8)
+    with pytest.raises(DataError, match="'C3' was not exported|not in the bundle"):
+        bundle.lookup("C3", ["a"])
+    with pytest.raises(DataError, match="scoring needs every feature"):
+        bundle.score([{"C1": "a"}])
+    with pytest.raises(ConfigError, match="unknown feature 'C99'"):
+        export_bundle(result.output_dir, tmp_path / "c", features=["C99"])
+
+
+def test_cli_exports_and_scores_raw_logs_like_the_prepared_split(runs: Runs, prepared_ctr: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    result = runs("hashed")
+    out = tmp_path / "bundle"
+    assert main(["export", "--run", result.output_dir, "--out", str(out), "--dtype", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["dtype"] == "int8"
+    assert main(["export", "--run", result.output_dir, "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+
+    raw_file = prepared_ctr.parent / "ctr.tsv"
+    assert main(["score", "--bundle", str(out), "--data", str(raw_file), "--out", str(tmp_path / "raw.parquet")]) == 0
+    printed = capsys.readouterr().out
+    assert "[unknown] C1=" in printed
+    assert main(["score", "--bundle", str(out), "--data", str(prepared_ctr / "test"),
+                 "--out", str(tmp_path / "prep.parquet")]) == 0
+    raw, prep = pq.read_table(tmp_path / "raw.parquet"), pq.read_table(tmp_path / "prep.parquet")
+    assert raw.num_rows == 20_000 and prep.column_names == ["shard", "row", "label", "logit", "prob"]
+    # The raw rows that preparation put in the test split score exactly as the prepared split does.
+    split = FeatureMap.load(prepared_ctr)
+    lines = raw.column("line").to_numpy()
+    test_rows = row_uniform(0, lines, seed=0) >= 0.8 + 0.1  # as preprocess assigns splits (train 0.8, valid 0.1)
+    assert int(test_rows.sum()) == split.rows["test"] == prep.num_rows
+    np.testing.assert_array_equal(raw.column("prob").to_numpy()[test_rows], prep.column("prob").to_numpy())
+    np.testing.assert_array_equal(raw.column("label").to_numpy()[test_rows], prep.column("label").to_numpy())
+    assert main(["score", "--bundle", str(tmp_path / "nope"), "--data", str(raw_file),
+                 "--out", str(tmp_path / "x.parquet")]) == 2
