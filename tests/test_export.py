@@ -88,7 +88,7 @@ def runs(prepared_ctr: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs(prepared_ctr, tmp_path_factory.mktemp("export_runs"))
 
 
-def test_split(data_dir: str | Path) -> tuple[FeatureMap, pa.Table]:
+def load_test_split(data_dir: str | Path) -> tuple[FeatureMap, pa.Table]:
     fm = FeatureMap.load(Path(data_dir))
     return fm, pa.concat_tables([pq.read_table(Path(data_dir) / s) for s in fm.shards["test"]])
 
@@ -107,7 +107,7 @@ def raw_values(fm: FeatureMap, data_dir: str | Path, table: pa.Table) -> dict[st
 def reference(checkpoint: Path) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, pa.Table, Any]:
     """The trained model's layer outputs and logits on the test split (``load_trained_model``)."""
     model, cfg = load_trained_model(checkpoint)
-    fm, table = test_split(cfg.data_dir)
+    fm, table = load_test_split(cfg.data_dir)
     batch = arrow_to_batch(table, fm)
     with torch.no_grad():
         outs = {name: {f: v.numpy() for f, v in layer(batch.sparse).to_dict().items()}
@@ -272,6 +272,10 @@ def test_two_ranks_export_their_own_row_wise_pieces(prepared_ctr: Path, tmp_path
 # ----------------------------------------------------------------------------- atomic, features, errors
 
 
+class Killed(BaseException):
+    """Stands for a stop the export cannot handle (BaseException, like KeyboardInterrupt)."""
+
+
 def test_a_failed_export_leaves_no_bundle(runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = runs("hashed")
     out = tmp_path / "bundle"
@@ -281,20 +285,20 @@ def test_a_failed_export_leaves_no_bundle(runs: Runs, tmp_path: Path, monkeypatc
     def failing(rows: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
         calls["n"] += 1
         if calls["n"] > 3:
-            raise KeyboardInterrupt  # as if the process were stopped mid-export
+            raise Killed  # as if the process were stopped mid-export
         return real(rows, dtype)
 
     monkeypatch.setattr(export_writer, "quantize_rows", failing)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         export_bundle(result.output_dir, out)
     assert not out.exists() and not export_writer.staging_dir(out).exists()
     with pytest.raises(DataError, match="no such bundle folder"):
         Bundle.open(out)
     # A SIGKILLed export leaves its staging folder, which is not a bundle; the next export replaces it.
+    monkeypatch.setattr(export_writer, "quantize_rows", real)
     export_writer.prepare_staging(out)
     export_writer.export_rank_pieces(resolve_checkpoint(result.output_dir), 0, out)
     assert not out.exists()
-    monkeypatch.setattr(export_writer, "quantize_rows", real)
     Bundle.open(export_bundle(result.output_dir, out))
     assert not export_writer.staging_dir(out).exists()
     with pytest.raises(OutputExistsError, match="--overwrite"):
