@@ -347,3 +347,23 @@ def test_cli_exports_and_scores_raw_logs_like_the_prepared_split(runs: Runs, pre
     np.testing.assert_array_equal(raw.column("label").to_numpy()[test_rows], prep.column("label").to_numpy())
     assert main(["score", "--bundle", str(tmp_path / "nope"), "--data", str(raw_file),
                  "--out", str(tmp_path / "x.parquet")]) == 2
+
+
+@pytest.mark.parametrize("model", ["dcnv2", "dlrm"])
+def test_other_models_score_like_evaluate(model: str, prepared_ctr: Path, tmp_path: Path) -> None:
+    """DCNv2 (no first-order layer) and DLRM (a non-persistent buffer rebuilt by reset_parameters)."""
+    cfg = experiment_config(model, prepared_ctr, tmp_path / "runs", ["embedding.kind=hashed", "embedding.budget=0.1",
+                                                                     *RUN])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    bundle = Bundle.open(export_bundle(result.output_dir, tmp_path / "bundle"))
+    _, logits, table, _ = reference(resolve_checkpoint(result.output_dir))
+    diff = float(np.abs(bundle.score_prepared(table) - torch.sigmoid(torch.from_numpy(logits)).numpy()).max())
+    print(f"[parity] {model} hashed: score max|diff| {diff:.2e}")
+    assert diff <= 1e-6
