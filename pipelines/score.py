@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recemb.config.loader import read_yaml
-from recemb.data.preprocess import _parse_float
+from recemb.data.preprocess import parse_float
 from recemb.data.schema import dataset_from_dict
 from recemb.data.sources import file_columns, iter_blocks, resolve_paths
 from recemb.errors import DataError
@@ -77,7 +77,7 @@ def score_raw(bundle: Bundle, data: Path, batch_rows: int) -> Iterator[ScoredBlo
             part = table.slice(start, batch_rows)
             labels = None
             if cfg.label:
-                labels, _ = _parse_float(part.column(cfg.label))
+                labels, _ = parse_float(part.column(cfg.label))
             logits = bundle.logits_of(bundle.encode(part))
             yield ScoredBlock({"line": lines[start:start + batch_rows]}, labels, logits)
 

@@ -21,15 +21,16 @@ from typing import Any
 
 from recemb.errors import DataError
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")  # a sha256 as recorded: 64 lowercase hex digits
 _CHUNK = 1 << 20  # hash in 1 MiB reads: files of any size in constant memory
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON fields: ``true`` is no count)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
     """A short one-line repr for error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -57,12 +58,12 @@ class FileDigest:
     def from_dict(cls, data: Any, where: str) -> FileDigest:
         """Parse ``{"size": int, "sha256": hex}``; ``where`` names it in errors."""
         if not isinstance(data, dict):
-            raise DataError(f"{where}: should be {{size, sha256}}, got {_show(data)}")
+            raise DataError(f"{where}: should be {{size, sha256}}, got {short_repr(data)}")
         size, sha256 = data.get("size"), data.get("sha256")
-        if not _is_int(size) or size < 0:
-            raise DataError(f"{where}.size: should be a byte count, got {_show(size)}")
-        if not isinstance(sha256, str) or not _SHA256.match(sha256):
-            raise DataError(f"{where}.sha256: should be 64 lowercase hex digits, got {_show(sha256)}")
+        if not is_int(size) or size < 0:
+            raise DataError(f"{where}.size: should be a byte count, got {short_repr(size)}")
+        if not isinstance(sha256, str) or not SHA256_HEX.match(sha256):
+            raise DataError(f"{where}.sha256: should be 64 lowercase hex digits, got {short_repr(sha256)}")
         return cls(size, sha256)
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ import pytest
 
 MODULES = [f"recemb.embeddings.{name}" for name in (
     "budget", "hashing", "idhash", "plan", "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec",
-    "quant", "optembed", "pruned")] + ["recemb.integrity", "recemb.serving.transforms", "recemb.serving.lookup"] + [
+    "quant", "optembed", "pruned")] + ["recemb.integrity", "recemb.export.format", "recemb.serving.transforms",
+                                     "recemb.serving.lookup"] + [
     f"recemb.serving.variants.{name}" for name in (
         "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec", "quant", "optembed", "pruned")]
 

@@ -125,7 +125,7 @@ def plan_split(cfg: DatasetConfig, sources: Sequence[SourceFile]) -> SplitPlan:
     acc = _CountAcc()
     for src in sources:
         for block in iter_blocks(cfg, src, columns=[sp.time_column]):
-            col = _as_string(block.table.column(sp.time_column).combine_chunks())
+            col = as_string(block.table.column(sp.time_column).combine_chunks())
             vc = pc.value_counts(col.drop_null())
             acc.add(vc.field("values"), vc.field("counts").cast(pa.int64()))
     table = acc.result()
@@ -167,7 +167,7 @@ class _CountAcc:
     def add(self, values: pa.Array, counts: pa.Array) -> None:
         if not len(values):
             return
-        self._parts.append(pa.table({"value": _as_string(values), "count": counts}))
+        self._parts.append(pa.table({"value": as_string(values), "count": counts}))
         self._pending += len(values)
         if self._pending > max(_COMPACT_MIN, self._compact):
             self._squash()
@@ -318,7 +318,8 @@ def merge_stats(parts: Sequence[PartialStats]) -> PartialStats:
 # ----------------------------------------------------------------------------- parsing blocks
 
 
-def _as_string(arr: pa.Array) -> pa.Array:
+def as_string(arr: pa.Array) -> pa.Array:
+    """``arr`` as one (non-chunked) string array, as preparation (and serving) read raw values."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if pa.types.is_string(arr.type):
@@ -342,7 +343,7 @@ def _failing_rows(arr: pa.Array, op: Callable[[pa.Array], Any]) -> np.ndarray:
     return np.concatenate([left, right])
 
 
-def _parse_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def parse_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Values as float64 (null -> NaN) and the indices of unparseable entries."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
@@ -377,14 +378,14 @@ class CleanBlock:
     cats: dict[str, pa.Array]
 
 
-def _multi_tokens(col: pa.Array, spec: FeatureSpec | FeatureInfo) -> tuple[pa.Array, np.ndarray]:
+def multi_tokens(col: pa.Array, spec: FeatureSpec | FeatureInfo) -> tuple[pa.Array, np.ndarray]:
     """Flat non-empty tokens of a multi-hot column (truncated to max_len) and list offsets."""
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
         lists = col
     else:
-        lists = pc.split_pattern(_as_string(col), spec.separator)
+        lists = pc.split_pattern(as_string(col), spec.separator)
     n = len(lists)
-    flat = _as_string(pc.list_flatten(lists))
+    flat = as_string(pc.list_flatten(lists))
     parents = np.asarray(pc.list_parent_indices(lists)).astype(np.int64)
     keep = np.asarray(pc.fill_null(pc.greater(pc.utf8_length(flat), 0), False))
     if not keep.all():
@@ -452,7 +453,7 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
     label = count = None
     if cfg.label:
         col = table.column(cfg.label)
-        label, bad = _parse_float(col)
+        label, bad = parse_float(col)
         flag(bad, f"unparseable label '{cfg.label}'")
         flag(np.flatnonzero(_absent(col)), f"missing label '{cfg.label}'")
         flag(np.flatnonzero(~_finite32(label)), f"non-finite label '{cfg.label}'")
@@ -462,7 +463,7 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
     for spec in cfg.features:
         if spec.kind == "dense":
             col = table.column(spec.source)
-            values, bad = _parse_float(col)
+            values, bad = parse_float(col)
             flag(bad, f"unparseable number in '{spec.source}'")
             present = ~_absent(col)
             if spec.nonfinite == "clip":  # +-inf become the training range in the transform; nan cannot
@@ -472,7 +473,7 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
             dense_raw[spec.name] = values
     if cfg.count_column:
         col = table.column(cfg.count_column)
-        count, bad = _parse_float(col)
+        count, bad = parse_float(col)
         flag(bad, f"unparseable number in '{cfg.count_column}'")
         flag(np.flatnonzero(_absent(col)), f"missing count '{cfg.count_column}'")
         with np.errstate(invalid="ignore"):
@@ -484,11 +485,11 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
         tcol = table.column(plan.time_column).combine_chunks()
         flag(np.flatnonzero(np.asarray(tcol.is_null())), f"missing time '{plan.time_column}'")
         if plan.numeric:
-            tvals, bad = _parse_float(tcol)
+            tvals, bad = parse_float(tcol)
             flag(bad, f"unparseable time in '{plan.time_column}'")
             flag(np.flatnonzero(~np.isfinite(tvals)), f"non-finite time in '{plan.time_column}'")
         else:
-            tvals = _as_string(tcol)
+            tvals = as_string(tcol)
     keep: np.ndarray | None = None
     lines = block.lines
     if reasons:
@@ -516,12 +517,12 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
                 x = np.log1p(np.maximum(x, 0.0))
             dense[spec.name] = x
         elif spec.kind == "sparse":
-            col = _as_string(table.column(spec.source).combine_chunks())
+            col = as_string(table.column(spec.source).combine_chunks())
             cats[spec.name] = col.dictionary_encode(null_encoding="encode")
         else:
             col = table.column(spec.source).combine_chunks()
             if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
-                col = pc.split_pattern(_as_string(col), spec.separator)
+                col = pc.split_pattern(as_string(col), spec.separator)
             cats[spec.name] = col
     return CleanBlock(m, split, label, count, dense, cats)
 
@@ -681,7 +682,7 @@ def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dic
                 w = weights
                 dictionary = arr.dictionary
             else:
-                flat, offsets = _multi_tokens(c.cats[spec.name], spec)
+                flat, offsets = multi_tokens(c.cats[spec.name], spec)
                 rows = np.repeat(np.arange(c.n), np.diff(offsets))
                 sel = train[rows]
                 enc = flat.filter(pa.array(sel)).dictionary_encode()
@@ -717,7 +718,7 @@ class VocabIndex:
     _SEEDS = (0x5EED, 0xC0FFEE)
 
     def __init__(self, values: pa.Array) -> None:
-        self.values = _as_string(values)
+        self.values = as_string(values)
         n = len(self.values)
         bits = max(3, int(np.ceil(np.log2(max(1, 2 * n)))))
         self._mask = (1 << bits) - 1
@@ -744,7 +745,7 @@ class VocabIndex:
         return len(self.values)
 
     def lookup(self, keys: pa.Array) -> np.ndarray:
-        keys = _as_string(keys)
+        keys = as_string(keys)
         out = np.zeros(len(keys), np.int64)
         if not len(self.values) or not len(keys):
             return out
@@ -984,7 +985,7 @@ class TransformStats:
 
 def _lut_ids(fitted: FittedFeatures, info: FeatureInfo, dictionary: pa.Array) -> np.ndarray:
     if info.hash_buckets:
-        return hash_buckets(_as_string(dictionary), info.hash_seed, info.hash_buckets)
+        return hash_buckets(as_string(dictionary), info.hash_seed, info.hash_buckets)
     return fitted.index(info.name).lookup(dictionary)
 
 
@@ -1045,7 +1046,7 @@ def _transform_block(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Sche
             add(ids, np.int64)
             oov(info.name, ids == 0)
         else:
-            flat, offsets = _multi_tokens(c.cats[info.name], info)
+            flat, offsets = multi_tokens(c.cats[info.name], info)
             enc = flat.dictionary_encode()
             ids = _lut_ids(fitted, info, enc.dictionary)[np.asarray(enc.indices)] if len(flat) else np.zeros(0, np.int64)
             lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))

@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from recemb.data.hashing import hash_buckets
-from recemb.data.preprocess import VocabIndex, _as_string, _multi_tokens, _parse_float, load_vocab
+from recemb.data.preprocess import VocabIndex, as_string, load_vocab, multi_tokens, parse_float
 from recemb.data.schema import FeatureInfo, FeatureMap, path_under
 from recemb.embeddings.plan import VariantPlan
 from recemb.errors import DataError
@@ -50,7 +50,7 @@ from recemb.export.format import (
     MANIFEST_DIGEST,
     dequantize_rows,
 )
-from recemb.integrity import _SHA256, FileDigest, verify_files
+from recemb.integrity import SHA256_HEX, FileDigest, verify_files
 from recemb.serving.lookup import lookup as plan_lookup
 
 _DAMAGED = "export the bundle again or restore it from a good copy"
@@ -154,7 +154,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise DataError(f"{digest}: missing (it guards {MANIFEST}); {_DAMAGED}")
     raw = path.read_bytes()
     recorded = digest.read_text(encoding="utf-8", errors="replace").split()
-    if not recorded or not _SHA256.match(recorded[0]):
+    if not recorded or not SHA256_HEX.match(recorded[0]):
         raise DataError(f"{digest}: should hold '<sha256>  {MANIFEST}'; {_DAMAGED}")
     if hashlib.sha256(raw).hexdigest() != recorded[0]:
         raise DataError(f"{path}: checksum mismatch (edited or corrupted after export; {MANIFEST_DIGEST} "
@@ -335,7 +335,7 @@ class Bundle:
         rule = self.rules[feature]
         n = len(col)
         if info.kind == "multihot":
-            flat, offsets = _multi_tokens(col, info)
+            flat, offsets = multi_tokens(col, info)
             ids = self._token_ids(feature, rule, flat)
             self._count(feature, len(flat), int((ids == rule["oov_id"]).sum()) if rule["kind"] == "vocab" else 0,
                         int((np.diff(offsets) == 0).sum()))
@@ -345,7 +345,7 @@ class Bundle:
             ids = np.searchsorted(np.asarray(info.boundaries, np.float64), x, side="right") + 1
             ids[np.isnan(x)] = 0
             return ids.astype(np.int64), np.ones(n, np.int64)
-        strings = _as_string(col)
+        strings = as_string(col)
         ids = self._token_ids(feature, rule, strings)
         missing = np.asarray(strings.is_null()) if strings.null_count else np.zeros(n, bool)
         unknown = int(((ids == rule["oov_id"]) & ~missing).sum()) if rule["kind"] == "vocab" else 0
@@ -354,7 +354,7 @@ class Bundle:
 
     def _token_ids(self, feature: str, rule: dict[str, Any], strings: pa.Array) -> np.ndarray:
         if rule["kind"] == "hash":
-            return hash_buckets(_as_string(strings), int(rule["seed"]), int(rule["buckets"]))
+            return hash_buckets(as_string(strings), int(rule["seed"]), int(rule["buckets"]))
         return self._vocab[feature].lookup(strings)
 
     def _info(self, feature: str) -> FeatureInfo:
@@ -365,7 +365,7 @@ class Bundle:
 
     def _dense_values(self, info: FeatureInfo, col: pa.Array) -> np.ndarray:
         """Raw numbers of a dense feature after fill, log and clip (float64), as preparation computes them."""
-        x, bad = _parse_float(col)
+        x, bad = parse_float(col)
         present = ~np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), bool)
         bad_rows = set(bad.tolist()) | set(np.flatnonzero(present & np.isnan(x)).tolist())
         if info.clip is None:

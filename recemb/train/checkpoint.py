@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from recemb.embeddings.sharding import copy_full_into, local_pieces
 from recemb.errors import ConfigError, DataError
-from recemb.integrity import _SHA256, FileDigest, _is_int, _show, file_sha256, verify_files
+from recemb.integrity import SHA256_HEX, FileDigest, file_sha256, is_int, short_repr, verify_files
 from recemb.io import write_json_atomic, write_text_atomic
 
 # 2: meta.json lists every rank file's size and sha256 ("files") and meta.json.sha256
@@ -218,11 +218,11 @@ def _field(meta: dict[str, Any], name: str, where: Path) -> Any:
     if name not in meta:
         raise DataError(f"{where}: field '{name}' is missing; {_DAMAGED}")
     value = meta[name]
-    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    ok = is_int(value) if kind is int else isinstance(value, kind)
     if ok and kind is int:
         ok = value >= (1 if name == "world_size" else 0)
     if not ok:
-        raise DataError(f"{where}: field '{name}' should be {what}, got {_show(value)}; {_DAMAGED}")
+        raise DataError(f"{where}: field '{name}' should be {what}, got {short_repr(value)}; {_DAMAGED}")
     return value
 
 
@@ -233,8 +233,8 @@ def _read_meta_bytes(folder: Path) -> tuple[bytes, bool]:
     if not digest_path.is_file():
         return raw, False
     recorded = digest_path.read_text(encoding="utf-8", errors="replace").split()
-    if not recorded or not _SHA256.match(recorded[0]):
-        raise DataError(f"{digest_path}: should hold '<sha256>  {META}', got {_show(recorded[:2])}; {_DAMAGED}")
+    if not recorded or not SHA256_HEX.match(recorded[0]):
+        raise DataError(f"{digest_path}: should hold '<sha256>  {META}', got {short_repr(recorded[:2])}; {_DAMAGED}")
     if hashlib.sha256(raw).hexdigest() != recorded[0]:
         raise DataError(f"{meta_path}: checksum mismatch (the file was changed or corrupted after it was "
                         f"written; {META_DIGEST} holds its sha256); {_DAMAGED}")
@@ -267,7 +267,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
                         f"({FORMAT_VERSION}); upgrade recemb")
     for name in _META_FIELDS:
         _field(meta, name, meta_path)
-    if not all(_is_int(b) and 0 <= b < 256 for b in meta["torch_rng"]):
+    if not all(is_int(b) and 0 <= b < 256 for b in meta["torch_rng"]):
         raise DataError(f"{meta_path}: field 'torch_rng' should be a list of bytes (0-255); {_DAMAGED}")
     if version >= 2:
         if not verified:
@@ -317,7 +317,7 @@ def _read_part(part: Path) -> tuple[dict[str, list[int]], dict[str, torch.Tensor
     except json.JSONDecodeError as e:
         raise DataError(f"{part}: metadata field 'shapes' is not valid JSON ({e}); {_DAMAGED}") from None
     if not isinstance(shapes, dict) or not all(
-        isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v) for v in shapes.values()
+        isinstance(v, list) and all(is_int(d) and d >= 0 for d in v) for v in shapes.values()
     ):
         raise DataError(f"{part}: metadata field 'shapes' should map tensor names to lists of sizes; {_DAMAGED}")
     return shapes, pieces
@@ -534,7 +534,7 @@ def check_resume(path: str | Path, meta: dict[str, Any], current: dict[str, Any]
     refused = {k: v for k, v in changes.items()
                if not _listed(k, RESUME_SAFE_KEYS) and not _listed(k, RESUME_AT_EPOCH_END_KEYS)}
     if refused:
-        listed = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
+        listed = "; ".join(f"{k}: {short_repr(a)} -> {short_repr(b)}" for k, (a, b) in refused.items())
         raise ConfigError(
             f"{path}: cannot resume with a changed config ({listed}): these change the model, the data, its order "
             f"or the optimizer; set them back to the checkpoint's values (its {META} 'config'), or start a new run "
@@ -544,10 +544,10 @@ def check_resume(path: str | Path, meta: dict[str, Any], current: dict[str, Any]
     old_batch = saved.get("train", {}).get("batch_size")
     new_batch = current.get("train", {}).get("batch_size")
     old_world = meta["world_size"]
-    if rows and (not _is_int(old_batch) or old_batch * old_world != new_batch * world_size):
+    if rows and (not is_int(old_batch) or old_batch * old_world != new_batch * world_size):
         raise ConfigError(
             f"{path}: stopped {rows:,} rows into epoch {meta['epoch']}, and resuming mid-epoch needs the same "
             f"global batch (train.batch_size x ranks sets the epoch's row order): train.batch_size: "
-            f"{_show(old_batch)} -> {new_batch}; ranks: {old_world} -> {world_size}; resume with "
+            f"{short_repr(old_batch)} -> {new_batch}; ranks: {old_world} -> {world_size}; resume with "
             f"train.batch_size={old_batch} on {old_world} rank(s), or from a checkpoint at an epoch's end"
         )
