@@ -6,8 +6,10 @@ once (``Bundle.open`` checks every file) and answers JSON over HTTP:
 (``{"rows": [{column: raw value}, ...]}`` -> probabilities and unknown-value counts) and
 ``POST /lookup`` (``{"feature": f, "values": [...]}`` -> embedding vectors). Concurrent
 ``/score`` requests are batched (``@serve.batch``, at most ``MAX_BATCH_ROWS`` rows per
-forward, ``BATCH_WAIT_S`` wait). A malformed request is checked and encoded before it joins
-a batch, so it gets a 400 with a one-line reason and never fails its neighbours' requests.
+batch, ``BATCH_WAIT_S`` wait): one encode of raw values, lookup and forward per batch. A
+malformed request is refused (400, a one-line reason) before it joins a batch, or, when only
+the bundle can tell (a dense value that is not a number), alone within its batch: it never
+fails its neighbours' requests, and the replica keeps serving.
 Replicas take fractional CPUs (``CPUS_PER_REPLICA``): on 2 cores Serve's controller and proxy
 and the replicas must fit together. Locally Ray starts quiet on 127.0.0.1
 (``pipelines.ray_runtime.init_ray``); on a cluster (``--address``/``RAY_ADDRESS``) replicas
@@ -33,7 +35,6 @@ import math
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -73,7 +74,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"the body is not JSON ({e}); send a JSON object") from None
     if not isinstance(data, dict):
-        raise RequestError(f"the body should be a JSON object, got {type(data).__name__}")
+        raise RequestError(f"the body should be a JSON object, got {_json_type(data)}")
     return data
 
 
@@ -165,13 +166,13 @@ def parse_lookup_request(data: Mapping[str, Any], features: Mapping[str, str],
 # ----------------------------------------------------------------------------- the deployment
 
 
-def _rows_in(items: list[Any]) -> int:
-    """Rows in a batch of encoded requests (``@serve.batch`` counts rows, not requests)."""
-    return sum(item.n for item in items)
+def _rows_in(items: list[list[Any]]) -> int:
+    """Rows in a batch of requests (``@serve.batch`` counts rows, not requests)."""
+    return sum(len(rows) for rows in items)
 
 
 def _concat(items: list[Any]) -> Any:
-    """One ``Encoded`` holding the rows of ``items`` in order."""
+    """One ``Encoded`` holding the rows of ``items`` (``Encoded`` each) in order."""
     from recemb.serving.bundle import Encoded
 
     if len(items) == 1:
@@ -179,6 +180,23 @@ def _concat(items: list[Any]) -> Any:
     ids = {f: (np.concatenate([e.ids[f][0] for e in items]), np.concatenate([e.ids[f][1] for e in items]))
            for f in items[0].ids}
     return Encoded(sum(e.n for e in items), ids, np.concatenate([e.dense for e in items]))
+
+
+def unknown_per_row(rule: Mapping[str, Any], ids: np.ndarray, lengths: np.ndarray,
+                    present: np.ndarray) -> np.ndarray:
+    """Per row, how many of its values took the OOV id of a ``vocab`` rule (0 for other rules).
+
+    The count ``Bundle.ids`` adds to ``unknown_counts``, split by row: single values count when
+    present (a missing value takes the OOV id too, but is not unknown); multi-hot rows count
+    their tokens that took it.
+    """
+    if rule.get("kind") != "vocab":
+        return np.zeros(len(lengths), np.int64)
+    oov = ids == int(rule["oov_id"])
+    if len(ids) == len(lengths) and bool((lengths == 1).all()):
+        return (oov & present).astype(np.int64)
+    return np.bincount(np.repeat(np.arange(len(lengths)), lengths), weights=oov, minlength=len(lengths)
+                       ).astype(np.int64)
 
 
 def _batch(func: Any) -> Any:
@@ -198,10 +216,11 @@ def bundle_id(folder: Path) -> str:
 class BundleServer:
     """One replica: the bundle opened once, answering HTTP requests (see the module docstring).
 
-    Requests are checked and encoded on the replica's event loop (the bundle's unknown-value
-    counters are read before and after each encode, with no await in between, so each
-    request gets its own counts); the batched forward runs in a worker thread so the loop
-    keeps accepting requests for the next batch meanwhile.
+    A ``/score`` request is checked on the replica's event loop, then joins a batch; a batch is
+    encoded (raw values to ids: a fixed cost per call, so one call for the whole batch), looked
+    up and scored in a worker thread, so the loop keeps taking requests for the next batch. If
+    the bundle refuses a value (e.g. a dense value that is not a number), each request of that
+    batch is encoded alone and only the ones it refuses get their 400.
     """
 
     def __init__(self, bundle_dir: str, max_rows: int = MAX_ROWS) -> None:
@@ -209,16 +228,16 @@ class BundleServer:
 
         self.bundle = Bundle.open(bundle_dir)
         self.max_rows = max_rows
-        self._lock = threading.Lock()
         fm = self.bundle.feature_map
         read = set(fm.dense_features) | set(self.bundle.rules)
         self.columns = {info.source: info.kind for info in fm.features if info.name in read}
+        self.sources = {f: fm.feature(f).source for f in self.bundle.rules}
         self.lookups = {f: fm.feature(f).kind for f in self.bundle.features}
         self.scoring = bool(self.bundle.manifest.get("complete", False))
-        # This replica's batching so far (shown by /healthz): requests scored, forwards, largest forward.
-        self.stats = {"score_requests": 0, "batches": 0, "largest_batch_rows": 0}
         if self.scoring:
             self.bundle.scorer()  # build the dense model now, not during the first request
+        # This replica's batching so far (shown by /healthz): requests scored, forwards, largest forward.
+        self.stats = {"score_requests": 0, "batches": 0, "largest_batch_rows": 0}
         manifest = self.bundle.manifest
         self.health = {
             "status": "ok",
@@ -264,33 +283,61 @@ class BundleServer:
         rows = parse_score_request(data, self.columns, self.max_rows)
         if not rows:
             return {"probabilities": [], "unknown": {}}
-        with self._lock:
-            before = dict(self.bundle.unknown_counts)
-            encoded = self.bundle.encode(rows)
-            unknown = {f: n - before[f] for f, n in self.bundle.unknown_counts.items() if n > before[f]}
-        probabilities = await self._score_batch(encoded)
+        result = await self._score_batch(rows)
+        if isinstance(result, RecembError):
+            raise result
         self.stats["score_requests"] += 1
-        return {"probabilities": probabilities.tolist(), "unknown": unknown}
+        return result
 
     @_batch
-    async def _score_batch(self, items: list[Any]) -> list[np.ndarray]:
-        merged = _concat(items)
+    async def _score_batch(self, items: list[list[dict[str, Any]]]) -> list[dict[str, Any] | RecembError]:
         self.stats["batches"] += 1
-        self.stats["largest_batch_rows"] = max(self.stats["largest_batch_rows"], merged.n)
-        probs = await asyncio.to_thread(self._probabilities, merged)
-        bounds = np.cumsum([0] + [e.n for e in items])
-        return [probs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        self.stats["largest_batch_rows"] = max(self.stats["largest_batch_rows"], _rows_in(items))
+        return await asyncio.to_thread(self._score_rows, items)
 
-    def _probabilities(self, encoded: Any) -> np.ndarray:
-        return self.bundle.scorer().probabilities(self.bundle.logits_of(encoded))
+    def _score_rows(self, items: list[list[dict[str, Any]]]) -> list[dict[str, Any] | RecembError]:
+        """Each request's answer (or the error that refuses it) for a batch of checked requests."""
+        try:
+            encoded = [self.bundle.encode([row for rows in items for row in rows])]
+            good = list(range(len(items)))
+            out: list[dict[str, Any] | RecembError] = [{} for _ in items]
+        except RecembError:
+            encoded, good, out = [], [], []
+            for i, rows in enumerate(items):
+                try:
+                    encoded.append(self.bundle.encode(rows))
+                    good.append(i)
+                    out.append({})
+                except RecembError as e:
+                    out.append(RequestError(str(e).splitlines()[0]))
+        if not good:
+            return out
+        merged = _concat(encoded)
+        probs = self.bundle.scorer().probabilities(self.bundle.logits_of(merged))
+        sizes = [len(items[i]) for i in good]
+        bounds = np.cumsum([0, *sizes])
+        request_of_row = np.repeat(np.arange(len(good)), sizes)
+        unknown: list[dict[str, int]] = [{} for _ in good]
+        for f, rule in self.bundle.rules.items():
+            if rule.get("kind") != "vocab" or f not in merged.ids:
+                continue
+            source = self.sources[f]
+            present = np.array([items[i][j].get(source) is not None for i in good for j in range(len(items[i]))])
+            per_row = unknown_per_row(rule, *merged.ids[f], present)
+            for k, n in enumerate(np.bincount(request_of_row, weights=per_row, minlength=len(good))):
+                if n:
+                    unknown[k][f] = int(n)
+        for k, i in enumerate(good):
+            out[i] = {"probabilities": probs[bounds[k]:bounds[k + 1]].tolist(), "unknown": unknown[k]}
+        return out
 
     def lookup(self, data: Mapping[str, Any]) -> dict[str, Any]:
         """``{"feature": f, "vectors": [[...], ...], "unknown": count}`` (not batched: a lookup is a gather)."""
         feature, values = parse_lookup_request(data, self.lookups, self.max_rows)
-        with self._lock:
-            before = self.bundle.unknown_counts.get(feature, 0)
-            vectors = self.bundle.lookup(feature, values)
-            unknown = self.bundle.unknown_counts.get(feature, 0) - before
+        ids, lengths = self.bundle.ids(feature, values)
+        vectors = self.bundle.lookup_ids(feature, ids, lengths)
+        present = np.array([v is not None for v in values], bool)
+        unknown = int(unknown_per_row(self.bundle.rules[feature], ids, lengths, present).sum())
         return {"feature": feature, "vectors": vectors.tolist(), "unknown": unknown}
 
 
