@@ -31,6 +31,7 @@ from recemb.data.batch import arrow_to_batch
 from recemb.data.hashing import row_uniform
 from recemb.data.preprocess import load_vocab
 from recemb.data.schema import FeatureMap
+from recemb.embeddings.pruned import FeaturePruning, PruningPlan, remap_from_mask, save_pruning
 from recemb.errors import ConfigError, DataError, OutputExistsError
 from recemb.eval.metrics import compute_metrics
 from recemb.export import export_bundle
@@ -54,10 +55,25 @@ VARIANTS: dict[str, list[str]] = {
     "dhe": ["embedding.budget=0.1"],
     "lowprec": [],
     "optembed": [],
+    "pruned": [],  # embedding.params: the pruning folder Runs writes (pruning_folder), a learned OOV vector
 }
 GATHER = {"full", "hashed", "unified", "hybrid"}
 RUN = ["train.max_steps=12"]  # a few steps move every table off its init; `full` trains a whole epoch (AUC checks)
 UNSEEN = "__never_seen_in_training__"
+
+
+def pruning_folder(data_dir: Path, path: Path) -> Path:
+    """A hand-made OptEmbed result over the synthetic features: about 60% of each feature's rows kept
+    (id 1 always, the OOV id 0 never, so unseen values take the learned OOV vector), C2 at dim 4, C3 pruned whole."""
+    fm = FeatureMap.load(data_dir)
+    rng = np.random.default_rng(0)
+    features = {}
+    for f in fm.sparse_features:
+        n = fm.feature(f).num_embeddings
+        keep = np.zeros(n, bool) if f == "C3" else rng.random(n) < 0.6
+        keep[0], keep[1] = False, f != "C3"  # id 1 kept: every other feature keeps rows (some have 2 ids)
+        features[f] = FeaturePruning(remap_from_mask(keep), dim=4 if f == "C2" else 8)
+    return save_pruning(path, PruningPlan(full_dim=8, features=features))
 
 
 class Runs:
@@ -69,9 +85,13 @@ class Runs:
 
     def __call__(self, kind: str) -> Any:
         if kind not in self.done:
+            extra = []
+            if kind == "pruned":
+                folder = pruning_folder(self.data_dir, self.root / "pruning")
+                extra = [f"embedding.params={{path: '{folder}', pruned_vector: oov}}"]
             cfg = experiment_config("deepfm", self.data_dir, self.root / "runs",
                                     [f"embedding.kind={kind}", f"expid=deepfm_{kind}",
-                                     *([] if kind == "full" else RUN), *VARIANTS[kind]])
+                                     *([] if kind == "full" else RUN), *VARIANTS[kind], *extra])
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -147,9 +167,47 @@ def test_fp32_bundle_reproduces_the_trained_model(runs: Runs, kind: str, tmp_pat
     assert score_diff <= 1e-6
 
 
+def test_pruned_bundle_keeps_the_searched_layout_and_its_oov_vector(runs: Runs, tmp_path: Path) -> None:
+    """``pruned``: compact tables at the searched dims (none for the fully pruned C3), remaps as plan
+    arrays, the learned OOV vector for unseen values and pruned ids; int8 quantises the compact tables only."""
+    result = runs("pruned")
+    fp32 = Bundle.open(export_bundle(result.output_dir, tmp_path / "fp32"))
+    fm = FeatureMap.load(runs.data_dir)
+    tables = {n: t for n, t in fp32.manifest["tables"].items() if t["layer"] == "embedding"}
+    assert sorted(tables) == sorted(f"p_{f}" for f in fm.sparse_features if f != "C3")
+    assert tables["p_C2"]["dim"] == 4 and all(t["dim"] == 8 for n, t in tables.items() if n != "p_C2")
+    layer = fp32.layer("embedding")
+    plan = layer.parts["C1"].plan
+    oov = layer.parts["C1"].dense["oov"]
+    assert float(np.abs(oov).max()) > 0
+    int8 = Bundle.open(export_bundle(result.output_dir, tmp_path / "int8", dtype="int8"))
+    checked = 0
+    for f in plan.features:
+        lo = sum(plan.dims[g] for g in plan.features[: plan.features.index(f)])
+        vector = oov[lo: lo + plan.dims[f]]
+        proj = layer.projections.get(f)  # mixed dims: the model projects each feature to the common width
+        vector = vector if proj is None else (vector @ proj.T).astype(np.float32)
+        remap = plan.arrays[f"remap/{f}"]
+        vocab = load_vocab(runs.data_dir / fm.feature(f).vocab_file).sort_by("id").column("value").to_pylist()
+        pruned = [vocab[i - 1] for i in np.flatnonzero(remap < 0)[:5] if i > 0]
+        kept = [vocab[i - 1] for i in np.flatnonzero(remap >= 0)[:50]]
+        assert bool(kept) == (f != "C3"), f
+        checked += len(pruned)
+        for bundle in (fp32, int8):  # the OOV vector is a layer parameter: fp32 in every bundle
+            got = bundle.lookup(f, [UNSEEN, *pruned])
+            np.testing.assert_allclose(got, np.tile(vector, (1 + len(pruned), 1)), rtol=0, atol=1e-7)
+        if kept:
+            ids = remap[np.flatnonzero(remap >= 0)[:50]]
+            err = np.abs(int8.lookup(f, kept) - fp32.lookup(f, kept)).max(axis=1)
+            assert (err <= _stored_bound(int8.tables[f"p_{f}"])[ids]).all(), f
+    assert checked > 20
+    print(f"[pruned] {len(tables)} compact tables (C2 at dim 4, C3 pruned whole); unseen and pruned values read "
+          f"the learned OOV vector exactly, fp32 and int8")
+
+
 def test_bundle_bytes_are_the_achieved_bytes(runs: Runs, tmp_path: Path) -> None:
     """fp32: the embedding arrays in the bundle are the run's achieved bytes (within 5%), vocabularies apart."""
-    for kind in ("full", "hashed", "hybrid", "tt"):
+    for kind in ("full", "hashed", "hybrid", "tt", "pruned"):
         result = runs(kind)
         path = export_bundle(result.output_dir, tmp_path / kind)
         sizes = json.loads((path / MANIFEST).read_text())["bytes"]
