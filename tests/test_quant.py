@@ -123,8 +123,9 @@ def test_quantized_lookup_within_error_bound(dtype: str, init: str) -> None:
 @pytest.mark.parametrize("row_alignment", [1, 16])
 @pytest.mark.parametrize("dtype", ["int8", "int4", "fp16"])
 def test_numpy_dequantisation_is_fbgemms_bit_for_bit(dtype: str, row_alignment: int) -> None:
-    """``table_arrays`` + ``dequantize_np`` give exactly the quantised layer's rows; the plan is the source's."""
-    from recemb.serving.variants.quant import dequantize_np
+    """``table_arrays`` + ``dequantize_rows`` (the bundles' dequantiser) give exactly the quantised layer's rows;
+    the plan is the source's."""
+    from recemb.export.format import dequantize_rows
 
     layer = full_layer("hard")
     q = quantize_layer(layer, dtype, row_alignment)  # type: ignore[arg-type]
@@ -135,11 +136,11 @@ def test_numpy_dequantisation_is_fbgemms_bit_for_bit(dtype: str, row_alignment: 
     arrays = q.table_arrays()
     assert sorted(arrays) == sorted(f"t_{f}" for f in SPARSE)
     for f, rows in SPARSE.items():
-        got = dequantize_np(arrays[f"t_{f}"], dtype, DIM)
+        got = dequantize_rows(arrays[f"t_{f}"], dtype, DIM)
         assert got.shape == (rows, DIM)
         np.testing.assert_array_equal(got, out[f][:rows].numpy(), err_msg=f"{dtype} {f}")
         picked = np.array([rows - 1, 0])
-        np.testing.assert_array_equal(dequantize_np(arrays[f"t_{f}"], dtype, DIM, picked), got[picked])
+        np.testing.assert_array_equal(dequantize_rows(arrays[f"t_{f}"], dtype, DIM, picked), got[picked])
 
 
 def test_quantized_bytes_match_storage() -> None:

@@ -7,7 +7,7 @@ halves. The transform and combiner are kept, so the layer's forward contract is 
 This is an export/inference step, not a training variant: no fused kernel trains these
 tables (see ``lowprec`` for low-precision training). A quantised layer keeps its source's
 ``plan`` (tables, transform, combiner, sharding); ``table_arrays`` reads the stored rows
-back as numpy (values, fp16 scale and bias), which ``recemb.serving.variants.quant``
+back as numpy (values, fp16 scale and bias), which ``recemb.export.format.dequantize_rows``
 dequantises exactly as FBGEMM does.
 
 Example:

@@ -8,7 +8,8 @@ contract ``data/`` (feature map, vocabularies, dataset config). No pickle anywhe
 
 Table pieces are stored as ``fp32``, ``fp16`` or row-wise ``int8`` / ``int4`` (values in
 ``weight``, uint8, int4 packed two per byte, low nibble first; an fp16 ``scale`` and
-``bias`` per row, as torchrec/FBGEMM store them). ``quantize_rows`` picks the fp16 bias
+``bias`` per row, as torchrec/FBGEMM store them; ``dequantize_rows`` reads this layout for
+bundles and for torchrec's quantised tables alike). ``quantize_rows`` picks the fp16 bias
 at or below the row's minimum and the fp16 scale so that ``bias + levels * scale``
 reaches its maximum, so every value lies inside the grid and the stated bound holds:
 
@@ -44,6 +45,7 @@ DATASET_CONFIG_FILE = "data/dataset_config.yaml"
 Dtype = Literal["fp32", "fp16", "int8", "int4"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
 LEVELS = {"int8": 255, "int4": 15}
+INT4_MASK = np.uint8(0x0F)
 FP16_MAX = 65504.0
 FP16_EPS = 2.0**-11  # half an ulp, relative
 FP16_SUBNORMAL_HALF_ULP = 2.0**-25
@@ -116,18 +118,33 @@ def quantize_rows(rows: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
 
 def dequantize_rows(arrays: dict[str, np.ndarray], dtype: str, cols: int,
                     index: np.ndarray | None = None) -> np.ndarray:
-    """fp32 rows (``[R, cols]``, or ``[len(index), cols]`` for the rows at ``index``) of stored ``arrays``."""
+    """fp32 rows (``[R, cols]``, or ``[len(index), cols]`` for the rows at ``index``) of stored ``arrays``.
+
+    The one dequantiser of the project: bundles read their tables with it, and it is the
+    numpy twin of torchrec/FBGEMM's row-wise lookups (``QuantizedTableLayer.table_arrays``
+    gives the same arrays; a test compares them bit for bit). It computes what FBGEMM does,
+    ``float(q) * float(scale) + float(bias)`` in fp32; stored columns past ``cols`` (FBGEMM's
+    row alignment) are padding and dropped.
+
+    Example (int4, low nibble first):
+        >>> arrays = {"weight": np.array([[0x21, 0x0F]], np.uint8),
+        ...           "scale": np.array([0.5], np.float16), "bias": np.array([-1.0], np.float16)}
+        >>> dequantize_rows(arrays, "int4", 4)
+        array([[-0.5,  0. ,  6.5, -1. ]], dtype=float32)
+    """
+    check_dtype(dtype)
     weight = arrays["weight"] if index is None else arrays["weight"][index]
     if dtype in ("fp32", "fp16"):
-        return weight.astype(np.float32, copy=False)
+        return weight[:, :cols].astype(np.float32, copy=False)
     if dtype == "int4":
         unpacked = np.empty((weight.shape[0], weight.shape[1] * 2), np.uint8)
-        unpacked[:, 0::2] = weight & np.uint8(15)
+        unpacked[:, 0::2] = weight & INT4_MASK
         unpacked[:, 1::2] = weight >> np.uint8(4)
-        weight = unpacked[:, :cols]
+        weight = unpacked
     scale = arrays["scale"] if index is None else arrays["scale"][index]
     bias = arrays["bias"] if index is None else arrays["bias"][index]
-    return weight.astype(np.float32) * scale.astype(np.float32)[:, None] + bias.astype(np.float32)[:, None]
+    codes = weight[:, :cols].astype(np.float32)
+    return codes * scale.astype(np.float32)[:, None] + bias.astype(np.float32)[:, None]
 
 
 def row_bound(arrays: dict[str, np.ndarray], dtype: str, cols: int) -> np.ndarray:
