@@ -21,10 +21,15 @@ from recemb.export.writer import export_bundle
 
 
 def run_export(run: str | Path, out: str | Path, dtype: str = "fp32", features: list[str] | None = None,
-               mlflow_uri: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Export ``run`` to ``out``; returns the bundle's path, dtype, files and bytes."""
+               mlflow_uri: str | None = None, overwrite: bool = False,
+               materialize: str | Path | None = None) -> dict[str, Any]:
+    """Export ``run`` to ``out``; returns the bundle's path, dtype, files and bytes.
+
+    ``materialize``: a JSON file ``{feature: [raw values]}`` whose rows TT/DHE layers precompute.
+    """
     t0 = time.perf_counter()
-    path = export_bundle(run, out, dtype=dtype, features=features, mlflow_uri=mlflow_uri, overwrite=overwrite)
+    path = export_bundle(run, out, dtype=dtype, features=features, mlflow_uri=mlflow_uri, overwrite=overwrite,
+                         materialize=materialize)
     manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
     sizes = manifest["bytes"]
     embedding = sizes["tables"] + sizes["plans"] + sizes["layers"]

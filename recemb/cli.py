@@ -80,7 +80,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from pipelines.export import run_export
 
     summary = run_export(args.run, args.out, dtype=args.dtype, features=args.features, mlflow_uri=args.mlflow_uri,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, materialize=args.materialize)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
                    help="storage of the physical tables (int8/int4: row-wise, fp16 scale and bias per row)")
     p.add_argument("--features", nargs="+", help="export only the tables these features read (lookups only)")
+    p.add_argument("--materialize", type=Path, metavar="FILE",
+                   help='TT/DHE: precompute the rows of these raw values, a JSON file {"C1": ["68fd1e64", ...]}')
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.set_defaults(func=_cmd_export)

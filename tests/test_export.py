@@ -37,7 +37,9 @@ from recemb.eval.metrics import compute_metrics
 from recemb.export import export_bundle
 from recemb.export import writer as export_writer
 from recemb.export.format import MANIFEST, row_bound
+from recemb.export.materialize import computes_rows
 from recemb.models.ctr.registry import embedding_layers
+from recemb.serving import bundle as bundle_module
 from recemb.serving.bundle import Bundle, StoredTable
 from recemb.train.loop import train
 from recemb.train.restore import load_trained_model, resolve_checkpoint
@@ -202,7 +204,67 @@ def test_pruned_bundle_keeps_the_searched_layout_and_its_oov_vector(runs: Runs, 
             assert (err <= _stored_bound(int8.tables[f"p_{f}"])[ids]).all(), f
     assert checked > 20
     print(f"[pruned] {len(tables)} compact tables (C2 at dim 4, C3 pruned whole); unseen and pruned values read "
-          f"the learned OOV vector exactly, fp32 and int8")
+          f"the learned OOV vector (projected: within 1e-7), fp32 and int8")
+
+
+@pytest.mark.parametrize("kind", ["tt", "dhe"])
+def test_materialized_rows_serve_listed_values_and_the_rest_is_computed(
+        runs: Runs, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--materialize``: half of the test split's distinct values of every TT/DHE feature (and an unseen one)
+    precomputed; lookups of listed ids gather them (never computed), the others are computed; parity holds."""
+    result = runs(kind)
+    outs, logits, table, cfg = reference(resolve_checkpoint(result.output_dir))
+    fm = FeatureMap.load(cfg.data_dir)
+    raw = raw_values(fm, cfg.data_dir, table)
+    plain = Bundle.open(export_bundle(result.output_dir, tmp_path / "plain"))
+    served = sorted({f for layer in plain.layers.values() for f, part in layer.parts.items()
+                     if computes_rows(part.plan)})
+    assert served
+    listed = {f: [str(v) for v in list(dict.fromkeys(raw[f].tolist()))[::2]] + [UNSEEN] for f in served}
+    hot = tmp_path / "hot.json"
+    hot.write_text(json.dumps(listed))
+    assert main(["export", "--run", result.output_dir, "--out", str(tmp_path / "mat"), "--materialize", str(hot)]) == 0
+    bundle = Bundle.open(tmp_path / "mat")
+    entries = [part["materialized"] for layer in bundle.manifest["layers"] for part in layer["parts"]
+               if part["materialized"]]
+    assert entries and bundle.manifest["bytes"]["materialized"] > 0
+    assert all(f.startswith("materialized/") for f in bundle.manifest["files"] if "materialized" in f)
+
+    expected = {name: {f: plain.lookup(f, raw[f], layer=name) for f in per_feature}
+                for name, per_feature in outs.items()}
+    computed: dict[str, list[np.ndarray]] = {}
+    real = bundle_module.plan_lookup
+
+    def spy(plan: Any, tables: Any, dense: Any, feature: str, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        computed.setdefault(feature, []).append(np.asarray(values).copy())
+        return real(plan, tables, dense, feature, values, lengths)
+
+    monkeypatch.setattr(bundle_module, "plan_lookup", spy)
+    trained, vs_computed = {}, {}
+    for name, per_feature in outs.items():
+        got = {f: bundle.lookup(f, raw[f], layer=name) for f in per_feature}
+        trained[name] = max_diff(got, per_feature)
+        vs_computed[name] = max_diff(got, expected[name])
+    for f in served:
+        listed_ids = bundle.ids(f, listed[f])[0]
+        seen = np.concatenate(computed[f])
+        assert not np.isin(seen, listed_ids).any(), f  # listed ids were gathered, not computed
+        assert seen.size > 0, f  # and the values not listed were computed
+    probs = bundle.score_prepared(table)
+    score_diff = float(np.abs(probs - torch.sigmoid(torch.from_numpy(logits)).numpy()).max())
+    rows = sum(n for e in entries for n in e["features"].values())
+    print(f"[materialize] {kind}: {rows} rows of {len(served)} features precomputed; lookup max|diff| vs trained "
+          f"{trained}, vs computed bundle {vs_computed}; score max|diff| {score_diff:.2e}")
+    assert max(trained.values()) <= 1e-6 and max(vs_computed.values()) <= 1e-6 and score_diff <= 1e-6
+
+    with pytest.raises(ConfigError, match="not computed by a TT or DHE layer"):
+        export_bundle(runs("hashed").output_dir, tmp_path / "x", materialize={"C1": ["a"]})
+    with pytest.raises(ConfigError, match="unknown|not exported"):
+        export_bundle(result.output_dir, tmp_path / "x", materialize={"C99": ["a"]})
+    hot.write_text('{"C1": "not a list"}')
+    with pytest.raises(ConfigError, match="should list its raw values"):
+        export_bundle(result.output_dir, tmp_path / "x", materialize=hot)
+    assert not (tmp_path / "x").exists()
 
 
 def test_bundle_bytes_are_the_achieved_bytes(runs: Runs, tmp_path: Path) -> None:

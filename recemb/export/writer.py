@@ -50,6 +50,12 @@ from recemb.export.format import (
     quantize_rows,
     table_file,
 )
+from recemb.export.materialize import (
+    check_materialize,
+    computes_rows,
+    load_materialize,
+    write_materialized,
+)
 from recemb.integrity import FileDigest, file_sha256
 from recemb.io import write_json_atomic, write_text_atomic
 from recemb.models.ctr.registry import build_model, embedding_layers
@@ -380,18 +386,23 @@ def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def finish_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", features: list[str] | None = None,
-                  run_id: str | None = None, overwrite: bool = False) -> Path:
+                  run_id: str | None = None, overwrite: bool = False,
+                  materialize: dict[str, list[Any]] | None = None) -> Path:
     """Complete the bundle every rank's ``export_rank_pieces`` staged for ``out``; one process calls it.
 
     Writes plan arrays, each layer's other tensors, the dense model, the feature map,
     vocabularies and dataset config, then ``manifest.json`` (every file's size and sha256)
-    and ``manifest.json.sha256``, and renames the staging folder to ``out``.
+    and ``manifest.json.sha256``, and renames the staging folder to ``out``. ``materialize``
+    (``{feature: [raw values]}``, see ``recemb.export.materialize``) adds precomputed rows
+    of those values for TT and DHE layers.
     """
     path, out = Path(checkpoint), Path(out)
     tmp = staging_dir(out)
     meta = read_meta(path)
     spec = describe_model(meta, path)
     chosen = _check_features(spec, features)
+    if materialize:
+        check_materialize(computed_features(spec), chosen, materialize)
     wanted = selected_tables(spec, chosen)
     world = meta["world_size"]
     records = []
@@ -429,7 +440,8 @@ def finish_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
                 save_numpy({k: np.ascontiguousarray(v) for k, v in part.plan.arrays.items()}, str(tmp / arrays_file))
                 payload["plans"] += sum(v.nbytes for v in part.plan.arrays.values())
             parts.append({"name": part.name, "prefix": part.prefix, "plan": part.plan.to_dict(),
-                          "arrays_file": arrays_file, "tables": {t: rel for t, rel in part.tables.items() if t in wanted}})
+                          "arrays_file": arrays_file, "tables": {t: rel for t, rel in part.tables.items() if t in wanted},
+                          "materialized": None})
         layers_json.append({"name": layer.name, "features": layer.features, "dims": layer.dims, "parts": parts,
                             "projections": layer.projections, "dense_file": layer_file,
                             "achieved_bytes": layer.achieved_bytes, "full_bytes": layer.full_bytes})
@@ -449,8 +461,7 @@ def finish_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     if config_yaml.is_file():
         shutil.copyfile(config_yaml, tmp / DATASET_CONFIG_FILE)
 
-    files = {p.relative_to(tmp).as_posix(): FileDigest.of(p).to_dict()
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = _digests(tmp)
 
     def size_of(prefix: str) -> int:
         return sum(d["size"] for f, d in files.items() if f.startswith(prefix))
@@ -477,40 +488,76 @@ def finish_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
                   "tables_payload": sum(p["payload"] for r in records for p in r.pieces if p["table"] in tables),
                   "plans": size_of("plans/"), "layers": size_of("layers/"),
                   "plans_payload": payload["plans"], "layers_payload": payload["layers"],
-                  "vocab": size_of("data/vocab/"), "dense_model": size_of(DENSE_FILE),
+                  "vocab": size_of("data/vocab/"), "dense_model": size_of(DENSE_FILE), "materialized": 0,
                   "achieved": sum(layer.achieved_bytes for layer in spec.layers),
                   "full": sum(layer.full_bytes for layer in spec.layers)},
         "files": files,
     }
-    write_json_atomic(tmp / MANIFEST, manifest)
-    write_text_atomic(tmp / MANIFEST_DIGEST, f"{file_sha256(tmp / MANIFEST)}  {MANIFEST}\n")
+    _write_manifest(tmp, manifest)
+    if materialize:  # computed by the runtime from the staged bundle, then listed like every other file
+        entries = write_materialized(tmp, materialize)
+        for layer_entry in manifest["layers"]:
+            for part_entry in layer_entry["parts"]:
+                part_entry["materialized"] = entries.get((layer_entry["name"], part_entry["name"]))
+        files = manifest["files"] = _digests(tmp)
+        manifest["bytes"]["materialized"] = size_of("materialized/")
+        _write_manifest(tmp, manifest)
     _replace(tmp, out, overwrite)
     return out
 
 
+def _digests(folder: Path) -> dict[str, Any]:
+    """Size and sha256 of every file in ``folder`` but the manifest and its digest."""
+    return {p.relative_to(folder).as_posix(): FileDigest.of(p).to_dict() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST, MANIFEST_DIGEST)}
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    write_json_atomic(folder / MANIFEST, manifest)
+    write_text_atomic(folder / MANIFEST_DIGEST, f"{file_sha256(folder / MANIFEST)}  {MANIFEST}\n")
+
+
+def computed_features(spec: ModelSpec) -> dict[str, list[str]]:
+    """Feature -> the layers where a TT or DHE part computes its rows (what ``--materialize`` can list)."""
+    out: dict[str, list[str]] = {}
+    for layer in spec.layers:
+        for part in layer.parts:
+            if computes_rows(part.plan):
+                for f in part.plan.features:
+                    out.setdefault(f, []).append(layer.name)
+    return out
+
+
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", features: list[str] | None = None,
-                  mlflow_uri: str | None = None, overwrite: bool = False) -> Path:
+                  mlflow_uri: str | None = None, overwrite: bool = False,
+                  materialize: dict[str, list[Any]] | str | Path | None = None) -> Path:
     """Export ``checkpoint`` (a checkpoint folder, run folder or MLflow run id) to the bundle folder ``out``.
 
     In one process: every rank file of the checkpoint in turn (``export_rank_pieces``),
     then ``finish_bundle``. ``dtype`` stores the physical tables as fp32, fp16, or
     row-wise int8/int4; ``features`` exports only the tables those features read (such a
-    bundle looks up but cannot score). Returns ``out``.
+    bundle looks up but cannot score); ``materialize`` (a JSON file or its ``{feature: [raw
+    values]}``) precomputes those values' rows for TT and DHE layers. Returns ``out``.
     """
     check_dtype(dtype)
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists; pass --overwrite to replace it, or another --out")
+    listed = materialize if isinstance(materialize, dict) or materialize is None else load_materialize(materialize)
     ref = locate_checkpoint(checkpoint, mlflow_uri)
     meta = verify_checkpoint(ref.path)  # every rank file's size and sha256, before anything is read
+    if listed:  # refused before any table is written
+        spec = describe_model(meta, ref.path)
+        check_materialize(computed_features(spec), _check_features(spec, features), listed)
     tmp = prepare_staging(out)
     try:
         for rank in range(meta["world_size"]):
             export_rank_pieces(ref.path, rank, out, dtype, features)
-        return finish_bundle(ref.path, out, dtype, features, run_id=ref.run_id, overwrite=overwrite)
+        return finish_bundle(ref.path, out, dtype, features, run_id=ref.run_id, overwrite=overwrite,
+                             materialize=listed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["LayerSpec", "ModelSpec", "PartSpec", "RankPieces", "describe_model", "export_bundle",
+__all__ = ["LayerSpec", "ModelSpec", "PartSpec", "RankPieces", "computed_features", "describe_model", "export_bundle",
            "export_rank_pieces", "finish_bundle", "prepare_staging", "selected_tables", "staging_dir"]

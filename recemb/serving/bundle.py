@@ -52,6 +52,7 @@ from recemb.export.format import (
 )
 from recemb.integrity import SHA256_HEX, FileDigest, verify_files
 from recemb.serving.lookup import lookup as plan_lookup
+from recemb.serving.lookup import segment_sum
 
 _DAMAGED = "export the bundle again or restore it from a good copy"
 Rows = Sequence[Mapping[str, Any]] | pa.Table | pa.RecordBatch
@@ -105,11 +106,32 @@ class StoredTable:
 
 @dataclass
 class PartRuntime:
-    """One planned layer: its plan, physical tables and other tensors (as ``lookup`` takes them)."""
+    """One planned layer: its plan, physical tables and other tensors (as ``lookup`` takes them), and
+    for TT/DHE the rows the export precomputed (``--materialize``: feature -> (sorted ids, rows))."""
 
     plan: VariantPlan
     tables: dict[str, Any]
     dense: dict[str, np.ndarray]
+    name: str = ""
+    materialized: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def lookup(self, feature: str, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """``[B, dim]`` pooled vectors of ``feature``'s ids: precomputed rows where the export listed
+        them, the plan's numpy runtime for the rest (each distinct id once, summed per row as TT/DHE do)."""
+        known = self.materialized.get(feature)
+        if known is None:
+            return plan_lookup(self.plan, self.tables, self.dense, feature, values, lengths)
+        ids, rows = known
+        unique, inverse = np.unique(values, return_inverse=True)
+        at = np.minimum(np.searchsorted(ids, unique), len(ids) - 1)
+        hit = ids[at] == unique
+        per_id = np.empty((len(unique), rows.shape[1]), np.float32)
+        per_id[hit] = rows[at[hit]]
+        if not hit.all():
+            missed = unique[~hit]
+            per_id[~hit] = plan_lookup(self.plan, self.tables, self.dense, feature, missed,
+                                       np.ones(len(missed), np.int64))
+        return segment_sum(per_id[inverse.reshape(-1)], lengths)
 
 
 @dataclass
@@ -127,7 +149,7 @@ class LayerRuntime:
         if part is None:
             raise DataError(f"layer '{self.name}': feature '{feature}' was not exported "
                             f"(exported: {', '.join(self.parts)})")
-        out = plan_lookup(part.plan, part.tables, part.dense, feature, values, lengths)
+        out = part.lookup(feature, values, lengths)
         proj = self.projections.get(feature)
         return out if proj is None else (out @ proj.T).astype(np.float32, copy=False)
 
@@ -188,6 +210,7 @@ def _referenced(manifest: dict[str, Any]) -> list[str]:
     for layer in manifest["layers"]:
         out.append(layer.get("dense_file"))
         out.extend(part.get("arrays_file") for part in layer.get("parts", []))
+        out.extend((part.get("materialized") or {}).get("file") for part in layer.get("parts", []))
     out.extend(rule.get("vocab_file") for rule in manifest["rules"].values())
     return [p for p in out if p is not None]
 
@@ -304,12 +327,26 @@ class Bundle:
             tables = {t: self.tables[t] for t in part["tables"]}
             table_keys = set(part["tables"].values())
             mine = {k[len(prefix):]: v for k, v in dense.items() if k.startswith(prefix) and k not in table_keys}
-            runtime = PartRuntime(plan, tables, mine)
+            runtime = PartRuntime(plan, tables, mine, part["name"], self._materialized(part))
             for f in plan.features:
                 if f in self.features:
                     parts[f] = runtime
         projections = {f: dense[key] for f, key in entry.get("projections", {}).items()}
         return LayerRuntime(entry["name"], list(entry["features"]), dict(entry["dims"]), parts, projections)
+
+    def _materialized(self, part: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """A part's precomputed rows (``recemb.export.materialize``): feature -> (sorted ids, rows)."""
+        entry = part.get("materialized")
+        if not entry:
+            return {}
+        arrays = _load(self.folder / entry["file"])
+        out = {}
+        for f in entry["features"]:
+            ids, rows = arrays.get(f"ids/{f}"), arrays.get(f"rows/{f}")
+            if ids is None or rows is None or rows.shape[0] != ids.shape[0] or ids.size == 0:
+                raise DataError(f"{self.folder / entry['file']}: rows of '{f}' missing or not one per id; {_DAMAGED}")
+            out[f] = (ids.astype(np.int64, copy=False), rows.astype(np.float32, copy=False))
+        return out
 
     def _vocab_index(self, info: FeatureInfo) -> VocabIndex:
         table = load_vocab(self.folder / self.rules[info.name]["vocab_file"]).sort_by("id")
