@@ -281,6 +281,56 @@ def test_bundle_bytes_are_the_achieved_bytes(runs: Runs, tmp_path: Path) -> None
         assert abs(payload - result.embedding_bytes) <= 0.05 * result.embedding_bytes
 
 
+# ----------------------------------------------------------------------------- MLflow
+
+
+def test_export_is_recorded_in_the_source_mlflow_run(runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A real sqlite store: the run found by its id, or by the checkpoint folder it is tagged with, gets the
+    manifest and its sha256 under export/<dtype>/ and a recemb.bundle.<dtype> tag; a failing store warns."""
+    from mlflow import MlflowClient
+
+    from recemb.export import record as export_record
+    from recemb.export.record import TAG_BUNDLE_PREFIX
+    from recemb.tracking import TAG_CHECKPOINT_DIR, Tracker
+
+    result = runs("hashed")
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    tracker = Tracker(uri, rank=0)
+    run_id = tracker.start(from_dict(ExperimentConfig, json.loads(
+        (resolve_checkpoint(result.output_dir) / "meta.json").read_text())["config"]))
+    tracker.set_tags({TAG_CHECKPOINT_DIR: str(Path(result.output_dir).resolve() / "checkpoints")})
+    tracker.end("FINISHED")
+    client = MlflowClient(uri)
+
+    def artifact(dtype: str, name: str) -> bytes:
+        return Path(client.download_artifacts(run_id, f"export/{dtype}/{name}", str(tmp_path / "dl"))).read_bytes()
+
+    by_id = export_bundle(run_id, tmp_path / "fp32", mlflow_uri=uri)  # the run id names the checkpoint
+    by_folder = export_bundle(result.output_dir, tmp_path / "int8", dtype="int8", mlflow_uri=uri)  # found by its tag
+    tags = client.get_run(run_id).data.tags
+    for bundle, dtype in ((by_id, "fp32"), (by_folder, "int8")):
+        assert json.loads((bundle / MANIFEST).read_text())["source"]["run_id"] == run_id
+        assert artifact(dtype, MANIFEST) == (bundle / MANIFEST).read_bytes()
+        assert artifact(dtype, "manifest.json.sha256") == (bundle / "manifest.json.sha256").read_bytes()
+        assert tags[f"{TAG_BUNDLE_PREFIX}{dtype}"] == str(bundle.resolve())
+    assert "[mlflow] warning" not in capsys.readouterr().err
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("connection refused\n(second line)")
+
+    monkeypatch.setattr(Tracker, "log_artifact", unreachable)
+    bundle = Bundle.open(export_bundle(result.output_dir, tmp_path / "fp16", dtype="fp16", mlflow_uri=uri))
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[mlflow] warning")]
+    assert len(warning) == 1 and "not recorded in MLflow run" in warning[0] and "connection refused" in warning[0]
+    assert bundle.dtype == "fp16" and f"{TAG_BUNDLE_PREFIX}fp16" not in client.get_run(run_id).data.tags
+    # A store that is not there is never created: the export names no run and records nothing.
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    assert export_record.find_source_run(f"sqlite:///{missing}", resolve_checkpoint(result.output_dir)) is None
+    export_bundle(result.output_dir, tmp_path / "plain", mlflow_uri=f"sqlite:///{missing}")
+    assert not missing.exists()
+
+
 # ----------------------------------------------------------------------------- quantised
 
 

@@ -56,6 +56,7 @@ from recemb.export.materialize import (
     load_materialize,
     write_materialized,
 )
+from recemb.export.record import find_source_run, record_export
 from recemb.integrity import FileDigest, file_sha256
 from recemb.io import write_json_atomic, write_text_atomic
 from recemb.models.ctr.registry import build_model, embedding_layers
@@ -530,14 +531,17 @@ def computed_features(spec: ModelSpec) -> dict[str, list[str]]:
 
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", features: list[str] | None = None,
                   mlflow_uri: str | None = None, overwrite: bool = False,
-                  materialize: dict[str, list[Any]] | str | Path | None = None) -> Path:
+                  materialize: dict[str, list[Any]] | str | Path | None = None, record: bool = True) -> Path:
     """Export ``checkpoint`` (a checkpoint folder, run folder or MLflow run id) to the bundle folder ``out``.
 
     In one process: every rank file of the checkpoint in turn (``export_rank_pieces``),
     then ``finish_bundle``. ``dtype`` stores the physical tables as fp32, fp16, or
     row-wise int8/int4; ``features`` exports only the tables those features read (such a
     bundle looks up but cannot score); ``materialize`` (a JSON file or its ``{feature: [raw
-    values]}``) precomputes those values' rows for TT and DHE layers. Returns ``out``.
+    values]}``) precomputes those values' rows for TT and DHE layers. With ``record``, an
+    export whose source MLflow run is known (run id given, in the run's ``result.json``, or
+    the run tagged with this checkpoint folder) logs its manifest to that run
+    (``recemb.export.record``; a store that cannot be written is a warning). Returns ``out``.
     """
     check_dtype(dtype)
     out = Path(out)
@@ -549,14 +553,21 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     if listed:  # refused before any table is written
         spec = describe_model(meta, ref.path)
         check_materialize(computed_features(spec), _check_features(spec, features), listed)
+    uri = ref.mlflow_uri or mlflow_uri or meta["config"].get("cluster", {}).get("mlflow_uri") or None
+    run_id = ref.run_id or _source_run_id(ref.path, None)
+    if run_id is None and record:
+        run_id = find_source_run(uri, ref.path)
     tmp = prepare_staging(out)
     try:
         for rank in range(meta["world_size"]):
             export_rank_pieces(ref.path, rank, out, dtype, features)
-        return finish_bundle(ref.path, out, dtype, features, run_id=ref.run_id, overwrite=overwrite,
+        path = finish_bundle(ref.path, out, dtype, features, run_id=run_id, overwrite=overwrite,
                              materialize=listed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if record and run_id:
+        record_export(path, run_id, uri, dtype)
+    return path
 
 
 __all__ = ["LayerSpec", "ModelSpec", "PartSpec", "RankPieces", "computed_features", "describe_model", "export_bundle",
