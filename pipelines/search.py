@@ -37,7 +37,7 @@ from recemb.embeddings.pruned import FeaturePruning, PrunedLayer, PruningPlan, r
 from recemb.embeddings.sharding import copy_full_into, ensure_process_group, local_pieces, shard_model
 from recemb.errors import ConfigError, RecembError
 from recemb.io import atomic_path, write_json_atomic, write_text_atomic
-from recemb.models.ctr.registry import build_model, check_model_config, embedding_layers, model_needs
+from recemb.models.registry import build_model, check_model_config, embedding_layers, model_needs
 from recemb.search.evolution import EvolutionSettings, Generation, evolve
 from recemb.tracking import TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, Tracker
 from recemb.train.checkpoint import assemble_full

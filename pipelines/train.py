@@ -23,7 +23,7 @@ from recemb.config.experiment import ClusterConfig, ExperimentConfig, load_exper
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
 from recemb.errors import ConfigError, RecembError
-from recemb.models.ctr.registry import check_model_config
+from recemb.models.registry import check_model_config
 from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, TAG_WORLD_SIZE, Tracker
 from recemb.train.loop import TrainResult, train
 

@@ -1,12 +1,17 @@
-"""Exact metrics for binary CTR prediction: AUC, log loss, normalized entropy, calibration.
+"""Exact metrics: CTR (AUC, log loss, normalized entropy, calibration) and anomaly detection
+(ROC AUC and average precision with the anomaly as positive, precision@k, recall@k).
 
 Everything is computed in float64 from the full set of scores (no binning), and
 ``MetricAccumulator`` gathers every rank's rows so all ranks report the same global numbers.
+Labels follow the task's convention: CTR labels are 0/1; anomaly labels are read through an
+``AnomalyLabels`` convention (event data: ``1`` normal, ``-1`` anomaly).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -16,6 +21,9 @@ from recemb.errors import DataError
 # Probabilities are clipped to [EPS, 1 - EPS] so one confident mistake costs ~36 nats, not inf.
 EPS = float(torch.finfo(torch.float64).eps)
 _LOGIT_CLIP = math.log((1.0 - EPS) / EPS)
+# What compute_metrics and anomaly_metrics return that train.monitor may weight.
+CTR_METRICS = ("auc", "logloss", "ne", "calibration")
+ANOMALY_METRICS = ("auc", "ap", "precision_at_k", "recall_at_k")
 
 
 class MetricInputError(DataError, ValueError):
@@ -160,10 +168,109 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, flo
     }
 
 
+
+@dataclass(frozen=True)
+class AnomalyLabels:
+    """Which label value marks an anomaly and which a normal row (a task's label convention).
+
+    The default is the event data's convention (IDS2017, ``recemb synth events``): ``1``
+    normal, ``-1`` anomaly. Any other value is refused: a 0/1 CTR label fed to an anomaly
+    model is a mistake to report, not to guess at.
+
+    Example:
+        >>> AnomalyLabels().is_anomaly(torch.tensor([1.0, -1.0, 1.0])).tolist()
+        [False, True, False]
+    """
+
+    normal: float = 1.0
+    anomaly: float = -1.0
+
+    def __post_init__(self) -> None:
+        if self.normal == self.anomaly:
+            raise ValueError(f"the normal and the anomaly label must differ, both are {self.normal}")
+
+    def is_anomaly(self, labels: torch.Tensor) -> torch.Tensor:
+        """Boolean ``[N]``: which rows are anomalies (``MetricInputError`` on any other value)."""
+        labels = torch.as_tensor(labels).detach().reshape(-1)
+        anomaly = labels == self.anomaly
+        if not (anomaly | (labels == self.normal)).all():
+            raise MetricInputError(f"anomaly labels must be {self.normal:g} (normal) or {self.anomaly:g} (anomaly)")
+        return anomaly
+
+
+def average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Average precision: ``sum_n (R_n - R_{n-1}) P_n`` over distinct score thresholds, high first.
+
+    As scikit-learn's ``average_precision_score`` (tied scores enter together). ``nan`` when
+    there is no positive.
+
+    Example:
+        >>> average_precision(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+        0.8333333333333333
+    """
+    scores, positive = _prepare(scores, torch.as_tensor(positive).to(torch.float64))
+    return _average_precision(scores, positive)
+
+
+def _average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return math.nan
+    sorted_scores, order = torch.sort(scores, descending=True, stable=True)
+    pos = positive[order]
+    # The last row of each run of equal scores is a threshold.
+    last = torch.ones_like(sorted_scores, dtype=torch.bool)
+    last[:-1] = sorted_scores[1:] != sorted_scores[:-1]
+    tps = torch.cumsum(pos, 0)[last]
+    seen = torch.nonzero(last).reshape(-1).to(torch.float64) + 1.0
+    precision = tps / seen
+    recall_step = torch.diff(tps, prepend=torch.zeros(1, dtype=tps.dtype)) / n_pos
+    return float((recall_step * precision).sum())
+
+
+def anomaly_metrics(scores: torch.Tensor, labels: torch.Tensor, convention: AnomalyLabels = AnomalyLabels(),
+                    k: int = 100) -> dict[str, float]:
+    """Anomaly-detection metrics of anomaly ``scores`` (higher = more anomalous).
+
+    ``auc`` (ROC AUC) and ``ap`` (average precision) with the anomaly as the positive class;
+    ``precision_at_k`` / ``recall_at_k``: the share of the ``k`` highest-scored rows that are
+    anomalies, and the share of all anomalies among them (ties broken by row order; ``k`` is
+    capped at the row count and reported). ``auc`` is ``nan`` with one class only, ``ap`` and
+    ``recall_at_k`` without anomalies.
+
+    Example:
+        >>> m = anomaly_metrics(torch.tensor([0.9, 0.1, 0.8, 0.2]), torch.tensor([-1, 1, 1, 1]), k=1)
+        >>> m["auc"], m["ap"], m["precision_at_k"], m["recall_at_k"], m["anomaly_rate"]
+        (1.0, 1.0, 1.0, 1.0, 0.25)
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    positive = convention.is_anomaly(labels).to(torch.float64)
+    scores, positive = _prepare(scores, positive)
+    n_pos = int(positive.sum())
+    top = min(k, scores.numel())
+    hits = float(positive[torch.sort(scores, descending=True, stable=True).indices[:top]].sum())
+    return {
+        "auc": _auc(scores, positive),
+        "ap": _average_precision(scores, positive),
+        "precision_at_k": hits / top,
+        "recall_at_k": hits / n_pos if n_pos else math.nan,
+        "k": float(top),
+        "count": float(scores.numel()),
+        "anomaly_rate": n_pos / scores.numel(),
+    }
+
+
+MetricsFn = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
+
+
 class MetricAccumulator:
     """Keeps every (logit, label) seen across ``update`` calls so ``compute`` is exact.
 
-    Rows are stored as float32 on CPU (8 bytes/row). When ``torch.distributed`` is initialised
+    ``compute_fn(values, labels)`` turns the rows into metrics (default ``compute_metrics``,
+    the CTR metrics); a model whose rows carry several values (``[B, C]``, e.g. an anomaly
+    score and more) passes its own and gets ``[N, C]`` values. Rows are stored as float32 on
+    CPU (8 bytes/row for one value). When ``torch.distributed`` is initialised
     with more than one rank, ``compute`` all-gathers the rows of every rank (ranks may hold
     different counts, or none) and every rank returns the same global metrics; it is a
     collective, so call it on all ranks.
@@ -176,30 +283,49 @@ class MetricAccumulator:
         3.0
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, compute_fn: MetricsFn = compute_metrics) -> None:
         self.group = group
+        self.compute_fn = compute_fn
         self._rows: list[torch.Tensor] = []
+        self._width = 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add one batch; ``logits`` and ``labels`` hold one value per example (any shape)."""
-        logits = logits.detach().reshape(-1)
+        """Add one batch; ``labels`` hold one value per example, ``logits`` one (any shape) or
+        ``C`` (``[B, C]``, for a ``compute_fn`` that reads several values per row)."""
         labels = labels.detach().reshape(-1)
-        if logits.numel() != labels.numel():
-            raise MetricInputError(
-                f"got {logits.numel()} logits but {labels.numel()} labels; pass one logit per label"
-            )
-        self._rows.append(torch.stack([logits.to("cpu", torch.float32), labels.to("cpu", torch.float32)], 1))
+        logits = logits.detach()
+        n = labels.numel()
+        if logits.dim() >= 2 and logits.numel() != n:  # several values per row
+            if logits.shape[0] != n:
+                raise MetricInputError(f"got {logits.shape[0]} rows of values but {n} labels; pass one row per label")
+            values = logits.reshape(n, -1)
+        else:
+            logits = logits.reshape(-1)
+            if logits.numel() != n:
+                raise MetricInputError(
+                    f"got {logits.numel()} logits but {n} labels; pass one logit per label"
+                )
+            values = logits.reshape(n, 1)
+        if n == 0:
+            return
+        values = values.to("cpu", torch.float32)
+        if self._width and values.shape[1] != self._width:
+            raise MetricInputError(f"got {values.shape[1]} values per row, earlier batches had {self._width}")
+        self._width = values.shape[1]
+        self._rows.append(torch.cat([values, labels.to("cpu", torch.float32)[:, None]], 1))
 
     def reset(self) -> None:
         """Drop everything seen so far (e.g. before the next eval epoch)."""
         self._rows = []
+        self._width = 0
 
     def compute(self) -> dict[str, float]:
         """Metrics over all rows seen on this rank, or on all ranks when running distributed."""
-        rows = torch.cat(self._rows) if self._rows else torch.empty(0, 2, dtype=torch.float32)
+        rows = torch.cat(self._rows) if self._rows else torch.empty(0, 1 + (self._width or 1), dtype=torch.float32)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             rows = self._gather(rows)
-        return compute_metrics(rows[:, 0], rows[:, 1])
+        values = rows[:, 0] if rows.shape[1] == 2 else rows[:, :-1]
+        return self.compute_fn(values, rows[:, -1])
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's rows in rank order; all_gather needs equal shapes, so pad."""
@@ -215,7 +341,12 @@ class MetricAccumulator:
         counts = [int(s) for s in sizes]
         if max(counts) == 0:
             raise MetricInputError("no rows on any rank; call update() before compute()")
-        padded = torch.zeros(max(counts), 2, dtype=torch.float32, device=device)
+        # A rank without rows may not know the width: agree on the widest.
+        width = torch.tensor([rows.shape[1]], dtype=torch.int64, device=device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX, group=self.group)
+        if rows.shape[0] == 0:
+            rows = torch.empty(0, int(width), dtype=torch.float32)
+        padded = torch.zeros(max(counts), int(width), dtype=torch.float32, device=device)
         padded[: rows.shape[0]] = rows.to(device)
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded, group=self.group)

@@ -1,5 +1,9 @@
 """The training loop as plain functions: build, shard, train, evaluate, checkpoint.
 
+The loop knows no task: the model of any family (``recemb.models.registry``) gives
+the loss of a batch and the metrics of an evaluation (``TaskModel``), so click models
+and event models share this loop, its checkpoints, Ray and MLflow.
+
 ``train`` runs one experiment on the current process group (one rank when none is
 running, so FBGEMM's fused tables still do the work). Ray's worker function
 calls the same function on every rank; only rank 0 prints, logs and writes.
@@ -42,7 +46,8 @@ from recemb.embeddings.sharding import (
 from recemb.errors import ConfigError, DataError
 from recemb.eval.metrics import MetricAccumulator
 from recemb.io import write_json_atomic, write_text_atomic
-from recemb.models.ctr.registry import build_model, embedding_layers
+from recemb.models.ctr.objective import BinaryObjective
+from recemb.models.registry import TaskModel, build_model, embedding_layers
 from recemb.train.checkpoint import (
     TrainState,
     check_resume,
@@ -59,9 +64,11 @@ StartHook = Callable[[nn.Module, int], None]
 
 
 class TrainModel(nn.Module):
-    """Model + loss: returns ``(loss, (loss, logits, labels))`` like torchrec's examples.
+    """Model + its own loss: returns ``(loss, (data_loss, rows, labels))`` like torchrec's examples.
 
-    The loss is the mean binary cross-entropy, weighted by ``batch.weights`` when set.
+    The data loss is the model's ``loss(batch, output)`` (CTR: mean binary cross-entropy,
+    weighted by ``batch.weights`` when set; APE: noise-contrastive loss); ``rows`` are its
+    ``eval_rows(batch, output)`` (CTR: the logits), which its ``metrics`` read at evaluation.
     In training mode, every submodule with a ``regularization() -> Tensor`` method
     (e.g. OptEmbed's threshold prior) adds its term to the first (optimised) loss, and
     so does ``embedding_l2 / 2 * mean_b sum |e|^2`` over the pooled outputs of every
@@ -73,6 +80,8 @@ class TrainModel(nn.Module):
     def __init__(self, model: nn.Module, embedding_l2: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        # A plain module that returns logits (a test's toy, a benchmark's variant) keeps the CTR objective.
+        self._own_objective = isinstance(model, TaskModel)
         # Modules (not parameters) are kept: DMP re-creates meta parameters but keeps modules.
         self._regularized = [m for m in model.modules() if callable(getattr(m, "regularization", None))]
         self.embedding_l2 = embedding_l2
@@ -87,19 +96,37 @@ class TrainModel(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         self._pooled = [] if self.training and self._hooks else None
         try:
-            logits = self.model(batch)
+            output = self.model(batch)
             pooled = self._pooled or []
         finally:
             self._pooled = None
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, weight=batch.weights)
+        objective = self.objective()
+        loss = objective.loss(batch, output)
         data_loss = loss.detach()
         if self.training:
             for module in self._regularized:
                 loss = loss + module.regularization()
             if pooled:
                 squares = sum(v.square().sum() for v in pooled)
-                loss = loss + 0.5 * self.embedding_l2 * squares / logits.shape[0]
-        return loss, (data_loss, logits.detach(), batch.labels)
+                loss = loss + 0.5 * self.embedding_l2 * squares / batch.batch_size
+        return loss, (data_loss, objective.eval_rows(batch, output), batch.labels)
+
+    def objective(self) -> TaskModel | BinaryObjective:
+        """Whose ``loss``/``eval_rows``/``metrics`` apply: the model's own, else the binary (CTR) one."""
+        return self.model if self._own_objective else _BINARY
+
+
+_BINARY = BinaryObjective()
+
+
+def objective_of(model: nn.Module) -> TaskModel | BinaryObjective:
+    """The objective of the ``TrainModel`` in ``model`` (itself, or DMP over one)."""
+    inner: Any = model
+    while not isinstance(inner, TrainModel) and hasattr(inner, "module"):
+        inner = inner.module
+    if not isinstance(inner, TrainModel):
+        raise TypeError(f"expected a TrainModel (or DMP over one), got {type(model).__name__}")
+    return inner.objective()
 
 
 @dataclass
@@ -200,13 +227,14 @@ def _is_rank0() -> bool:
 
 
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
-    """Exact metrics of ``model`` over ``batches``, merged across ranks."""
-    acc = MetricAccumulator()
+    """Exact metrics of ``model`` (a ``TrainModel``, or DMP over one) over ``batches``, merged
+    across ranks; which metrics is the model's own ``metrics``."""
+    acc = MetricAccumulator(compute_fn=objective_of(model).metrics)
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            _, (_, logits, labels) = model(batch.to(device))
-            acc.update(logits.float().cpu(), labels.cpu())
+            _, (_, rows, labels) = model(batch.to(device))
+            acc.update(rows.float().cpu(), labels.cpu())
     model.train()
     return acc.compute()
 
@@ -411,7 +439,8 @@ def train(
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    keys = ("auc", "logloss", "ne", "calibration")
+    keys = ("auc", "logloss", "ne", "calibration", "ap", "precision_at_k", "recall_at_k", "nce_loss",
+            "unseen_share")
     return " ".join(f"{k}={metrics[k]:.5f}" for k in keys if k in metrics)
 
 
@@ -466,5 +495,5 @@ def _append_results_csv(path: Path, cfg: ExperimentConfig, result: TrainResult) 
         writer.writerow(row)
 
 
-__all__ = ["TrainModel", "TrainResult", "aux_optimizer", "aux_param_groups", "dense_optimizer", "evaluate",
+__all__ = ["TrainModel", "TrainResult", "objective_of", "aux_optimizer", "aux_param_groups", "dense_optimizer", "evaluate",
            "monitor_score", "train"]

@@ -26,13 +26,13 @@ from recemb.config.experiment import ExperimentConfig
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
 from recemb.errors import DataError, RecembError
-from recemb.models.ctr.registry import build_model
+from recemb.models.registry import build_model
 from recemb.train.checkpoint import assemble_full, read_meta
 
 # Which checkpoint of a run serves inference: the best validation one, else the latest.
 CHECKPOINT_PREFERENCE = ("best", "last")
 _MODEL_PREFIX = "model/"  # TrainState.tensors() names the model's tensors model/<state_dict key>
-_WRAPPER_PREFIX = "model."  # TrainModel holds the CTR model as its ``model`` attribute
+_WRAPPER_PREFIX = "model."  # TrainModel holds the model (of any family) as its ``model`` attribute
 _MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -122,7 +122,7 @@ def resolve_checkpoint(run_or_path: str | Path, mlflow_uri: str | None = None) -
 
 
 def model_state(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The CTR model's own ``state_dict`` out of ``assemble_full``'s tensors.
+    """The model's own ``state_dict`` out of ``assemble_full``'s tensors.
 
     Keeps the ``model/`` tensors (dropping optimizer state) and strips the training
     wrapper's ``model.`` prefix.

@@ -18,6 +18,7 @@ from torch import nn
 from recemb.data.batch import Batch
 from recemb.embeddings.base import EmbeddingLayer
 from recemb.models.ctr.layers import MLP, CrossNetwork, check_mlp
+from recemb.models.ctr.objective import BinaryObjective
 
 
 @dataclass
@@ -37,7 +38,7 @@ class DCNv2Params:
         check_mlp("mlp", self.mlp, self.dropout)
 
 
-class DCNv2(nn.Module):
+class DCNv2(BinaryObjective, nn.Module):
     """Deep & Cross Network V2 over the embedding layer and the dense features.
 
     Example:

@@ -15,6 +15,7 @@ from torch import nn
 from recemb.data.batch import Batch
 from recemb.embeddings.base import EmbeddingLayer
 from recemb.models.ctr.layers import MLP, FirstOrder, check_mlp, fm_second_order
+from recemb.models.ctr.objective import BinaryObjective
 
 
 @dataclass
@@ -40,7 +41,7 @@ class DeepFMParams:
         check_mlp("mlp", self.mlp, self.dropout)
 
 
-class DeepFM(nn.Module):
+class DeepFM(BinaryObjective, nn.Module):
     """``logit = FM(x) + MLP([e_1, ..., e_F, dense])``.
 
     Example:

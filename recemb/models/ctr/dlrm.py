@@ -16,6 +16,7 @@ from torch import nn
 from recemb.data.batch import Batch
 from recemb.embeddings.base import EmbeddingLayer
 from recemb.models.ctr.layers import MLP, check_mlp
+from recemb.models.ctr.objective import BinaryObjective
 
 
 @dataclass
@@ -60,7 +61,7 @@ class DotInteraction(nn.Module):
         return gram[:, self.pairs[0], self.pairs[1]]
 
 
-class DLRM(nn.Module):
+class DLRM(BinaryObjective, nn.Module):
     """Deep Learning Recommendation Model (Naumov et al. 2019) over the embedding layer.
 
     Without dense features the bottom MLP is dropped and the interaction runs

@@ -15,6 +15,7 @@ from torch import nn
 from recemb.data.batch import Batch
 from recemb.embeddings.base import EmbeddingLayer
 from recemb.models.ctr.layers import FirstOrder, fm_second_order
+from recemb.models.ctr.objective import BinaryObjective
 
 
 @dataclass
@@ -22,7 +23,7 @@ class FMParams:
     """FM has no settings of its own (the factor dim is ``embedding.dim``)."""
 
 
-class FM(nn.Module):
+class FM(BinaryObjective, nn.Module):
     """Second-order factorization machine over the embedding layer.
 
     Example:

@@ -14,6 +14,7 @@ from torch import nn
 from recemb.data.batch import Batch
 from recemb.embeddings.base import EmbeddingLayer
 from recemb.models.ctr.layers import FirstOrder
+from recemb.models.ctr.objective import BinaryObjective
 
 
 @dataclass
@@ -21,7 +22,7 @@ class LRParams:
     """LR has no settings of its own (the table sizes come from the feature map)."""
 
 
-class LR(nn.Module):
+class LR(BinaryObjective, nn.Module):
     """``logit = sum_f w_f[id_f] + <w_dense, dense> + b``.
 
     ``linear`` is a 1-dim embedding layer over the sparse features (the

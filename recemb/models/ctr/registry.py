@@ -1,9 +1,12 @@
-"""Model registry (YAML ``model.name`` -> params dataclass and model class) and ``build_model``.
+"""CTR models (``lr``, ``fm``, ``deepfm``, ``dcnv2``, ``dlrm``, ``wdl``) in the top-level model registry.
 
-``build_model`` checks ``model.params`` against the model's dataclass (unknown
-keys and wrong types are ``ConfigError``s), builds the embedding layer(s) the
-model needs and hands them to the model's constructor. Models never build their
-own embeddings, so every variant works with every model.
+Each CTR model is registered in ``recemb.models.registry`` with its params dataclass
+and ``build_ctr_model``, which builds the embedding layer(s) the model needs (a
+``d``-dim layer, a first-order layer) and hands them to the model's constructor.
+Models never build their own embeddings, so every variant works with every model.
+``build_model``, ``check_model_config``, ``model_needs``, ``embedding_layers`` and
+``ModelNeeds`` live in ``recemb.models.registry``; the names here are the same objects,
+for importers written before the move.
 
 Example:
     >>> model = build_model(ModelConfig(name="deepfm", params={"mlp": [64]}), fm,
@@ -15,24 +18,31 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from recemb.config.experiment import EmbeddingConfig, ModelConfig
-from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
-from recemb.embeddings.base import EmbeddingLayer
 from recemb.embeddings.budget import MIN_BYTE_BUDGET
-from recemb.embeddings.registry import build_embedding_layer, check_embedding_config
-from recemb.errors import ConfigError
+from recemb.embeddings.registry import build_embedding_layer
+from recemb.eval.metrics import CTR_METRICS
 from recemb.models.ctr.dcnv2 import DCNv2, DCNv2Params
 from recemb.models.ctr.deepfm import DeepFM, DeepFMParams
 from recemb.models.ctr.dlrm import DLRM, DLRMParams
 from recemb.models.ctr.fm import FM, FMParams
 from recemb.models.ctr.lr import LR, LRParams
 from recemb.models.ctr.wdl import WDL, WDLParams
+from recemb.models.registry import (
+    ModelEntry,
+    ModelNeeds,
+    build_model,
+    check_model_config,
+    embedding_layers,
+    model_needs,
+    register_model,
+)
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "lr": (LRParams, LR),
@@ -42,21 +52,6 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "dlrm": (DLRMParams, DLRM),
     "wdl": (WDLParams, WDL),
 }
-
-
-@dataclass(frozen=True)
-class ModelNeeds:
-    """What a model asks of the embedding side.
-
-    ``equal_dims``: every feature must come out with ``embedding.dim`` (FM,
-    DLRM's dot products), so mixed-dim variants get projected. ``linear``: the
-    model also takes a 1-dim embedding layer for its first-order term.
-    ``embedding``: the model takes the ``d``-dim layer (LR alone does not).
-    """
-
-    equal_dims: bool
-    linear: bool
-    embedding: bool = True
 
 
 _NEEDS: dict[str, ModelNeeds] = {
@@ -70,39 +65,8 @@ _NEEDS: dict[str, ModelNeeds] = {
 
 
 def model_names() -> list[str]:
-    """Registered model names."""
+    """Registered CTR model names."""
     return sorted(MODELS)
-
-
-def _check_name(name: str) -> None:
-    if name not in MODELS:
-        raise ConfigError(f"model.name '{name}' is unknown (known: {', '.join(model_names())})")
-
-
-def model_needs(name: str) -> ModelNeeds:
-    """What model ``name`` needs from the embedding layer (``ConfigError`` if unknown)."""
-    _check_name(name)
-    return _NEEDS[name]
-
-
-def check_model_config(
-    cfg: ModelConfig, embedding_cfg: EmbeddingConfig, feature_map: FeatureMap | None = None,
-) -> None:
-    """Check a model block and the whole embedding block before anything is built or tracked.
-
-    The model's name and ``params``, and every embedding setting (``check_embedding_config``:
-    kinds, variant params, budgets, and with ``feature_map`` the groups' features) are checked
-    for every model, including those that build only part of the block (LR). A mistake is a
-    ``ConfigError`` naming the key.
-
-    Example:
-        >>> check_model_config(ModelConfig(name="lr"), EmbeddingConfig(params={"bogus": 1}))
-        Traceback (most recent call last):
-        recemb.errors.ConfigError: embedding.params: unknown key 'bogus' (known keys of FullParams: shared)
-    """
-    _check_name(cfg.name)
-    from_dict(MODELS[cfg.name][0], cfg.params, where="model.params")
-    check_embedding_config(embedding_cfg, feature_map.sparse_features if feature_map is not None else None)
 
 
 def takes_linear_layer(needs: ModelNeeds, params: object) -> bool:
@@ -171,22 +135,13 @@ def main_embedding_config(embedding_cfg: EmbeddingConfig, with_linear: bool) -> 
         embedding_cfg, budget=share(embedding_cfg.budget, embedding_cfg.kind, embedding_cfg.dim), groups=groups)
 
 
-def build_model(
-    cfg: ModelConfig,
-    feature_map: FeatureMap,
-    embedding_cfg: EmbeddingConfig,
+def build_ctr_model(
+    name: str, params: Any, feature_map: FeatureMap, embedding_cfg: EmbeddingConfig,
     device: torch.device | None = None,
 ) -> nn.Module:
-    """Build model ``cfg.name`` with its embedding layer(s) over ``feature_map``'s features.
-
-    Pass ``device=torch.device("meta")`` to build without allocating tables
-    (``DistributedModelParallel`` materialises them, and every dense module
-    re-initialises through ``reset_parameters``).
-    """
-    check_model_config(cfg, embedding_cfg, feature_map)
-    needs = model_needs(cfg.name)
-    params_cls, model_cls = MODELS[cfg.name]
-    params = from_dict(params_cls, cfg.params, where="model.params")
+    """Build CTR model ``name`` from its checked ``params`` with its embedding layer(s) over
+    ``feature_map``'s sparse features (``recemb.models.registry.build_model`` calls this)."""
+    needs = _NEEDS[name]
     kwargs: dict[str, object] = {"num_dense": len(feature_map.dense_features), "params": params}
     if needs.embedding:
         project_to = embedding_cfg.dim if needs.equal_dims else None
@@ -199,15 +154,21 @@ def build_model(
             feature_map, linear_embedding_config(embedding_cfg, alone=not needs.embedding), device=device,
             name_prefix="lin_",
         )
-    model = model_cls(**kwargs)
-    if device is not None:
-        model.to(device)
-    return model
+    return MODELS[name][1](**kwargs)
 
 
-def embedding_layers(model: nn.Module) -> dict[str, EmbeddingLayer]:
-    """The model's top-level embedding layers by attribute name (``embedding``, ``linear``).
+def _register() -> None:
+    for name, (params_cls, _) in MODELS.items():
+        def build(params: Any, fm: FeatureMap, emb: EmbeddingConfig, device: torch.device | None,
+                  name: str = name) -> nn.Module:
+            return build_ctr_model(name, params, fm, emb, device)
 
-    For byte reports and export, which need the layers without knowing the model.
-    """
-    return {name: m for name, m in model.named_children() if isinstance(m, EmbeddingLayer)}
+        register_model(ModelEntry(name=name, family="ctr", params=params_cls, build=build, needs=_NEEDS[name],
+                                  metrics=CTR_METRICS))
+
+
+_register()
+
+__all__ = ["MODELS", "ModelConfig", "ModelNeeds", "build_ctr_model", "build_model", "check_model_config",
+           "embedding_layers", "linear_embedding_config", "main_embedding_config", "model_names", "model_needs",
+           "takes_linear_layer"]

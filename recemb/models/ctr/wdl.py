@@ -15,6 +15,7 @@ from torch import nn
 from recemb.data.batch import Batch
 from recemb.embeddings.base import EmbeddingLayer
 from recemb.models.ctr.layers import MLP, FirstOrder, check_mlp
+from recemb.models.ctr.objective import BinaryObjective
 
 
 @dataclass
@@ -29,7 +30,7 @@ class WDLParams:
         check_mlp("mlp", self.mlp, self.dropout)
 
 
-class WDL(nn.Module):
+class WDL(BinaryObjective, nn.Module):
     """``logit = wide(ids, dense) + MLP([e_1, ..., e_F, dense])``.
 
     Example:
