@@ -256,6 +256,10 @@ def test_materialized_rows_serve_listed_values_and_the_rest_is_computed(
     print(f"[materialize] {kind}: {rows} rows of {len(served)} features precomputed; lookup max|diff| vs trained "
           f"{trained}, vs computed bundle {vs_computed}; score max|diff| {score_diff:.2e}")
     assert max(trained.values()) <= 1e-6 and max(vs_computed.values()) <= 1e-6 and score_diff <= 1e-6
+    stored = tmp_path / "mat" / entries[0]["file"]  # checksummed like every other file
+    stored.write_bytes(stored.read_bytes()[:-1])
+    with pytest.raises(DataError, match=entries[0]["file"]):
+        Bundle.open(tmp_path / "mat")
 
     with pytest.raises(ConfigError, match="not computed by a TT or DHE layer"):
         export_bundle(runs("hashed").output_dir, tmp_path / "x", materialize={"C1": ["a"]})

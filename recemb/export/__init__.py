@@ -3,8 +3,9 @@
 ``recemb.export.format`` is the bundle's layout and the row-wise quantisation codec (numpy
 only: the serving runtime reads it); ``recemb.export.writer`` writes bundles from a
 checkpoint, shard by shard (it uses torch to rebuild the model's description on the meta
-device). The writer's entry points are importable from here without importing torch
-until they are used.
+device); ``recemb.export.materialize`` precomputes TT/DHE rows (``--materialize``);
+``recemb.export.record`` logs a bundle's manifest to its source MLflow run. The writer's
+entry points are importable from here without importing torch until they are used.
 
 Example:
     >>> from recemb.export import export_bundle                            # doctest: +SKIP

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors.numpy import save_file as save_numpy
 
 from recemb.embeddings.plan import VariantPlan
 from recemb.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from recemb.export.writer import ModelSpec
 
 MATERIALIZED_KINDS = ("tt", "dhe")
 MATERIALIZED_DIR = "materialized"
@@ -40,6 +43,17 @@ def computes_rows(plan: VariantPlan) -> bool:
     """Whether ``plan``'s runtime computes rows that ``--materialize`` can precompute (a TT or DHE module;
     the plain tables a TT group keeps for its small features are stored already)."""
     return plan.kind in MATERIALIZED_KINDS and plan.capabilities.storage == "module"
+
+
+def computed_features(spec: ModelSpec) -> dict[str, list[str]]:
+    """Feature -> the layers of ``spec`` (the export's model description) where TT or DHE computes its rows."""
+    out: dict[str, list[str]] = {}
+    for layer in spec.layers:
+        for part in layer.parts:
+            if computes_rows(part.plan):
+                for f in part.plan.features:
+                    out.setdefault(f, []).append(layer.name)
+    return out
 
 
 def parse_materialize(data: Any, where: str) -> dict[str, list[Any]]:
@@ -115,5 +129,5 @@ def write_materialized(folder: Path, listed: dict[str, list[Any]]) -> dict[tuple
     return out
 
 
-__all__ = ["MATERIALIZED_DIR", "MATERIALIZED_KINDS", "check_materialize", "computes_rows", "load_materialize", "parse_materialize",
+__all__ = ["MATERIALIZED_DIR", "MATERIALIZED_KINDS", "check_materialize", "computed_features", "computes_rows", "load_materialize", "parse_materialize",
            "write_materialized"]

@@ -52,7 +52,7 @@ from recemb.export.format import (
 )
 from recemb.export.materialize import (
     check_materialize,
-    computes_rows,
+    computed_features,
     load_materialize,
     write_materialized,
 )
@@ -518,17 +518,6 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_text_atomic(folder / MANIFEST_DIGEST, f"{file_sha256(folder / MANIFEST)}  {MANIFEST}\n")
 
 
-def computed_features(spec: ModelSpec) -> dict[str, list[str]]:
-    """Feature -> the layers where a TT or DHE part computes its rows (what ``--materialize`` can list)."""
-    out: dict[str, list[str]] = {}
-    for layer in spec.layers:
-        for part in layer.parts:
-            if computes_rows(part.plan):
-                for f in part.plan.features:
-                    out.setdefault(f, []).append(layer.name)
-    return out
-
-
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", features: list[str] | None = None,
                   mlflow_uri: str | None = None, overwrite: bool = False,
                   materialize: dict[str, list[Any]] | str | Path | None = None, record: bool = True) -> Path:
@@ -570,5 +559,5 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     return path
 
 
-__all__ = ["LayerSpec", "ModelSpec", "PartSpec", "RankPieces", "computed_features", "describe_model", "export_bundle",
+__all__ = ["LayerSpec", "ModelSpec", "PartSpec", "RankPieces", "describe_model", "export_bundle",
            "export_rank_pieces", "finish_bundle", "prepare_staging", "selected_tables", "staging_dir"]
