@@ -9,10 +9,11 @@ import pytest
 
 MODULES = [f"recemb.embeddings.{name}" for name in (
     "budget", "hashing", "idhash", "plan", "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec",
-    "quant", "optembed", "pruned")] + ["recemb.integrity", "recemb.export.format", "recemb.serving.transforms",
+    "quant", "optembed", "pruned")] + ["recemb.integrity", "recemb.export.format", "recemb.export.materialize", "recemb.export.record",
+                                     "recemb.serving.transforms",
                                      "recemb.serving.lookup"] + [
     f"recemb.serving.variants.{name}" for name in (
-        "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec", "quant", "optembed", "pruned")]
+        "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec", "optembed", "pruned")]
 
 
 @pytest.mark.parametrize("name", MODULES)
