@@ -390,8 +390,10 @@ def compare(
         for m in boot.metrics:
             p = dl.diff(t, c, level)[3] if m == "auc" else boot.p[i][m]
             test = "DeLong" if m == "auc" else "paired bootstrap"
-            distance = boot.deltas[i].get("calibration_distance") if m == "calibration" else None
-            tests.append((names[t], m, boot.deltas[i][m], boot.low[i][m], boot.high[i][m], p, distance, test))
+            # calibration is judged, and reported, as the change in its distance to 1 (negative: closer)
+            key = "calibration_distance" if m == "calibration" else m
+            distance = boot.deltas[i][key] if m == "calibration" else None
+            tests.append((names[t], m, boot.deltas[i][key], boot.low[i][key], boot.high[i][key], p, distance, test))
     if group is not None:
         if rows.group is None:
             raise DataError(f"--group {group}: the data has no such column")
@@ -408,7 +410,8 @@ def compare(
     verdicts = []
     for (tname, m, d, lo, hi, p, distance, test), ph in zip(tests, adjusted, strict=True):
         v = _judge(m, d, distance, float(ph), 1 - level)
-        text = (f"{tname} vs {control}: {m} {v} at {level:.0%} (Holm), by {d:+.4g} (CI {lo:+.4g}..{hi:+.4g}; "
+        label = "calibration (|pred/obs - 1|)" if m == "calibration" else m
+        text = (f"{tname} vs {control}: {label} {v} at {level:.0%} (Holm), by {d:+.4g} (CI {lo:+.4g}..{hi:+.4g}; "
                 f"{test} p={p:.2g}, Holm p={ph:.2g})")
         verdicts.append(Verdict(tname, m, d, lo, hi, p, float(ph), v, test, text))
     summaries = []

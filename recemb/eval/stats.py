@@ -305,6 +305,8 @@ def paired_bootstrap(
             p["calibration"] = _pvalue(closer)
             kept["calibration_distance"] = closer
             d["calibration_distance"] = abs(point[t]["abs_cal"] - 1) - abs(point[control]["abs_cal"] - 1)
+            lo["calibration_distance"], hi["calibration_distance"] = (
+                float(v) for v in np.quantile(closer, [tail, 1 - tail]))
         result.deltas.append(d)
         result.low.append(lo)
         result.high.append(hi)
