@@ -9,6 +9,12 @@ Usage::
 
     python tools/bench_ab.py                          # 100k, 300k, 1M rows; 1,000 resamples; 3 arms
     python tools/bench_ab.py --rows 1000000 --resamples 1000 --threads 2
+    python tools/bench_ab.py --synthetic-ab bench-out/ab   # full vs unified@1/100 vs hashed@1/100 vs int8 of full
+
+``--synthetic-ab DIR`` instead generates and prepares synthetic CTR data (``--synth-rows``), trains a
+DeepFM with full tables, unified and hashed at 1/100 of their bytes (one epoch each, in this
+process), exports the full run as an int8 bundle and runs ``pipelines.ab.run_ab`` on the test split
+(report and MLflow store under DIR).
 """
 
 from __future__ import annotations
@@ -27,14 +33,63 @@ import torch
 from recemb.eval.stats import paired_bootstrap
 
 
+def synthetic_ab(out: Path, rows: int, vocab_scale: float) -> None:
+    """Full vs unified@1/100 vs hashed@1/100 vs the int8 bundle of full, on fresh synthetic data."""
+    import torch.distributed as dist
+
+    from pipelines.ab import run_ab
+    from recemb.config.experiment import load_experiment
+    from recemb.data.preprocess import prepare_dataset
+    from recemb.data.schema import load_dataset_config
+    from recemb.data.synthetic import CtrSynthConfig, generate_ctr
+    from recemb.export import export_bundle
+    from recemb.train.loop import train
+
+    repo = Path(__file__).resolve().parents[1]
+    out = out.resolve()
+    raw, data = out / "ctr.tsv", out / "prepared"
+    if not (data / "feature_map.json").is_file():
+        generate_ctr(CtrSynthConfig(rows=rows, vocab_scale=vocab_scale, seed=0), raw)
+        prepare_dataset(load_dataset_config(repo / "configs/datasets/synthetic_ctr.yaml",
+                                            {"paths": [str(raw)], "output": str(data)}))
+    runs = {}
+    for name, extra in (("full", ["embedding.kind=full"]),
+                        ("unified", ["embedding.kind=unified", "embedding.budget=0.01"]),
+                        ("hashed", ["embedding.kind=hashed", "embedding.budget=0.01"])):
+        folder = out / "runs" / f"deepfm_{name}"
+        if not (folder / "result.json").is_file():
+            cfg = load_experiment(repo / "configs/experiments/deepfm_synthetic_ctr.yaml",
+                                  [f"data_dir={data}", f"train.output_dir={out / 'runs'}", f"expid=deepfm_{name}",
+                                   "train.progress=false", "train.batch_size=1024", "embedding.dim=16",
+                                   "embedding.sharding=row_wise", "model.params={mlp: [64, 32]}", *extra])
+            t0 = time.perf_counter()
+            train(cfg)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            print(f"[bench_ab] trained {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        runs[name] = folder
+    bundle = out / "bundles" / "full_int8"
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(runs["full"], bundle, dtype="int8")
+    run = run_ab(str(runs["full"]), [str(runs["unified"]), str(runs["hashed"]), str(bundle)], data,
+                 out=out / "report", mlflow_uri=f"sqlite:///{out / 'mlflow.db'}", workers=1)
+    print(run.files.markdown.read_text(), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     p.add_argument("--resamples", type=int, default=1000)
     p.add_argument("--arms", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--synthetic-ab", type=Path, default=None, metavar="DIR")
+    p.add_argument("--synth-rows", type=int, default=200_000)
+    p.add_argument("--vocab-scale", type=float, default=0.01)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.synthetic_ab is not None:
+        synthetic_ab(args.synthetic_ab, args.synth_rows, args.vocab_scale)
+        return
     print(f"[bench_ab] {args.arms} arms, {args.resamples} resamples, {args.threads} threads, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
     for n in args.rows:
