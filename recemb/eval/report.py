@@ -93,7 +93,8 @@ def _calibration(result: ABResult) -> tuple[str, dict[str, Any]]:
 def _deltas(result: ABResult) -> tuple[str, dict[str, Any]]:
     metrics = list(dict.fromkeys(v.metric for v in result.verdicts))
     treatments = list(dict.fromkeys(v.treatment for v in result.verdicts))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 0.6 + 0.5 * len(treatments)), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 1.2 + 0.5 * len(treatments)),
+                             squeeze=False, sharey=True)
     colour = {"better": "tab:green", "worse": "tab:red", "indistinguishable": "tab:grey"}
     data: dict[str, Any] = {}
     for ax, m in zip(axes[0], metrics, strict=True):
@@ -102,13 +103,14 @@ def _deltas(result: ABResult) -> tuple[str, dict[str, Any]]:
             ax.errorbar([v.delta], [i], xerr=[[v.delta - v.low], [v.high - v.delta]], fmt="o", capsize=3,
                         color=colour[v.verdict])
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)), [v.treatment for v in rows])
+        ax.set_yticks(range(len(rows)), [v.treatment for v in rows] if ax is axes[0][0] else [])
         ax.set_ylim(-0.7, len(rows) - 0.3)
         ax.set_title(f"Δ {m}", fontsize=10)
         ax.tick_params(axis="x", labelsize=7)
         data[m] = [{"treatment": v.treatment, "delta": v.delta, "low": v.low, "high": v.high, "verdict": v.verdict}
                    for v in rows]
-    fig.suptitle(f"Treatment - {result.control}, {result.level:.0%} intervals (green better, red worse)", fontsize=10)
+    fig.suptitle(f"Treatment - {result.control}, {result.level:.0%} intervals (green better, red worse)", fontsize=10,
+                 y=1.02)
     return _png(fig), data
 
 
