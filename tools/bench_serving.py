@@ -12,8 +12,8 @@ Then, in this one process with one torch thread:
    and 512, p50/p99, next to the trained model's forward on prepared ids;
 3. **HTTP**: ``recemb serve`` (``pipelines.serve.run_serve``) on 127.0.0.1 with
    ``--replicas``, hit by ``--concurrency`` client threads of this process posting
-   ``--requests`` ``/score`` requests of ``--http-rows`` rows each: requests/s, p50, p99, and
-   the mean requests per batched forward.
+   ``--requests`` ``/score`` requests of ``--http-rows`` rows each: requests/s, p50, p99, the
+   mean requests per batch and the share of the wall time the replica spent on its batches.
 
 On 2 cores every figure shares the CPUs with whatever else runs (the load average is printed);
 the client threads, Serve's proxy and the replica share them too.
@@ -74,22 +74,24 @@ def prepared(rows: int, seed: int) -> tuple[Path, Path]:
 
 
 def trained_bundle(variant: str, data_dir: Path, fresh: bool) -> tuple[Path, Path]:
-    """``(checkpoint, bundle)`` of ``variant``: ``recemb train`` in a subprocess, then ``export_bundle``."""
+    """``(checkpoint, bundle)`` of ``variant`` on ``data_dir``: ``recemb train`` in a subprocess, then
+    ``export_bundle``; both kept under ``OUT/<data folder name>/``."""
     from recemb.export import export_bundle
 
+    work = OUT / data_dir.name
     expid = f"{MODEL}_serving_{variant}"
-    checkpoint = OUT / "runs" / expid / "checkpoints" / "best"
+    checkpoint = work / "runs" / expid / "checkpoints" / "best"
     if fresh or not (checkpoint / "meta.json").exists():
         cmd = [sys.executable, "-m", "recemb.cli", "train",
                "--config", str(REPO / "configs/experiments" / f"{MODEL}_synthetic_ctr.yaml"),
                "--mlflow-uri", f"sqlite:///{OUT / 'mlruns.db'}", f"data_dir={data_dir}", f"expid={expid}",
-               f"train.output_dir={OUT / 'runs'}", "train.progress=false", *VARIANTS[variant]]
+               f"train.output_dir={work / 'runs'}", "train.progress=false", *VARIANTS[variant]]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode:
             raise SystemExit(f"training {variant} failed:\n{proc.stderr[-3000:]}")
         print(f"[train] {variant}: {time.perf_counter() - t0:.0f} s", flush=True)
-    bundle = OUT / "bundles" / variant
+    bundle = work / "bundles" / variant
     if fresh or not (bundle / "manifest.json").exists():
         export_bundle(checkpoint, bundle, dtype="fp32", overwrite=True)
     return checkpoint, bundle
@@ -133,7 +135,7 @@ def lookups(variant: str, checkpoint: Path, bundle_dir: Path, data_dir: Path, ba
 
     from recemb.data.batch import ParquetBatches
     from recemb.data.schema import FeatureMap
-    from recemb.models.ctr.registry import embedding_layers
+    from recemb.models.registry import embedding_layers
     from recemb.serving.bundle import Bundle
     from recemb.train.restore import load_trained_model
 
@@ -233,7 +235,8 @@ def http(bundle_dir: Path, rows: list[dict[str, Any]], replicas: int, concurrenc
             "start_s": started, "requests_per_s": requests / wall, "p50_ms": 1e3 * pct(latencies, 50),
             "p99_ms": 1e3 * pct(latencies, 99),
             # Stats come from the replica that answered /healthz (all of them when replicas == 1).
-            "requests_per_batch": scored / batches if batches and replicas == 1 else None}
+            "requests_per_batch": scored / batches if batches and replicas == 1 else None,
+            "replica_busy_share": (after["busy_s"] - before["busy_s"]) / wall if replicas == 1 else None}
 
 
 # ----------------------------------------------------------------------------- report
@@ -259,12 +262,13 @@ def report(results: dict[str, Any]) -> None:
     h = results.get("http")
     if h:
         per_batch = f"{h['requests_per_batch']:.2f}" if h["requests_per_batch"] else "-"
+        busy = f"{h['replica_busy_share']:.2f}" if h["replica_busy_share"] is not None else "-"
         print(f"\nHTTP /score on 127.0.0.1 ({results['score_variant']}): {h['replicas']} replica(s), "
               f"{h['concurrency']} client threads, {h['requests']} requests of {h['rows_per_request']} row(s) "
               f"(endpoint up in {h['start_s']:.1f} s)")
-        print(f"{'req/s':>8} {'rows/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/batch':>10}")
+        print(f"{'req/s':>8} {'rows/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'req/batch':>10} {'replica busy':>13}")
         print(f"{h['requests_per_s']:>8.1f} {h['requests_per_s'] * h['rows_per_request']:>8.1f} "
-              f"{h['p50_ms']:>8.2f} {h['p99_ms']:>8.2f} {per_batch:>10}")
+              f"{h['p50_ms']:>8.2f} {h['p99_ms']:>8.2f} {per_batch:>10} {busy:>13}")
 
 
 def main() -> None:
