@@ -103,7 +103,8 @@ def _deltas(result: ABResult) -> tuple[str, dict[str, Any]]:
             ax.errorbar([v.delta], [i], xerr=[[v.delta - v.low], [v.high - v.delta]], fmt="o", capsize=3,
                         color=colour[v.verdict])
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)), [v.treatment for v in rows] if ax is axes[0][0] else [])
+        ax.set_yticks(range(len(rows)), [v.treatment for v in rows])
+        ax.tick_params(axis="y", labelleft=ax is axes[0][0])
         ax.set_ylim(-0.7, len(rows) - 0.3)
         ax.set_title(f"Δ {m}", fontsize=10)
         ax.tick_params(axis="x", labelsize=7)
