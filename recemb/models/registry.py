@@ -8,10 +8,10 @@ for any model. Every registered model owns its objective (the ``TaskModel`` cont
 trainer knows nothing else. ``metrics`` names what ``train.monitor`` may weight.
 
 Example:
-    >>> model_family("deepfm")
-    'ctr'
-    >>> monitorable_metrics("deepfm")
-    ('auc', 'logloss', 'ne', 'calibration')
+    >>> model_family("deepfm"), model_family("ape")
+    ('ctr', 'anomaly')
+    >>> monitorable_metrics("deepfm"), monitorable_metrics("ape")
+    (('auc', 'logloss', 'ne', 'calibration'), ('auc', 'ap', 'precision_at_k', 'recall_at_k', 'nce_loss'))
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from recemb.embeddings.registry import check_embedding_config
 from recemb.errors import ConfigError
 
 # Modules that register their family's models when imported (in this order).
-_FAMILY_MODULES = ("recemb.models.ctr.registry",)
+_FAMILY_MODULES = ("recemb.models.ctr.registry", "recemb.models.anomaly.registry")
 
 
 @runtime_checkable
@@ -121,7 +121,9 @@ def model_entry(name: str) -> ModelEntry:
     """The entry of model ``name``; an unknown name is a ``ConfigError`` listing the known ones."""
     _load_families()
     if name not in _ENTRIES:
-        raise ConfigError(f"model.name '{name}' is unknown (known: {', '.join(model_names())})")
+        families = sorted({e.family for e in _ENTRIES.values()}, key=lambda f: (f != "ctr", f))
+        known = "; ".join(f"{', '.join(model_names(f))} ({f})" for f in families)
+        raise ConfigError(f"model.name '{name}' is unknown (known: {known})")
     return _ENTRIES[name]
 
 
