@@ -65,28 +65,36 @@ def identity_np(plan: VariantPlan, feature: str, pooled: Arrays, dense: Arrays) 
 def segment_sum(rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Sum of ``rows`` (``[N, d]``) in consecutive segments of ``lengths`` (``[B]``): ``[B, d]``.
 
-    Empty segments give zero rows (as torchrec's sum pooling of an empty bag).
+    Empty segments give zero rows (as torchrec's sum pooling of an empty bag). One
+    ``np.add.reduceat`` over the non-empty segments (``np.add.at`` was 40x slower).
     """
     out = np.zeros((len(lengths), rows.shape[1]), dtype=np.float32)
-    if rows.shape[0]:
-        segment = np.repeat(np.arange(len(lengths)), lengths)
-        np.add.at(out, segment, rows)
+    filled = lengths > 0
+    if rows.shape[0] and filled.any():
+        starts = (np.cumsum(lengths) - lengths)[filled]
+        out[filled] = np.add.reduceat(rows, starts, axis=0)
     return out
 
 
 def pooled_lookup(table: np.ndarray, ids: PhysicalIds) -> np.ndarray:
     """``[B, dim]``: per row, the (weighted) sum of ``table``'s rows at ``ids``.
 
-    Negative ids (pruned rows) read zeros and ids are checked against the table's rows.
+    ``table`` is an array or anything indexable like one (``shape``, ``table[ids]``). Negative
+    ids (pruned rows) read zeros and ids are checked against the table's rows. One id per row
+    (the common case) is a plain gather, no pooling.
     """
     values = ids.values
     if values.size and (values.max() >= table.shape[0]):
         raise IndexError(f"key {ids.key}: id {int(values.max())} outside a table of {table.shape[0]} rows")
-    keep = values >= 0
-    rows = np.zeros((values.size, table.shape[1]), dtype=np.float32)
-    rows[keep] = table[values[keep]]
+    negative = values < 0
+    # Integer indexing, not np.take: ``table`` may be a bundle's StoredTable (dequantises as it gathers).
+    rows = np.asarray(table[np.where(negative, 0, values)], dtype=np.float32)
+    if negative.any():
+        rows[negative] = 0.0
     if ids.weights is not None:
-        rows *= ids.weights.astype(np.float32)[:, None]
+        rows = rows * ids.weights.astype(np.float32)[:, None]
+    if len(ids.lengths) == values.size and bool((ids.lengths == 1).all()):
+        return rows
     return segment_sum(rows, ids.lengths)
 
 
