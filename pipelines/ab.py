@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 import pipelines.ray_runtime  # noqa: F401  (sets Ray's environment before anything imports ray)
-from pipelines.evaluate import CPUS_PER_SCORER, _split_files, score_split
+from pipelines.evaluate import CPUS_PER_SCORER, score_split, split_files
 from recemb.data.batch import arrow_to_batch
 from recemb.data.schema import FeatureMap
 from recemb.errors import DataError
@@ -212,7 +212,7 @@ def _log_mlflow(uri: str | None, run: ABRun, arms: list[Arm], data: Path, split:
 
     parent = Tracker(uri, rank=0, experiment_name=AB_EXPERIMENT)
     client = parent.client
-    experiment = parent._experiment_id(AB_EXPERIMENT)  # the tracker's own: artifacts next to a sqlite store
+    experiment = parent.experiment_id(AB_EXPERIMENT)  # the tracker's own: artifacts next to a sqlite store
     result = run.result
     treatments = [a.name for a in result.arms if a.name != result.control]
     parent.run_id = client.create_run(experiment, run_name=f"ab_{result.control}_vs_{'_'.join(treatments)}",
@@ -262,7 +262,7 @@ def run_ab(
         raise DataError("no treatment: pass at least one --treatment")
     data_dir = Path(data).expanduser().resolve()
     fm = FeatureMap.load(data_dir / "feature_map.json")
-    files = _split_files(fm, data_dir, split)
+    files = split_files(fm, data_dir, split)
     fingerprint = feature_map_fingerprint(fm)
     arms = [_open_arm(spec, mlflow_uri) for spec in (control, *treatments)]
     for arm in arms:

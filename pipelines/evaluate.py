@@ -120,7 +120,7 @@ def _dictionary(values: pa.Array | pa.ChunkedArray) -> pa.DictionaryArray:
     return values.dictionary_encode()
 
 
-def _split_files(fm: FeatureMap, data_dir: Path, split: str) -> dict[str, str]:
+def split_files(fm: FeatureMap, data_dir: Path, split: str) -> dict[str, str]:
     """Absolute path -> feature-map name of each Parquet shard of ``split``."""
     if split not in fm.shards:
         raise DataError(f"split '{split}' not in the feature map of {data_dir} (have: {', '.join(fm.shards)})")
@@ -271,7 +271,7 @@ def run_evaluate(
         raise DataError(f"{checkpoint}/meta.json: config has no data_dir; cannot find split '{split}'")
     data_dir = Path(cfg_data).expanduser().resolve()
     fm = FeatureMap.load(data_dir / "feature_map.json")
-    files = _split_files(fm, data_dir, split)
+    files = split_files(fm, data_dir, split)
 
     import ray
 

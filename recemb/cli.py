@@ -100,7 +100,7 @@ def _cmd_runs_list(args: argparse.Namespace) -> None:
 def _cmd_config_show(args: argparse.Namespace) -> None:
     from recemb.config.experiment import load_experiment
     from recemb.data.schema import FeatureMap
-    from recemb.models.ctr.registry import check_model_config
+    from recemb.models.registry import check_model_config
 
     cfg = load_experiment(args.config, args.overrides)
     # The whole config is checked here as train would check it (the groups' features too,
@@ -115,6 +115,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(workdir=Path(args.workdir), rows=args.rows, seed=args.seed, workers=args.workers,
              address=args.address or "", mlflow_uri=args.mlflow_uri)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from pipelines.serve import run_serve
+
+    run_serve(args.bundle, port=args.port, replicas=args.replicas, host=args.host, address=args.address or "")
+
+
+def _cmd_ab(args: argparse.Namespace) -> None:
+    from pipelines.ab import run_ab
+
+    run_ab(args.control, args.treatments, args.data, level=args.level, slices=args.slices, group=args.group,
+           out=args.out, split=args.split, mlflow_uri=args.mlflow_uri, resamples=args.resamples,
+           frequency_features=args.freq_features, workers=args.workers, address=args.address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +204,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="Parquet file for the scores")
     p.add_argument("--batch-size", type=int, default=65_536, help="rows per scoring batch")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("serve", help="serve an export bundle over HTTP on Ray Serve: /healthz, /score, /lookup")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (recemb export)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port, printed at start)")
+    p.add_argument("--replicas", type=int, default=1, help="Serve replicas, each holding the bundle")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("ab", help="compare a control with treatments offline on the same rows (paired statistics, "
+                                  "HTML report)")
+    p.add_argument("--control", required=True, help="run id, run folder, checkpoint folder or export bundle folder")
+    p.add_argument("--treatment", action="append", required=True, dest="treatments",
+                   help="as --control; repeat for more")
+    p.add_argument("--data", required=True, type=Path, help="prepared data folder (feature_map.json)")
+    p.add_argument("--split", default="test", help="split of --data (default: test)")
+    p.add_argument("--slice", action="append", default=[], dest="slices", metavar="COLUMN",
+                   help="slice by this column; repeatable")
+    p.add_argument("--freq-feature", action="append", default=None, dest="freq_features", metavar="FEATURE",
+                   help="head/torso/tail slices of these features only (default: every vocabulary feature)")
+    p.add_argument("--group", default=None, metavar="COLUMN", help="group AUC by this column (e.g. a user id)")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level (default: 0.95)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    p.add_argument("--out", type=Path, default=Path("ab-out"), help="report folder (default: ab-out)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    p.add_argument("--workers", type=int, default=2, help="scoring actors for run arms (default: 2)")
+    p.add_argument("--address", default="", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=_cmd_ab)
 
     p = sub.add_parser("runs", help="tracked runs (MLflow)")
     rsub = p.add_subparsers(dest="runs_verb", required=True)

@@ -23,7 +23,7 @@ from recemb.config.experiment import EmbeddingConfig, ExperimentConfig
 from recemb.config.loader import from_dict
 from recemb.embeddings.sharding import local_pieces, shard_model
 from recemb.errors import ConfigError, DataError
-from recemb.models.ctr.registry import build_model
+from recemb.models.registry import build_model
 from recemb.train.checkpoint import TrainState, assemble_full, load_checkpoint, read_meta, save_checkpoint
 from recemb.train.loop import train
 

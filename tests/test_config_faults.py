@@ -22,7 +22,7 @@ from recemb.config.experiment import (
     load_experiment,
 )
 from recemb.errors import ConfigError
-from recemb.models.ctr.registry import check_model_config, model_names
+from recemb.models.registry import check_model_config, model_names
 from recemb.tracking import list_runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -38,7 +38,7 @@ from recemb.export import export_bundle
 from recemb.export import writer as export_writer
 from recemb.export.format import MANIFEST, row_bound
 from recemb.export.materialize import computes_rows
-from recemb.models.ctr.registry import embedding_layers
+from recemb.models.registry import embedding_layers
 from recemb.serving import bundle as bundle_module
 from recemb.serving.bundle import Bundle, StoredTable
 from recemb.train.loop import train
@@ -389,7 +389,7 @@ def export_worker(rank: int, world_size: int, cfg_data: dict[str, Any], checkpoi
     """Shard a DeepFM row-wise over the ranks, checkpoint it, and export each rank's own pieces."""
     torch.set_num_threads(1)
     from recemb.embeddings.sharding import shard_model
-    from recemb.models.ctr.registry import build_model
+    from recemb.models.registry import build_model
     from recemb.train.checkpoint import TrainState, save_checkpoint
     from recemb.train.loop import TrainModel, dense_optimizer
 

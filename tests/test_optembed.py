@@ -36,7 +36,7 @@ from recemb.embeddings.pruned import (
 )
 from recemb.embeddings.registry import VariantSpec, build_embedding_layer, build_variant
 from recemb.errors import ConfigError
-from recemb.models.ctr.registry import build_model
+from recemb.models.registry import build_model
 from recemb.search.evolution import EvolutionSettings, crossover, evolve, mutate
 from recemb.train.checkpoint import read_meta
 

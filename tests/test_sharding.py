@@ -227,7 +227,7 @@ def _forward(rank: int, kind: str) -> dict[str, Any]:
 def _train(rank: int, world_size: int, kind: str, optimizer: str, summed_too: bool) -> dict[str, Any]:
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-    from recemb.models.ctr.registry import build_model
+    from recemb.models.registry import build_model
 
     fm = feature_map()
     cfg = EmbeddingConfig(dim=DIM, sharding=kind, optimizer=optimizer, lr=SPARSE_LR, eps=EPS)
@@ -399,7 +399,7 @@ def test_one_rank_places_auto_tables_table_wise(no_process_group: None) -> None:
     """On one rank ``auto`` means table_wise (no bucketize, no splits exchange); explicit kinds stay."""
     from recemb.config.experiment import EmbeddingGroup
     from recemb.embeddings.sharding import make_plan
-    from recemb.models.ctr.registry import build_model
+    from recemb.models.registry import build_model
 
     cfg = EmbeddingConfig(dim=DIM, groups=[EmbeddingGroup(features=["item"], sharding="row_wise")])
     model = build_model(MODEL, feature_map(), cfg, device=torch.device("meta"))

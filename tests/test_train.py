@@ -27,7 +27,8 @@ from recemb.data.batch import Batch
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.sharding import ensure_process_group, local_pieces, shard_model, table_optimizer
 from recemb.errors import ConfigError, DataError
-from recemb.models.ctr.registry import LINEAR_DIM, build_model
+from recemb.models.ctr.registry import LINEAR_DIM
+from recemb.models.registry import build_model
 from recemb.train.checkpoint import (
     RESUME_AT_EPOCH_END_KEYS,
     RESUME_SAFE_KEYS,

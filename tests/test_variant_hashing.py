@@ -232,7 +232,7 @@ def test_unified_trains_at_a_hundredth_of_the_bytes(make_experiment: Any) -> Non
 def test_budget_covers_every_embedding_layer_of_the_model(model: str, budget: float) -> None:
     """First-order tables follow the variant, so a fraction or a byte count bounds the whole model."""
     from recemb.config.experiment import ModelConfig
-    from recemb.models.ctr.registry import build_model, embedding_layers
+    from recemb.models.registry import build_model, embedding_layers
 
     built = build_model(ModelConfig(name=model), bench_map(), EmbeddingConfig(kind="unified", dim=DIM, budget=budget),
                         device=torch.device("meta"))

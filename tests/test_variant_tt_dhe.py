@@ -294,7 +294,7 @@ def _rank_train(rank: int, world_size: int, kind: str, params: dict[str, Any]) -
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from recemb.embeddings.sharding import load_full_state, shard_model
-    from recemb.models.ctr.registry import build_model
+    from recemb.models.registry import build_model
 
     torch.set_num_threads(1)
     fm = feature_map(TOY, num_dense=2)

@@ -199,7 +199,7 @@ def speed_child(spec: dict[str, Any]) -> dict[str, Any]:
     from recemb.embeddings.registry import build_embedding_layer
     from recemb.embeddings.sharding import ensure_process_group, shard_model, table_optimizer
     from recemb.errors import ConfigError
-    from recemb.models.ctr.registry import build_model
+    from recemb.models.registry import build_model
     from recemb.train.loop import TrainModel, dense_optimizer
 
     root = Path(spec["data_dir"])

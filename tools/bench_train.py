@@ -231,7 +231,7 @@ def fused_step(fm: Any, variant: str = "fused") -> tuple[Any, Any]:
     """(model, step) trained exactly like ``recemb.train.loop.train`` (same step body)."""
     from recemb.config.experiment import EmbeddingConfig, ModelConfig, TrainConfig
     from recemb.embeddings.sharding import ensure_process_group, shard_model
-    from recemb.models.ctr.registry import build_model
+    from recemb.models.registry import build_model
     from recemb.train.loop import TrainModel, dense_optimizer
 
     emb, tc = EmbeddingConfig(dim=DIM), TrainConfig(batch_size=BATCH)

@@ -59,7 +59,7 @@ from recemb.export.materialize import (
 from recemb.export.record import find_source_run, record_export
 from recemb.integrity import FileDigest, file_sha256
 from recemb.io import write_json_atomic, write_text_atomic
-from recemb.models.ctr.registry import build_model, embedding_layers
+from recemb.models.registry import build_model, embedding_layers
 from recemb.serving.transforms import apply_transform
 from recemb.train.checkpoint import read_meta, verify_checkpoint
 from recemb.train.restore import locate_checkpoint

@@ -62,7 +62,7 @@ class DenseScorer:
 
         from recemb.config.experiment import EmbeddingConfig, ModelConfig
         from recemb.config.loader import from_dict
-        from recemb.models.ctr.registry import build_model, embedding_layers
+        from recemb.models.registry import build_model, embedding_layers
 
         model = build_model(from_dict(ModelConfig, model_config, where="bundle model config"), feature_map,
                             from_dict(EmbeddingConfig, embedding_config, where="bundle embedding config"),

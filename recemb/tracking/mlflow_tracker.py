@@ -335,7 +335,7 @@ class Tracker:
             new_tags = {k: v for k, v in defaults.items() if k not in existing}
             new_tags[TAG_RESUMES] = str(int(existing.get(TAG_RESUMES, "0")) + 1)
         else:
-            experiment_id = self._experiment_id(self.experiment_name or cfg.dataset_id)
+            experiment_id = self.experiment_id(self.experiment_name or cfg.dataset_id)
             run = client.create_run(experiment_id, run_name=cfg.expid)
             run_id = run.info.run_id
             new_tags = defaults
@@ -361,7 +361,7 @@ class Tracker:
         else:
             self.end("FAILED")
 
-    def _experiment_id(self, name: str) -> str:
+    def experiment_id(self, name: str) -> str:
         """The id of experiment ``name``, created (artifacts next to a sqlite file) if missing."""
         from mlflow.exceptions import MlflowException
 
