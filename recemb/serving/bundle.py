@@ -86,6 +86,10 @@ class StoredTable:
 
     def __getitem__(self, index: np.ndarray) -> np.ndarray:
         index = np.asarray(index, dtype=np.int64)
+        if len(self.pieces) == 1:  # the whole table in one piece (unsharded): no routing by range
+            (r0, r1), (c0, c1) = self.pieces[0].rows, self.pieces[0].cols
+            if (r0, r1, c0, c1) == (0, self.shape[0], 0, self.shape[1]):
+                return dequantize_rows(self.pieces[0].arrays, self.dtype, c1, index)
         out = np.zeros((len(index), self.shape[1]), np.float32)
         for p in self.pieces:
             (r0, r1), (c0, c1) = p.rows, p.cols

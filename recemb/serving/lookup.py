@@ -84,12 +84,15 @@ def pooled_lookup(table: np.ndarray, ids: PhysicalIds) -> np.ndarray:
     (the common case) is a plain gather, no pooling.
     """
     values = ids.values
-    if values.size and (values.max() >= table.shape[0]):
-        raise IndexError(f"key {ids.key}: id {int(values.max())} outside a table of {table.shape[0]} rows")
-    negative = values < 0
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if high >= table.shape[0]:
+        raise IndexError(f"key {ids.key}: id {high} outside a table of {table.shape[0]} rows")
     # Integer indexing, not np.take: ``table`` may be a bundle's StoredTable (dequantises as it gathers).
-    rows = np.asarray(table[np.where(negative, 0, values)], dtype=np.float32)
-    if negative.any():
+    if low >= 0:
+        rows = np.asarray(table[values], dtype=np.float32)
+    else:
+        negative = values < 0
+        rows = np.asarray(table[np.where(negative, 0, values)], dtype=np.float32)
         rows[negative] = 0.0
     if ids.weights is not None:
         rows = rows * ids.weights.astype(np.float32)[:, None]
