@@ -113,3 +113,38 @@ def verify_files(
         if file_sha256(folder / name) != want.sha256:
             raise DataError(f"{folder / name}: checksum mismatch (the file was changed or corrupted after it was "
                             f"written); {hint}")
+
+
+def write_sidecar(path: str | Path, sidecar: str | Path) -> None:
+    """Write ``sidecar`` (``<sha256>  <name>``, as ``sha256sum`` prints it) guarding the file ``path``."""
+    from recemb.io import write_text_atomic
+
+    path = Path(path)
+    write_text_atomic(sidecar, f"{file_sha256(path)}  {path.name}\n")
+
+
+def read_signed(path: str | Path, sidecar: str | Path, hint: str, required: bool = True) -> tuple[bytes, bool]:
+    """The bytes of ``path``, checked against the sha256 its ``sidecar`` holds; and whether one did.
+
+    A missing sidecar is an error when ``required`` (else the bytes come back unchecked, False);
+    a garbled sidecar or a mismatch is a one-line ``DataError`` naming the file, ending with ``hint``.
+
+    Example:
+        >>> _ = Path("/tmp/recemb-signed.json").write_text("{}")
+        >>> write_sidecar("/tmp/recemb-signed.json", "/tmp/recemb-signed.json.sha256")
+        >>> read_signed("/tmp/recemb-signed.json", "/tmp/recemb-signed.json.sha256", "redo it")
+        (b'{}', True)
+    """
+    path, sidecar = Path(path), Path(sidecar)
+    raw = path.read_bytes()
+    if not sidecar.is_file():
+        if required:
+            raise DataError(f"{sidecar}: missing (it guards {path.name}); {hint}")
+        return raw, False
+    recorded = sidecar.read_text(encoding="utf-8", errors="replace").split()
+    if not recorded or not SHA256_HEX.match(recorded[0]):
+        raise DataError(f"{sidecar}: should hold '<sha256>  {path.name}', got {short_repr(recorded[:2])}; {hint}")
+    if hashlib.sha256(raw).hexdigest() != recorded[0]:
+        raise DataError(f"{path}: checksum mismatch (the file was changed or corrupted after it was written; "
+                        f"{sidecar.name} holds its sha256); {hint}")
+    return raw, True

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,3 +45,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def replace_folder(tmp: str | Path, out: str | Path, overwrite: bool, exists_message: str) -> None:
+    """Move the finished folder ``tmp`` to ``out`` (same filesystem), replacing an existing ``out``
+    only when ``overwrite``; otherwise ``OutputExistsError(exists_message)``.
+
+    An existing ``out`` is first renamed to ``.<out>.old-<pid>-<hex>`` and removed after the
+    swap, so ``out`` is always either the old folder or the new one (never half of each), and
+    a process killed in between leaves a temporary its next run can recognise and remove.
+    """
+    from recemb.errors import OutputExistsError
+
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not overwrite:
+        raise OutputExistsError(exists_message)
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()

@@ -21,18 +21,16 @@ from safetensors.torch import save_file
 
 from recemb import integrity
 from recemb.errors import DataError
+from recemb.integrity import FileDigest, file_sha256, verify_files
 from recemb.train import checkpoint as ckpt
 from recemb.train.checkpoint import (
     FORMAT_VERSION,
-    FileDigest,
     TrainState,
     assemble_full,
-    file_sha256,
     load_checkpoint,
     read_meta,
     save_checkpoint,
     verify_checkpoint,
-    verify_files,
     write_meta,
 )
 

@@ -58,7 +58,7 @@ from recemb.data.sources import (
     resolve_paths,
 )
 from recemb.errors import ConfigError, DataError, OutputExistsError
-from recemb.io import write_text_atomic
+from recemb.io import replace_folder, write_text_atomic
 
 log = logging.getLogger("recemb.data")
 
@@ -1470,15 +1470,4 @@ def _stats_json(cfg: DatasetConfig, report: PrepareReport, stats: PartialStats, 
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{out}: output exists; pass overwrite=True (--overwrite) to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, out)
+    replace_folder(tmp, out, overwrite, f"{out}: output exists; pass overwrite=True (--overwrite) to replace it")

@@ -19,9 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +55,8 @@ from recemb.export.materialize import (
     write_materialized,
 )
 from recemb.export.record import find_source_run, record_export
-from recemb.integrity import FileDigest, file_sha256
-from recemb.io import write_json_atomic, write_text_atomic
+from recemb.integrity import FileDigest, file_sha256, write_sidecar
+from recemb.io import replace_folder, write_json_atomic
 from recemb.models.registry import build_model, embedding_layers
 from recemb.serving.transforms import apply_transform
 from recemb.train.checkpoint import read_meta, verify_checkpoint
@@ -375,15 +373,7 @@ def _source_run_id(checkpoint: Path, run_id: str | None) -> str | None:
 
 
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{out}: exists; pass --overwrite to replace it, or another --out")
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_folder(tmp, out, overwrite, f"{out}: exists; pass --overwrite to replace it, or another --out")
 
 
 def finish_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", features: list[str] | None = None,
@@ -515,7 +505,7 @@ def _digests(folder: Path) -> dict[str, Any]:
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(folder / MANIFEST, manifest)
-    write_text_atomic(folder / MANIFEST_DIGEST, f"{file_sha256(folder / MANIFEST)}  {MANIFEST}\n")
+    write_sidecar(folder / MANIFEST, folder / MANIFEST_DIGEST)
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", features: list[str] | None = None,

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,7 +49,7 @@ from recemb.export.format import (
     MANIFEST_DIGEST,
     dequantize_rows,
 )
-from recemb.integrity import SHA256_HEX, FileDigest, verify_files
+from recemb.integrity import FileDigest, read_signed, verify_files
 from recemb.serving.lookup import lookup as plan_lookup
 from recemb.serving.lookup import segment_sum
 
@@ -176,15 +175,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise DataError(f"{folder}: no such bundle folder")
     if not path.is_file():
         raise DataError(f"{path}: missing; {folder} is not an export bundle (or an unfinished export)")
-    if not digest.is_file():
-        raise DataError(f"{digest}: missing (it guards {MANIFEST}); {_DAMAGED}")
-    raw = path.read_bytes()
-    recorded = digest.read_text(encoding="utf-8", errors="replace").split()
-    if not recorded or not SHA256_HEX.match(recorded[0]):
-        raise DataError(f"{digest}: should hold '<sha256>  {MANIFEST}'; {_DAMAGED}")
-    if hashlib.sha256(raw).hexdigest() != recorded[0]:
-        raise DataError(f"{path}: checksum mismatch (edited or corrupted after export; {MANIFEST_DIGEST} "
-                        f"holds its sha256); {_DAMAGED}")
+    raw, _ = read_signed(path, digest, _DAMAGED)
     try:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

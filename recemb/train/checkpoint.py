@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,8 +32,8 @@ from safetensors.torch import save_file
 
 from recemb.embeddings.sharding import copy_full_into, local_pieces
 from recemb.errors import ConfigError, DataError
-from recemb.integrity import SHA256_HEX, FileDigest, file_sha256, is_int, short_repr, verify_files
-from recemb.io import write_json_atomic, write_text_atomic
+from recemb.integrity import FileDigest, is_int, read_signed, short_repr, verify_files, write_sidecar
+from recemb.io import write_json_atomic
 
 # 2: meta.json lists every rank file's size and sha256 ("files") and meta.json.sha256
 # guards meta.json. 1 (no digests) still loads, with a warning that nothing can be
@@ -169,7 +168,7 @@ def write_meta(folder: str | Path, meta: dict[str, Any]) -> None:
     """
     folder = Path(folder)
     write_json_atomic(folder / META, meta)
-    write_text_atomic(folder / META_DIGEST, f"{file_sha256(folder / META)}  {META}\n")
+    write_sidecar(folder / META, folder / META_DIGEST)
 
 
 def _rng_states() -> dict[str, torch.Tensor]:
@@ -228,17 +227,7 @@ def _field(meta: dict[str, Any], name: str, where: Path) -> Any:
 
 def _read_meta_bytes(folder: Path) -> tuple[bytes, bool]:
     """``meta.json``'s bytes, checked against ``meta.json.sha256`` when that exists (then True)."""
-    meta_path, digest_path = folder / META, folder / META_DIGEST
-    raw = meta_path.read_bytes()
-    if not digest_path.is_file():
-        return raw, False
-    recorded = digest_path.read_text(encoding="utf-8", errors="replace").split()
-    if not recorded or not SHA256_HEX.match(recorded[0]):
-        raise DataError(f"{digest_path}: should hold '<sha256>  {META}', got {short_repr(recorded[:2])}; {_DAMAGED}")
-    if hashlib.sha256(raw).hexdigest() != recorded[0]:
-        raise DataError(f"{meta_path}: checksum mismatch (the file was changed or corrupted after it was "
-                        f"written; {META_DIGEST} holds its sha256); {_DAMAGED}")
-    return raw, True
+    return read_signed(folder / META, folder / META_DIGEST, _DAMAGED, required=False)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
