@@ -9,16 +9,13 @@ OOV vector) in eval mode, and the pruned remap's dropped ids and OOV fill.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from twin_utils import as_kjt, check_twins, feature_map, random_ids, weights
+from twin_utils import as_kjt, check_lookup_without_torch, check_twins, feature_map, random_ids
 
 from recemb.config.experiment import EmbeddingConfig
 from recemb.embeddings.base import reset_buffers
@@ -155,20 +152,6 @@ def test_pruned_meta_build_refills_the_remap_from_the_plan(tmp_path: Path) -> No
 
 # ----------------------------------------------------------------------------- without torch
 
-TORCH_FREE = """
-import json, sys
-sys.modules["torch"] = None  # any import of torch now fails
-import numpy as np
-from recemb.embeddings.plan import VariantPlan
-from recemb.serving.lookup import lookup
-folder = sys.argv[1]
-load = lambda name: dict(np.load(f"{folder}/{name}.npz"))
-plan = VariantPlan.from_dict(json.load(open(folder + "/plan.json")), load("arrays"))
-tables, dense, ids = load("tables"), load("dense"), load("ids")
-out = {f: lookup(plan, tables, dense, f, ids[f + ".values"], ids[f + ".lengths"]) for f in plan.features}
-np.savez(folder + "/out.npz", **out)
-"""
-
 
 @pytest.mark.parametrize("kind", ["qr", "unified", "optembed", "pruned"])
 def test_lookup_runs_where_torch_cannot_be_imported(tmp_path: Path, kind: str) -> None:
@@ -186,18 +169,4 @@ def test_lookup_runs_where_torch_cannot_be_imported(tmp_path: Path, kind: str) -
     if kind == "optembed":
         with torch.no_grad():
             layer.combiner.thresholds.fill_(0.3)
-    layer.eval()
-    ids = random_ids(fm, batch=16, seed=7)
-    with torch.no_grad():
-        want = layer(as_kjt(ids)).to_dict()
-    tables, dense = weights(layer)
-    (tmp_path / "plan.json").write_text(json.dumps(layer.plan.to_dict()))
-    np.savez(tmp_path / "arrays.npz", **layer.plan.arrays)
-    np.savez(tmp_path / "tables.npz", **tables)
-    np.savez(tmp_path / "dense.npz", **dense)
-    np.savez(tmp_path / "ids.npz", **{f"{f}.{part}": a for f, (v, n) in ids.items()
-                                      for part, a in (("values", v), ("lengths", n))})
-    subprocess.run([sys.executable, "-c", TORCH_FREE, str(tmp_path)], check=True, timeout=120)
-    got = np.load(tmp_path / "out.npz")
-    for f in layer.features:
-        np.testing.assert_allclose(got[f], want[f].numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{kind} {f}")
+    check_lookup_without_torch(layer, fm, tmp_path, kind)

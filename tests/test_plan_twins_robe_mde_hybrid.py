@@ -9,16 +9,13 @@ achieved bytes (which stay within the budget).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from twin_utils import as_kjt, check_twins, feature_map, random_ids, weights
+from twin_utils import as_kjt, check_lookup_without_torch, check_twins, feature_map, random_ids, weights
 
 from recemb.config.experiment import EmbeddingConfig
 from recemb.data.schema import FeatureMap
@@ -143,40 +140,9 @@ def test_achieved_bytes_count_buffers_and_meet_the_budget(kind: str, budget: flo
     assert plan.capabilities.achieved_bytes <= budget * plan.capabilities.full_bytes
 
 
-TORCH_FREE = """
-import json, sys
-sys.modules["torch"] = None  # any import of torch now fails
-import numpy as np
-from recemb.embeddings.plan import VariantPlan
-from recemb.serving.lookup import lookup
-folder = sys.argv[1]
-arrays = dict(np.load(folder + "/arrays.npz"))
-tables = dict(np.load(folder + "/tables.npz"))
-dense = dict(np.load(folder + "/dense.npz"))
-ids = dict(np.load(folder + "/ids.npz"))
-plan = VariantPlan.from_dict(json.load(open(folder + "/plan.json")), arrays)
-out = {f: lookup(plan, tables, dense, f, ids[f + ".values"], ids[f + ".lengths"]) for f in plan.features}
-np.savez(folder + "/out.npz", **out)
-"""
-
-
 @pytest.mark.parametrize(("kind", "kwargs"), [("robe", {"budget": 0.05}), ("mde", {"budget": 0.05}),
                                               ("hybrid", {"budget": 0.05})])
 def test_lookup_runs_where_torch_cannot_be_imported(tmp_path: Path, kind: str, kwargs: dict[str, Any]) -> None:
     """The plan as JSON and arrays, looked up in a process where ``import torch`` fails."""
     layer = build_embedding_layer(feature_map(True), EmbeddingConfig(kind=kind, dim=8, seed=3, **kwargs))
-    layer.eval()
-    ids = random_ids(feature_map(True), batch=16, seed=7)
-    with torch.no_grad():
-        want = layer(as_kjt(ids)).to_dict()
-    tables, dense = weights(layer)
-    (tmp_path / "plan.json").write_text(json.dumps(layer.plan.to_dict()))
-    np.savez(tmp_path / "arrays.npz", **layer.plan.arrays)
-    np.savez(tmp_path / "tables.npz", **tables)
-    np.savez(tmp_path / "dense.npz", **dense)
-    np.savez(tmp_path / "ids.npz", **{f"{f}.{part}": a for f, (v, n) in ids.items()
-                                      for part, a in (("values", v), ("lengths", n))})
-    subprocess.run([sys.executable, "-c", TORCH_FREE, str(tmp_path)], check=True, timeout=120)
-    got = np.load(tmp_path / "out.npz")
-    for f in layer.features:
-        np.testing.assert_allclose(got[f], want[f].numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{kind} {f}")
+    check_lookup_without_torch(layer, feature_map(True), tmp_path, kind)

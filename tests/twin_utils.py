@@ -11,6 +11,7 @@ For each variant (single-hot, and multi-hot where the variant allows bags):
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,3 +115,41 @@ def check_twins(kind: str, multihot: bool, dim: int = 8, layer: EmbeddingLayer |
             assert got.shape == expected.shape
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=f"{kind} {f}")
     return layer
+
+
+_TORCH_FREE = """
+import json, sys
+sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
+from recemb.embeddings.plan import VariantPlan
+from recemb.serving.lookup import lookup
+folder = sys.argv[1]
+load = lambda name: dict(np.load(f"{folder}/{name}.npz"))
+plan = VariantPlan.from_dict(json.load(open(folder + "/plan.json")), load("arrays"))
+tables, dense, ids = load("tables"), load("dense"), load("ids")
+out = {f: lookup(plan, tables, dense, f, ids[f + ".values"], ids[f + ".lengths"]) for f in plan.features}
+np.savez(folder + "/out.npz", **out)
+"""
+
+
+def check_lookup_without_torch(layer: EmbeddingLayer, fm: FeatureMap, folder: Path, kind: str = "") -> None:
+    """``layer``'s plan as JSON + arrays, looked up in a process where ``import torch`` fails: the
+    vectors equal the torch layer's (``layer`` built over ``fm``; files go to ``folder``)."""
+    import subprocess
+    import sys
+
+    layer.eval()
+    ids = random_ids(fm, batch=16, seed=7)
+    with torch.no_grad():
+        want = layer(as_kjt(ids)).to_dict()
+    tables, dense = weights(layer)
+    (folder / "plan.json").write_text(json.dumps(layer.plan.to_dict()))
+    np.savez(folder / "arrays.npz", **layer.plan.arrays)
+    np.savez(folder / "tables.npz", **tables)
+    np.savez(folder / "dense.npz", **dense)
+    np.savez(folder / "ids.npz", **{f"{f}.{part}": a for f, (v, n) in ids.items()
+                                    for part, a in (("values", v), ("lengths", n))})
+    subprocess.run([sys.executable, "-c", _TORCH_FREE, str(folder)], check=True, timeout=120)
+    got = np.load(folder / "out.npz")
+    for f in layer.features:
+        np.testing.assert_allclose(got[f], want[f].numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{kind} {f}")
