@@ -7,6 +7,7 @@ value (plain, picklable data) or a failure with the rank's traceback.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import queue
@@ -14,10 +15,11 @@ import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -102,3 +104,17 @@ def run_ranks(
                 proc.terminate()
                 proc.join(timeout=5)
     return [by_rank[r] for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def in_process_run() -> Iterator[None]:
+    """Around an in-process ``train``: one torch thread (tiny batches gain nothing from more, and
+    spinning OpenMP threads slow a busy 2-core machine), and no process group left afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()

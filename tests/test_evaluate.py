@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import experiment_config
+from dist_utils import in_process_run
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from pipelines.evaluate import RowKeys, run_evaluate
@@ -80,14 +81,8 @@ def trained(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     root = tmp_path_factory.mktemp("evaluate")
     uri = f"sqlite:///{root / 'mlruns.db'}"
     cfg = experiment_config("deepfm", data_dir, root / "runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny batches; spinning OpenMP threads only slow a busy 2-core machine
-    try:
+    with in_process_run():
         result = run_train(cfg, workers=0, mlflow_uri=uri)
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
     yield Trained(result, uri, root)
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import experiment_config
-from dist_utils import run_ranks
+from dist_utils import in_process_run, run_ranks
 
 from recemb.cli import main
 from recemb.config.experiment import ExperimentConfig
@@ -94,14 +94,8 @@ class Runs:
             cfg = experiment_config("deepfm", self.data_dir, self.root / "runs",
                                     [f"embedding.kind={kind}", f"expid=deepfm_{kind}",
                                      *([] if kind == "full" else RUN), *VARIANTS[kind], *extra])
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with in_process_run():
                 self.done[kind] = train(cfg)
-            finally:
-                torch.set_num_threads(threads)
-                if dist.is_initialized():
-                    dist.destroy_process_group()
         return self.done[kind]
 
 
@@ -528,14 +522,8 @@ def test_other_models_score_like_evaluate(model: str, prepared_ctr: Path, tmp_pa
     """DCNv2 (no first-order layer) and DLRM (a non-persistent buffer rebuilt by reset_parameters)."""
     cfg = experiment_config(model, prepared_ctr, tmp_path / "runs", ["embedding.kind=hashed", "embedding.budget=0.1",
                                                                      *RUN])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with in_process_run():
         result = train(cfg)
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
     bundle = Bundle.open(export_bundle(result.output_dir, tmp_path / "bundle"))
     _, logits, table, _ = reference(resolve_checkpoint(result.output_dir))
     diff = float(np.abs(bundle.score_prepared(table) - torch.sigmoid(torch.from_numpy(logits)).numpy()).max())

@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
 from conftest import experiment_config
+from dist_utils import in_process_run
 
 from pipelines.serve import (
     MAX_ROWS,
@@ -64,14 +63,8 @@ def bundle_dir(prepared_ctr: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A DeepFM trained for an epoch in this process, exported as an fp32 bundle."""
     root = tmp_path_factory.mktemp("serve")
     cfg = experiment_config("deepfm", prepared_ctr, root / "runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with in_process_run():
         result = run_train(cfg, workers=0, mlflow_uri=f"sqlite:///{root / 'mlruns.db'}")
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return Path(export_bundle(result.output_dir, root / "bundle", dtype="fp32"))
 
 

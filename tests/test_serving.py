@@ -18,9 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-import torch.distributed as dist
 from conftest import ROOT, experiment_config
+from dist_utils import in_process_run
 
 from recemb.data.schema import FeatureMap
 from recemb.errors import DataError
@@ -36,14 +35,8 @@ def bundle_dir(prepared_ctr: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("serving")
     cfg = experiment_config("deepfm", prepared_ctr, root / "runs",
                             ["embedding.kind=hashed", "embedding.budget=0.1", "train.max_steps=12"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with in_process_run():
         result = train(cfg)
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return export_bundle(result.output_dir, root / "bundle", dtype="int8")
 
 

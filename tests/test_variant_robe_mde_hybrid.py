@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_ranks
+from dist_utils import in_process_run, run_ranks
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recemb.config.experiment import EmbeddingConfig
@@ -370,14 +370,8 @@ def test_hybrid_deepfm_learns(make_experiment: Any) -> None:
     from recemb.train.loop import train
 
     cfg = make_experiment("deepfm", "embedding.kind=hybrid", "embedding.budget=0.1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with in_process_run():
         result = train(cfg)
-    finally:
-        torch.set_num_threads(threads)
-        if dist.is_initialized():
-            dist.destroy_process_group()
     assert result.test["auc"] > 0.55, result.test
     # The budget covers the first-order (linear) tables too: they are hybrid at the same fraction.
     assert 0.095 * result.full_bytes <= result.embedding_bytes <= 0.1 * result.full_bytes
