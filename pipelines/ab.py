@@ -74,7 +74,7 @@ class Arm:
         if self.bundle is not None:
             return self.bundle.logits_of(self.bundle.encode_prepared(table))
         with torch.no_grad():
-            return self.model(arrow_to_batch(table, self.feature_map)).float().reshape(-1).numpy()
+            return self.model.predict(arrow_to_batch(table, self.feature_map)).float().reshape(-1).numpy()
 
 
 @dataclass

@@ -60,7 +60,7 @@ class Scorer:
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = arrow_to_batch(table, self.feature_map)
         with torch.no_grad():
-            logits = self.model(batch).float().reshape(-1)
+            logits = self.model.predict(batch).float().reshape(-1)
         return pa.table({
             PATH_COLUMN: table.column(PATH_COLUMN),
             "label": pa.array(batch.labels.numpy()),

@@ -87,7 +87,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_score(args: argparse.Namespace) -> None:
     from pipelines.score import run_score
 
-    result = run_score(args.bundle, args.data, args.out, batch_rows=args.batch_size)
+    result = run_score(args.bundle, args.data, args.out, batch_rows=args.batch_size, run=args.run,
+                       mlflow_uri=args.mlflow_uri)
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -197,8 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("score", help="score raw logs (or a prepared split folder) with an export bundle")
-    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (recemb export)")
+    p = sub.add_parser("score", help="score raw logs (or a prepared split folder) with an export bundle or a run; "
+                                     "anomaly models add the entity pair behind each score")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--bundle", type=Path, help="bundle folder (recemb export)")
+    which.add_argument("--run", help="run id, run folder or checkpoint folder (scored through a temporary "
+                                     "fp32 bundle)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI to look a --run id up in")
     p.add_argument("--data", required=True, type=Path,
                    help="raw file in the format the model's data was prepared from, or a prepared split folder")
     p.add_argument("--out", required=True, type=Path, help="Parquet file for the scores")

@@ -4,8 +4,10 @@ Families (``recemb.models.ctr``: click models; ``recemb.models.anomaly``: event 
 register their models here, so the trainer, checkpoints and pipelines ask one place
 for any model. Every registered model owns its objective (the ``TaskModel`` contract):
 ``forward(batch)`` gives an output, ``loss(batch, output)`` the mean data loss,
-``eval_rows(batch, output)`` the per-row values its ``metrics(rows, labels)`` need; the
-trainer knows nothing else. ``metrics`` names what ``train.monitor`` may weight.
+``eval_rows(batch, output)`` the per-row values its ``metrics(rows, labels)`` need;
+``predict(batch)`` the one number per row it serves (CTR: the logit; APE: the anomaly
+score), which evaluation, ``recemb score``, ``recemb ab`` and bundles use. The trainer
+knows nothing else. ``metrics`` names what ``train.monitor`` may weight.
 
 Example:
     >>> model_family("deepfm"), model_family("ape")
@@ -46,6 +48,8 @@ class TaskModel(Protocol):
     """
 
     def forward(self, batch: Batch) -> Any: ...
+
+    def predict(self, batch: Batch) -> torch.Tensor: ...
 
     def loss(self, batch: Batch, output: Any) -> torch.Tensor: ...
 

@@ -493,6 +493,11 @@ class Bundle:
         """Logits ``[B]`` of encoded rows."""
         return self.scorer().logits(self.embed(encoded), encoded.dense)
 
+    def explain_of(self, encoded: Encoded) -> dict[str, np.ndarray]:
+        """The model's per-row explanation columns (APE: ``top_pair_a``/``top_pair_b`` feature
+        indices and ``top_pair_term``); empty for models without one."""
+        return self.scorer().explain(self.embed(encoded), encoded.dense)
+
     def score(self, rows: Rows) -> np.ndarray:
         """Click probabilities ``[B]`` (float32) of raw rows (dicts or a pyarrow table of the log's columns)."""
         return self.scorer().probabilities(self.logits_of(self.encode(rows)))

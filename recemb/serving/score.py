@@ -85,8 +85,7 @@ class DenseScorer:
         model.eval()
         self.model = model
 
-    def logits(self, vectors: dict[str, dict[str, np.ndarray]], dense: np.ndarray) -> np.ndarray:
-        """Logits ``[B]`` from each layer's vectors per feature and the dense inputs ``[B, D]``."""
+    def _batch(self, vectors: dict[str, dict[str, np.ndarray]], dense: np.ndarray) -> Any:
         import torch
 
         from recemb.data.batch import Batch
@@ -94,10 +93,31 @@ class DenseScorer:
         sparse = {name: {f: torch.from_numpy(np.ascontiguousarray(vectors[name][f], dtype=np.float32))
                          for f in features} for name, features in self.layers.items()}
         n = dense.shape[0]
-        batch = Batch(dense=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
-                      sparse=sparse, labels=torch.zeros(n))  # type: ignore[arg-type]
+        return Batch(dense=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+                     sparse=sparse, labels=torch.zeros(n))  # type: ignore[arg-type]
+
+    def logits(self, vectors: dict[str, dict[str, np.ndarray]], dense: np.ndarray) -> np.ndarray:
+        """What the model serves per row ``[B]`` (its ``predict``: a CTR logit, APE's anomaly
+        score) from each layer's vectors per feature and the dense inputs ``[B, D]``."""
+        import torch
+
         with torch.no_grad():
-            return self.model(batch).float().reshape(-1).numpy()
+            return self.model.predict(self._batch(vectors, dense)).float().reshape(-1).numpy()
+
+    @property
+    def explains(self) -> bool:
+        """Whether the model says why a row scores as it does (``explain``: APE's top pair)."""
+        return callable(getattr(self.model, "explain", None))
+
+    def explain(self, vectors: dict[str, dict[str, np.ndarray]], dense: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's ``explain`` columns per row (empty when it has none)."""
+        import torch
+
+        if not self.explains:
+            return {}
+        with torch.no_grad():
+            out = self.model.explain(self._batch(vectors, dense))
+        return {k: v.numpy() for k, v in out.items()}
 
     @staticmethod
     def probabilities(logits: np.ndarray) -> np.ndarray:

@@ -276,6 +276,16 @@ class APE(nn.Module):
         """The anomaly score ``-S(e)`` of each event ``[B]`` (higher = more anomalous)."""
         return -self.scores(batch)
 
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """What APE serves per event: the anomaly score ``-S(e)`` (``anomaly_scores``)."""
+        return self.anomaly_scores(batch)
+
+    def explain(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per event, why it scores as it does: ``top_pair_a``/``top_pair_b`` (feature indices)
+        and ``top_pair_term`` from ``top_pairs`` (what ``recemb score`` writes next to the score)."""
+        pairs, terms = self.top_pairs(batch)
+        return {"top_pair_a": pairs[:, 0], "top_pair_b": pairs[:, 1], "top_pair_term": terms}
+
     def top_pairs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per event, the type pair ``(i, j)``, ``i < j``, whose term ``w_ij <v_i, v_j>`` adds most to
         ``-S(e)`` (the smallest term): why the event looks anomalous.

@@ -30,6 +30,11 @@ class BinaryObjective:
         """Mean binary cross-entropy of the logits ``output`` against ``batch.labels`` (0/1)."""
         return nn.functional.binary_cross_entropy_with_logits(output, batch.labels, weight=batch.weights)
 
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """What the model serves per row: the logit ``[B]`` (``forward``; the serving runtime,
+        evaluate and ``recemb ab`` call this, so every family serves one number per row)."""
+        return self(batch)  # type: ignore[operator]
+
     def eval_rows(self, batch: Batch, output: torch.Tensor) -> torch.Tensor:
         """The logits, one per row."""
         return output.detach()
