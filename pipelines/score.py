@@ -66,7 +66,7 @@ def _raw_config(bundle: Bundle, data: Path) -> Any:
     raw = read_yaml(bundle.folder / rel)
     raw["paths"] = [str(data)]
     raw["count_column"] = None
-    raw.setdefault("split", {})["time_column"] = None
+    raw["split"] = {"seed": (raw.get("split") or {}).get("seed", 0)}  # one file, no split rule
     cfg = dataset_from_dict(raw, where=str(bundle.folder / rel))
     if cfg.label and cfg.label not in file_columns(cfg, resolve_paths(cfg)[0]):
         cfg.label = None  # unlabelled logs score as well

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
@@ -320,16 +321,18 @@ def test_two_sharded_ranks_equal_one(sharding: str) -> None:
 
 
 def _prepare(tmp: Path, dataset: str, train_csv: Path, test_csv: Path) -> Path:
+    """The dataset config's given splits (train file, labelled test file) at these paths."""
     from recemb.data.preprocess import prepare_dataset
     from recemb.data.schema import load_dataset_config
-    from recemb.models.anomaly.labelled import attach_labelled_split
 
     out = tmp / dataset
     cfg = load_dataset_config(CONFIGS / "datasets" / f"{dataset}.yaml",
-                              {"paths": [str(train_csv)], "output": str(out)})
+                              {"split": {"files": {"train": [str(train_csv)], "test": [str(test_csv)]}},
+                               "output": str(out)})
     prepare_dataset(cfg, out)
-    split = attach_labelled_split(out, test_csv)
-    assert split.rows > 0 and set(split.labels) == {"1", "-1"}
+    fm = FeatureMap.load(out)
+    labels = {v for f in fm.shards["test"] for v in pq.read_table(out / f, columns=["label"]).column(0).to_pylist()}
+    assert labels == {1.0, -1.0}
     return out
 
 

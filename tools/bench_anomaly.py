@@ -50,16 +50,15 @@ UNSEEN_COUNT = 0.5  # as recemb.models.anomaly.noise: an id without training cou
 
 
 def prepare(name: str, train_csv: Path, test_csv: Path, out: Path) -> Path:
-    """Prepare ``train_csv`` with ``configs/datasets/{name}.yaml`` into ``out`` and attach ``test_csv`` as test."""
+    """Prepare ``configs/datasets/{name}.yaml``'s given splits (``train_csv``, labelled ``test_csv``) into ``out``."""
     from recemb.data.preprocess import prepare_dataset
     from recemb.data.schema import load_dataset_config
-    from recemb.models.anomaly.labelled import attach_labelled_split
 
     if not (out / "feature_map.json").is_file():
         cfg = load_dataset_config(REPO / "configs" / "datasets" / f"{name}.yaml",
-                                  {"paths": [str(train_csv)], "output": str(out)})
+                                  {"split": {"files": {"train": [str(train_csv)], "test": [str(test_csv)]}},
+                                   "output": str(out)})
         prepare_dataset(cfg, out)
-        attach_labelled_split(out, test_csv)
     return out
 
 

@@ -49,7 +49,15 @@ import yaml
 
 from recemb.config.loader import to_dict
 from recemb.data.hashing import hash_buckets, hash_strings_multi, row_uniform
-from recemb.data.schema import DatasetConfig, FeatureInfo, FeatureMap, FeatureSpec, name_problem, path_under
+from recemb.data.schema import (
+    SPLIT_VALUES,
+    DatasetConfig,
+    FeatureInfo,
+    FeatureMap,
+    FeatureSpec,
+    name_problem,
+    path_under,
+)
 from recemb.data.sources import (
     RawBlock,
     SourceFile,
@@ -97,10 +105,13 @@ _trim_heap = _load_malloc_trim()
 
 @dataclass
 class SplitPlan:
-    """How rows are assigned to train/valid/test: seeded per-row uniform, or time cut points.
+    """How rows are assigned to train/valid/test: seeded per-row uniform, time cut points,
+    a split column, or the file's given split.
 
     By ratio, a row's uniform is ``row_uniform(file_index, line, seed)``. By time, rows
-    with time ``< cut_train`` are train, ``< cut_valid`` valid, the rest test.
+    with time ``< cut_train`` are train, ``< cut_valid`` valid, the rest test. By column,
+    the row's value names its split. A given split file (``SourceFile.split``) puts all its
+    rows there, except a ``holdout`` share of train files' rows (by the row's uniform) in valid.
     """
 
     train: float
@@ -110,6 +121,8 @@ class SplitPlan:
     numeric: bool = True
     cut_train: float | str | None = None
     cut_valid: float | str | None = None
+    split_column: str | None = None
+    holdout: float = 0.0  # share of given train files' rows held out as valid (split.files without valid)
 
 
 def plan_split(cfg: DatasetConfig, sources: Sequence[SourceFile]) -> SplitPlan:
@@ -119,7 +132,10 @@ def plan_split(cfg: DatasetConfig, sources: Sequence[SourceFile]) -> SplitPlan:
         >>> plan = plan_split(cfg, resolve_paths(cfg))  # doctest: +SKIP
     """
     sp = cfg.split
-    plan = SplitPlan(train=sp.train, valid=sp.valid, seed=sp.seed, time_column=sp.time_column)
+    plan = SplitPlan(train=sp.train, valid=sp.valid, seed=sp.seed, time_column=sp.time_column,
+                     split_column=sp.column)
+    if sp.files is not None and not sp.files.get("valid"):
+        plan.holdout = sp.valid
     if not sp.time_column:
         return plan
     acc = _CountAcc()
@@ -451,7 +467,9 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
                 empty &= np.asarray(table.column(name).is_null())
             flag(np.flatnonzero(empty), "empty row (all fields missing)")
     label = count = None
-    if cfg.label:
+    if cfg.label and cfg.label not in table.column_names:  # an events file without labels: unlabelled rows
+        label = np.zeros(n)
+    elif cfg.label:
         col = table.column(cfg.label)
         label, bad = parse_float(col)
         flag(bad, f"unparseable label '{cfg.label}'")
@@ -471,7 +489,9 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
             else:
                 flag(np.flatnonzero(present & ~np.isfinite(values)), f"non-finite number in '{spec.source}'")
             dense_raw[spec.name] = values
-    if cfg.count_column:
+    if cfg.count_column and cfg.count_column not in table.column_names:  # an events file without counts
+        count = np.ones(n)
+    elif cfg.count_column:
         col = table.column(cfg.count_column)
         count, bad = parse_float(col)
         flag(bad, f"unparseable number in '{cfg.count_column}'")
@@ -481,7 +501,15 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
         flag(np.flatnonzero(~whole), f"count '{cfg.count_column}' not a positive whole number")
         flag(np.flatnonzero(~_finite32(count)), f"count '{cfg.count_column}' too large for float32")
     tvals: Any = None
-    if plan.time_column:
+    if plan.split_column:
+        tcol = as_string(table.column(plan.split_column).combine_chunks())
+        codes = _split_codes(tcol)
+        for r in np.flatnonzero(codes < 0).tolist():
+            value = tcol[r].as_py()
+            reasons.setdefault(r, f"split column '{plan.split_column}' holds {value!r}, not train, valid or test"
+                               if value is not None else f"missing split '{plan.split_column}'")
+        tvals = codes
+    elif plan.time_column:
         tcol = table.column(plan.time_column).combine_chunks()
         flag(np.flatnonzero(np.asarray(tcol.is_null())), f"missing time '{plan.time_column}'")
         if plan.numeric:
@@ -504,7 +532,7 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
         count = count[keep] if count is not None else None
         dense_raw = {k: v[keep] for k, v in dense_raw.items()}
         if tvals is not None:
-            tvals = tvals[keep] if plan.numeric else tvals.filter(pa.array(keep))
+            tvals = tvals[keep] if plan.numeric or plan.split_column else tvals.filter(pa.array(keep))
     m = table.num_rows
     split = _assign_split(plan, src, lines, tvals)
     dense: dict[str, np.ndarray] = {}
@@ -527,7 +555,22 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
     return CleanBlock(m, split, label, count, dense, cats)
 
 
+def _split_codes(values: pa.Array) -> np.ndarray:
+    """A split column's values as codes 0/1/2 (``SPLIT_VALUES``, any case, trimmed); -1 otherwise."""
+    keys = pc.utf8_lower(pc.utf8_trim_whitespace(values))
+    names = list(SPLIT_VALUES)
+    index = pc.index_in(keys, value_set=pa.array(names)).to_numpy(zero_copy_only=False)
+    codes = np.array([SPLIT_VALUES[k] for k in names] + [-1], np.int8)
+    return codes[np.where(np.isnan(index.astype(np.float64)), len(names), index).astype(np.int64)]
+
+
 def _assign_split(plan: SplitPlan, src: SourceFile, lines: np.ndarray, tvals: Any) -> np.ndarray:
+    if plan.split_column is not None:
+        return np.asarray(tvals, np.int8)
+    if src.split is not None:  # a given split file; train files may hold out a valid share
+        if src.split != 0 or not plan.holdout:
+            return np.full(len(lines), src.split, np.int8)
+        return np.where(row_uniform(src.index, lines, plan.seed) < plan.holdout, 1, 0).astype(np.int8)
     if plan.time_column is None:
         u = row_uniform(src.index, lines, plan.seed)
         return np.where(u < plan.train, 0, np.where(u < plan.train + plan.valid, 1, 2)).astype(np.int8)
@@ -1275,7 +1318,7 @@ def check_rows_left(cfg: DatasetConfig, stats: PartialStats, sources: Sequence[S
     raise DataError(
         f"dataset '{cfg.dataset_id}': no rows for the train split: {stats.rows_in} rows read from {inputs}, "
         f"{rejected}, {stats.rows_ok['valid']} valid and {stats.rows_ok['test']} test. "
-        "Fix the input, or the split (split.train, split.time_column)"
+        "Fix the input, or the split (split.train, split.time_column, split.column, split.files)"
     )
 
 

@@ -131,18 +131,53 @@ class FeatureSpec:
 
 @dataclass
 class SplitSpec:
-    """Train/validation/test split by ratio (seeded per row) or by a time column."""
+    """How rows become train/validation/test: by ratio (seeded per row), by a time column,
+    by a split column, or by whole files.
+
+    - ratios (default): ``train``/``valid``/``test`` sum to 1; each row's seeded uniform decides.
+    - ``time_column``: the earliest ``train`` share of rows by time is train, then ``valid``, then test.
+    - ``column``: the data names each row's split (values ``train``; ``valid``, ``validation``,
+      ``val`` or ``dev``; ``test``; any case); rows with another value are rejected with it.
+    - ``files``: given split files, ``{train: [...], valid: [...], test: [...]}`` (files or
+      globs; ``train`` required). Without ``valid`` files, a ``valid`` share of the train
+      files' rows (seeded per row; 0 = none) is held out for validation; the ``train`` and
+      ``test`` ratios do not apply. The dataset's ``paths`` stay empty.
+
+    Example:
+        >>> SplitSpec(files={"train": ["tr.csv"], "test": ["te.csv"]}, valid=0.05).files["test"]
+        ['te.csv']
+    """
 
     train: float = 0.8
     valid: float = 0.1
     test: float = 0.1
     time_column: str | None = None
+    column: str | None = None
+    files: dict[str, list[str]] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
+        rules = [name for name, v in (("time_column", self.time_column), ("column", self.column),
+                                      ("files", self.files)) if v]
+        if len(rules) > 1:
+            raise ValueError(f"split takes one rule, got {' and '.join(rules)}")
         parts = (self.train, self.valid, self.test)
-        if min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
+        if self.files is not None:
+            unknown = sorted(set(self.files) - set(SPLIT_NAMES))
+            if unknown:
+                raise ValueError(f"split.files has '{unknown[0]}'; splits are {', '.join(SPLIT_NAMES)}")
+            if not self.files.get("train"):
+                raise ValueError("split.files needs at least one train file")
+            if not 0.0 <= self.valid < 1.0:
+                raise ValueError(f"with split.files, valid is the share of train-file rows held out and must be "
+                                 f"in [0, 1), got {self.valid}")
+        elif self.column is None and (min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6):
             raise ValueError(f"split ratios must be >= 0 and sum to 1, got {parts}")
+
+
+# The split names in code order (0 train, 1 valid, 2 test) and the values a split column may hold.
+SPLIT_NAMES = ("train", "valid", "test")
+SPLIT_VALUES = {"train": 0, "valid": 1, "validation": 1, "val": 1, "dev": 1, "test": 2}
 
 
 @dataclass
@@ -160,8 +195,8 @@ class DatasetConfig:
 
     dataset_id: str
     format: SourceFormat
-    paths: list[str]
     features: list[FeatureSpec]
+    paths: list[str] = field(default_factory=list)
     label: str | None = "label"
     delimiter: str = ","
     header: bool = True
@@ -191,6 +226,10 @@ class DatasetConfig:
             raise ValueError("shard_rows must be >= 1 and block_bytes >= 1024")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError("max_reject_fraction must be in [0, 1]")
+        if self.split.files is not None and self.paths:
+            raise ValueError("list the input files either in paths or under split.files, not both")
+        if self.split.files is None and not self.paths:
+            raise ValueError("a dataset needs input files: paths, or split.files for given splits")
         if not self.output:
             self.output = f"data/{self.dataset_id}"
 

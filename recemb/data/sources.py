@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from recemb.data.schema import DatasetConfig
+from recemb.data.schema import SPLIT_NAMES, DatasetConfig
 from recemb.errors import ConfigError, DataError
 
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
@@ -52,6 +52,7 @@ class SourceFile:
 
     path: Path
     index: int
+    split: int | None = None  # 0 train, 1 valid, 2 test: given by split.files; None = by the split rule
 
 
 @dataclass
@@ -93,17 +94,28 @@ def resolve_paths(cfg: DatasetConfig) -> list[SourceFile]:
         >>> [s.path.name for s in resolve_paths(cfg)]  # doctest: +SKIP
         ['criteo-10k.txt']
     """
+    files = cfg.split.files
+    patterns: list[tuple[str, int | None]] = [(p, None) for p in cfg.paths] if files is None else \
+        [(p, code) for code, name in enumerate(SPLIT_NAMES) for p in files.get(name) or []]
     out: list[Path] = []
-    for pattern in cfg.paths:
+    splits: list[int | None] = []
+    for pattern, code in patterns:
         if glob.has_magic(pattern):
             matches = sorted(Path(p) for p in glob.glob(pattern))
             if not matches:
                 raise DataError(f"{pattern}: no file matches (dataset '{cfg.dataset_id}')")
-            out.extend(matches)
         else:
-            out.append(Path(pattern))
+            matches = [Path(pattern)]
+        out.extend(matches)
+        splits.extend([code] * len(matches))
     if not out:
         raise DataError(f"dataset '{cfg.dataset_id}' lists no input paths")
+    seen: dict[Path, int | None] = {}
+    for path, code in zip(out, splits, strict=True):
+        if path.resolve() in seen and files is not None:
+            raise DataError(f"{path}: listed under split.files twice ({SPLIT_NAMES[seen[path.resolve()] or 0]} "
+                            f"and {SPLIT_NAMES[code or 0]}); a file belongs to one split")
+        seen[path.resolve()] = code
     for path in out:
         try:
             mode = path.stat().st_mode
@@ -120,7 +132,7 @@ def resolve_paths(cfg: DatasetConfig) -> list[SourceFile]:
         if path.stat().st_size == 0:
             raise DataError(f"{path}: empty file (dataset '{cfg.dataset_id}')")
         open_input(path).close()  # unreadable (permissions) fails here, before any output
-    return [SourceFile(p, i) for i, p in enumerate(out)]
+    return [SourceFile(p, i, code) for i, (p, code) in enumerate(zip(out, splits, strict=True))]
 
 
 def compression_of(path: Path) -> str | None:
@@ -215,8 +227,11 @@ def _check_parquet_types(cfg: DatasetConfig, src: SourceFile) -> None:
     schema = _parquet_schema(src.path)
     uses = [(f"feature '{s.name}' ({s.kind})", s.source, s.kind == "multihot") for s in cfg.features]
     uses += [(what, col, False) for what, col in (("label", cfg.label), ("count_column", cfg.count_column),
-                                                  ("split.time_column", cfg.split.time_column)) if col]
+                                                  ("split.time_column", cfg.split.time_column),
+                                                  ("split.column", cfg.split.column)) if col]
     for what, col, listy in uses:
+        if col not in schema.names:
+            continue  # an optional column this file lacks (checked by check_columns)
         t = schema.field(col).type
         if _scalar_type(t):
             continue
@@ -237,12 +252,21 @@ def available_columns(cfg: DatasetConfig, src: SourceFile) -> list[str]:
 
 
 def required_columns(cfg: DatasetConfig) -> list[str]:
-    """Input columns the config reads: features, label, count and time columns, in order."""
+    """Input columns the config reads: features, label, count, time and split columns, in order."""
     cols = [f.source for f in cfg.features]
-    for extra in (cfg.label, cfg.count_column, cfg.split.time_column):
+    for extra in (cfg.label, cfg.count_column, cfg.split.time_column, cfg.split.column):
         if extra:
             cols.append(extra)
     return list(dict.fromkeys(cols))
+
+
+def optional_columns(cfg: DatasetConfig) -> set[str]:
+    """Columns a file may lack: for events, the label (its rows are unlabelled, label 0) and the
+    count (each row occurs once), so an unlabelled training log and a labelled test file
+    without counts prepare together."""
+    if cfg.format != "events":
+        return set()
+    return {c for c in (cfg.label, cfg.count_column) if c}
 
 
 def check_columns(cfg: DatasetConfig, src: SourceFile) -> list[str]:
@@ -255,9 +279,10 @@ def check_columns(cfg: DatasetConfig, src: SourceFile) -> list[str]:
                 f"dataset '{cfg.dataset_id}': feature '{spec.name}' reads column '{spec.source}', "
                 f"which {src.path} does not have (columns: {', '.join(have)})"
             )
+    optional = optional_columns(cfg)
     for what, col in (("label", cfg.label), ("count_column", cfg.count_column),
-                      ("split.time_column", cfg.split.time_column)):
-        if col and col not in known:
+                      ("split.time_column", cfg.split.time_column), ("split.column", cfg.split.column)):
+        if col and col not in known and col not in optional:
             raise ConfigError(
                 f"dataset '{cfg.dataset_id}': {what} '{col}' is not a column of {src.path} "
                 f"(columns: {', '.join(have)})"
@@ -679,8 +704,10 @@ def iter_blocks(cfg: DatasetConfig, src: SourceFile, columns: list[str] | None =
     Example:
         >>> rows = sum(b.table.num_rows for b in iter_blocks(cfg, src))  # doctest: +SKIP
     """
-    check_columns(cfg, src)
-    wanted = list(columns) if columns is not None else required_columns(cfg)
+    have = set(check_columns(cfg, src))
+    optional = optional_columns(cfg)
+    wanted = [c for c in (list(columns) if columns is not None else required_columns(cfg))
+              if c in have or c not in optional]
     derived = [c for c in wanted if cfg.format == "avazu" and c in AVAZU_DERIVED]
     read_cols = [c for c in wanted if c not in derived]
     if derived and "hour" not in read_cols:
