@@ -367,6 +367,20 @@ def test_train_loop_on_synthetic_events_reaches_auc(tmp_path: Path, one_rank: No
     assert result.history and math.isnan(result.history[-1]["auc"])  # the validation split has no labels
     assert result.best_valid["nce_loss"] < result.history[0]["nce_loss"] or len(result.history) == 1
 
+    # `recemb score --run` on the raw labelled file: the served scores give the trainer's test metrics
+    # (the test split is that file), and every event names the entity pair behind its score.
+    from pipelines.score import run_score
+
+    scored = run_score(None, raw / "test.csv", tmp_path / "scores.parquet", batch_rows=4096, run=result.output_dir)
+    assert scored["family"] == "anomaly" and scored["skipped_rows"] == 0
+    assert abs(scored["metrics"]["auc"] - test["auc"]) < 1e-6 and abs(scored["metrics"]["ap"] - test["ap"]) < 1e-6
+    table = pq.read_table(tmp_path / "scores.parquet").to_pydict()
+    types = {"user", "host", "process", "port", "action"}
+    assert {"line", "label", "anomaly_score", "top_pair_a", "top_pair_b", "top_pair_term"} <= set(table)
+    assert all(a in types and b in types and a != b for a, b in zip(table["top_pair_a"], table["top_pair_b"],
+                                                                    strict=True))
+    assert not list((tmp_path).glob("recemb-score-*"))  # the temporary bundle is gone
+
 
 @pytest.mark.skipif(not (IDS2017 / "train.csv").is_file(), reason="../shared/data/ids2017 is absent")
 def test_short_run_on_ids2017(tmp_path: Path, one_rank: None) -> None:
