@@ -112,13 +112,52 @@ class ModelConfig:
 
 
 @dataclass
+class LrSchedule:
+    """How the learning rates change during a run; applies to the dense optimizer (``train.dense_lr``)
+    and to the embedding tables' optimizers (``embedding.lr``: FBGEMM's fused ones too) alike.
+
+    - ``none``: constant learning rates.
+    - ``linear``: after ``s`` of the run's ``T`` optimizer steps, each rate is
+      ``lr * (1 - (1 - final_fraction) * s / T)`` (``T``: epochs x steps per epoch, capped by
+      ``train.max_steps``), so it reaches ``final_fraction * lr`` when the run ends.
+    - ``plateau``: when ``patience`` validation evaluations in a row have not improved the
+      monitored score (``train.monitor``), every rate is multiplied by ``factor``, but not
+      below ``min_lr`` (a rate that starts below ``min_lr`` stays where it is).
+
+    Settings of the other kinds are ignored.
+
+    Example (YAML):
+        train:
+          lr_schedule: {kind: plateau, factor: 0.1, patience: 1, min_lr: 1.0e-6}
+    """
+
+    kind: Literal["none", "linear", "plateau"] = "none"
+    final_fraction: float = 0.0
+    factor: float = 0.1
+    patience: int = 1
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.final_fraction <= 1.0:
+            raise ValueError(f"final_fraction must be in [0, 1], got {self.final_fraction}")
+        if not 0.0 < self.factor < 1.0:
+            raise ValueError(f"factor must be in (0, 1) (each drop multiplies the rates by it), got {self.factor}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1 (evaluations without improvement before a drop), "
+                             f"got {self.patience}")
+        if not self.min_lr >= 0.0:
+            raise ValueError(f"min_lr must be >= 0, got {self.min_lr}")
+
+
+@dataclass
 class TrainConfig:
     """Training loop settings. ``monitor`` weights validation metrics for early stopping
     (``{auc: 1, logloss: -1}`` means higher AUC and lower logloss are better); which metrics
     it may name is the model's own list (``recemb.models.registry.monitorable_metrics``: CTR
     models auc, logloss, ne, calibration; APE auc, ap, precision_at_k, recall_at_k, nce_loss),
     checked when the experiment is loaded;
-    ``device: auto`` trains on CUDA when a GPU is visible (nccl), else on CPU (gloo)."""
+    ``device: auto`` trains on CUDA when a GPU is visible (nccl), else on CPU (gloo);
+    ``lr_schedule`` changes the dense and embedding learning rates during the run (``LrSchedule``)."""
 
     epochs: int = 1
     batch_size: int = 4096
@@ -136,6 +175,7 @@ class TrainConfig:
     output_dir: str = "runs"
     progress: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    lr_schedule: LrSchedule = field(default_factory=LrSchedule)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:

@@ -234,6 +234,25 @@ class ParquetBatches:
             yield arrow_to_batch(part.slice(self.rank * per, per), self.feature_map)
 
 
+def split_rows(feature_map: FeatureMap, root: str | Path, split: str) -> int:
+    """Rows of ``split``: the feature map's count, else the Parquet footers' (older feature maps)."""
+    if split in feature_map.rows:
+        return int(feature_map.rows[split])
+    return sum(pq.ParquetFile(Path(root) / f).metadata.num_rows for f in feature_map.shards.get(split, []))
+
+
+def epoch_steps(rows: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps of one training epoch of ``rows`` rows at ``batch_size`` per rank.
+
+    Training drops a short last global batch (``ParquetSource``).
+
+    Example:
+        >>> epoch_steps(49_041, 4096)
+        11
+    """
+    return rows // (batch_size * world_size)
+
+
 class BatchSource(Protocol):
     """Where a training loop gets its batches: local Parquet here, Ray Data in pipelines."""
 

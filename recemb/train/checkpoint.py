@@ -421,6 +421,8 @@ def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
 #                                  silently overwritten by the checkpoint's param groups
 #   train.clip_grad_norm           the update rule
 #   train.monitor                  the saved best score was computed with the old weights
+#   train.lr_schedule.kind, final_fraction  the rate of every step (a linear schedule also refuses,
+#                                  in the loop, epochs/max_steps/batch/ranks that change its total steps)
 RESUME_SAFE_KEYS: frozenset[str] = frozenset({
     "expid",                  # names the output folder only
     "train.epochs",           # how long, not how: more epochs go on, fewer stop sooner
@@ -431,6 +433,9 @@ RESUME_SAFE_KEYS: frozenset[str] = frozenset({
     "train.output_dir",
     "train.progress",
     "train.device",            # the same state and batches on another device
+    "train.lr_schedule.patience",  # plateau: when the next drop comes, not what was done
+    "train.lr_schedule.factor",    # plateau: the size of later drops (the multiplier so far is saved)
+    "train.lr_schedule.min_lr",    # plateau: the floor of the rates from here on
     "cluster",                 # where ranks run; a changed world size is checked on its own
     "search",                  # read by `recemb search`, which passes its choices in train.*/embedding.*
 })

@@ -34,7 +34,7 @@ from torch import nn
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recemb.config.experiment import ExperimentConfig, TrainConfig
-from recemb.data.batch import Batch, BatchSource, ParquetSource
+from recemb.data.batch import Batch, BatchSource, ParquetSource, epoch_steps, split_rows
 from recemb.data.schema import FeatureMap
 from recemb.embeddings.sharding import (
     ensure_process_group,
@@ -56,6 +56,7 @@ from recemb.train.checkpoint import (
     rows_in_epoch,
     save_checkpoint,
 )
+from recemb.train.schedule import LrScheduler, run_rates
 
 log = logging.getLogger("recemb.train")
 MetricsHook = Callable[[int, dict[str, float]], None]
@@ -305,6 +306,10 @@ def train(
     aux_opt = aux_optimizer(dmp)
     state = TrainState(model=dmp, dense_optimizer=opt, fused_optimizer=dmp.fused_optimizer,
                        table_optimizer=table_opt, aux_optimizer=aux_opt)
+    # Built before a checkpoint is loaded: the starting rates are the configured ones.
+    rates, push_rates = run_rates(dmp, opt, table_opt, dmp.fused_optimizer)
+    total_steps = run_steps(tc, split_rows(fm, data_dir, "train"), world)
+    schedule = LrScheduler(tc.lr_schedule, total_steps, rates, push_rates)
 
     if _is_rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -331,6 +336,8 @@ def train(
         best = meta["extra"].get("best", {})
         best_score = meta["extra"].get("best_score", -math.inf)
         bad_evals = meta["extra"].get("bad_evals", 0)
+        if "lr_schedule" in meta["extra"]:
+            schedule.load_state_dict(meta["extra"]["lr_schedule"], where=f"{path}/meta.json")
     if on_start is not None:
         on_start(dmp, start_step)
 
@@ -343,7 +350,7 @@ def train(
     def checkpoint(name: str, step: int, epoch: int, position: int) -> None:
         """``position``: rows of ``epoch`` trained so far over all ranks (0 when ``epoch`` starts)."""
         extra = {"rows_in_epoch": position, "history": history, "best": best,
-                 "best_score": best_score, "bad_evals": bad_evals}
+                 "best_score": best_score, "bad_evals": bad_evals, "lr_schedule": schedule.state_dict()}
         save_checkpoint(ckpt_dir / name, state, step=step, epoch=epoch, config=cfg.to_dict(), extra=extra)
 
     step, samples, train_seconds, first_step_at = start_step, 0, 0.0, 0.0
@@ -363,6 +370,7 @@ def train(
         t0 = time.perf_counter()
         for batch in it:
             batch = batch.to(device)
+            schedule.apply(step)
             loss, _ = dmp(batch)
             opt.zero_grad()
             if table_opt is not None:
@@ -391,7 +399,7 @@ def train(
             if (tc.eval_every_steps and step % tc.eval_every_steps == 0) or end_of_run:
                 train_seconds += time.perf_counter() - t0
                 best_score, bad_evals, improved = _eval_step(
-                    dmp, batches, tc, device, step, epoch, history, best_score, bad_evals, on_metrics)
+                    dmp, batches, tc, device, step, epoch, history, best_score, bad_evals, on_metrics, schedule)
                 if improved:
                     best = history[-1]
                     checkpoint("best", step, epoch, in_epoch)
@@ -409,7 +417,7 @@ def train(
             break
         if not (tc.eval_every_steps and step % tc.eval_every_steps == 0):
             best_score, bad_evals, improved = _eval_step(
-                dmp, batches, tc, device, step, epoch, history, best_score, bad_evals, on_metrics)
+                dmp, batches, tc, device, step, epoch, history, best_score, bad_evals, on_metrics, schedule)
             if improved:
                 best = history[-1]
                 checkpoint("best", step, epoch + 1, 0)
@@ -438,25 +446,43 @@ def train(
     return result
 
 
+def run_steps(tc: TrainConfig, train_rows: int, world_size: int) -> int:
+    """Optimizer steps the whole run takes: epochs x steps per epoch, capped by ``max_steps``.
+
+    Example:
+        >>> run_steps(TrainConfig(epochs=3, batch_size=1000, max_steps=25), train_rows=10_000, world_size=1)
+        25
+    """
+    steps = tc.epochs * epoch_steps(train_rows, tc.batch_size, world_size)
+    return min(steps, tc.max_steps) if tc.max_steps else steps
+
+
 def _fmt(metrics: dict[str, float]) -> str:
     keys = ("auc", "logloss", "ne", "calibration", "ap", "precision_at_k", "recall_at_k", "nce_loss",
             "unseen_share")
-    return " ".join(f"{k}={metrics[k]:.5f}" for k in keys if k in metrics)
+    rates = " ".join(f"{k}={metrics[k]:.3g}" for k in ("lr_dense", "lr_embedding") if k in metrics)
+    return " ".join([f"{k}={metrics[k]:.5f}" for k in keys if k in metrics] + ([rates] if rates else []))
 
 
 def _eval_step(
     dmp: nn.Module, batches: Callable[..., Iterable[Batch]], tc: TrainConfig, device: torch.device,
     step: int, epoch: int, history: list[dict[str, float]], best_score: float, bad_evals: int,
-    on_metrics: MetricsHook | None,
+    on_metrics: MetricsHook | None, schedule: LrScheduler,
 ) -> tuple[float, int, bool]:
     metrics = evaluate(dmp, batches("valid", tc.eval_batch_size), device)
-    metrics = {**metrics, "step": step, "epoch": epoch}
+    # The rates of the steps just evaluated, when a schedule changes them.
+    rates = schedule.current() if schedule.active else {}
+    metrics = {**metrics, **rates, "step": step, "epoch": epoch}
     history.append(metrics)
     if _is_rank0():
         print(f"\n[metrics] split=valid step={step} epoch={epoch} " + _fmt(metrics), flush=True)
     if on_metrics is not None:
         on_metrics(step, metrics)
     score = monitor_score(metrics, tc.monitor)
+    if schedule.observe(score) and _is_rank0():
+        print(f"[lr] no improvement in {tc.lr_schedule.patience} evaluation(s): learning rates x"
+              f"{tc.lr_schedule.factor:g} (now {schedule.multiplier(step):g} x the configured ones, "
+              f"min_lr {tc.lr_schedule.min_lr:g})", flush=True)
     if score > best_score:
         return score, 0, True
     return best_score, bad_evals + 1, False
@@ -496,4 +522,4 @@ def _append_results_csv(path: Path, cfg: ExperimentConfig, result: TrainResult) 
 
 
 __all__ = ["TrainModel", "TrainResult", "objective_of", "aux_optimizer", "aux_param_groups", "dense_optimizer", "evaluate",
-           "monitor_score", "train"]
+           "monitor_score", "run_steps", "train"]
