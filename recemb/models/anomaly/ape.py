@@ -11,8 +11,8 @@ observed event (label 1) and on ``S(e') - log(k P_t(a'_t))`` for each noise even
 The anomaly score is ``-S(e)``.
 
 All noise events of a batch are scored from one lookup: the observed entities and every
-replacing entity go into one ``KeyedJaggedTensor`` (noise rows hold only their replaced
-type's id), and a noise event's score is its observed event's score with the replaced
+replacing entity go into one ``KeyedJaggedTensor`` (each noise id is a bag of its own
+type's key, keys padded to one stride), and a noise event's score is its observed event's score with the replaced
 entity's pair terms swapped: ``S(e') = S(e) - <v_t, c_t> + <u, c_t>``, ``c_t = sum_j w_tj v_j``.
 
 Example:
@@ -165,33 +165,39 @@ class APE(nn.Module):
         return values.view(n, b).T.to(torch.int64)
 
     def _lookup(self, observed: torch.Tensor, types: torch.Tensor, noise: torch.Tensor) -> tuple[
-            torch.Tensor, torch.Tensor | None]:
+            torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """One lookup of the observed entities ``[B, F]`` and the noise ids ``[N]`` of types ``[N]``.
 
-        Returns vectors ``[B + N, F, d]`` (noise rows hold only their type's vector) and, with
-        unary terms, scalars ``[B + N, F]``.
+        Key ``t`` holds the ``B`` observed bags, then one bag per noise id of type ``t``, then
+        empty bags up to one stride ``S = B + max_t n_t`` for all keys (a KJT has one stride):
+        ``F * S`` bags rather than ``F * (B + N)``, which is what a CPU lookup's cost follows.
+        Returns vectors ``[S, F, d]``, with unary terms scalars ``[S, F]``, and per noise id
+        its row in them (its column is its type).
         """
         b, n = observed.shape
         device = observed.device
+        total = noise.numel()
         per_type = torch.bincount(types, minlength=n)
+        stride = b + int(per_type.max())
         order = torch.argsort(types, stable=True)
-        sorted_types = types[order]
         before = torch.cumsum(per_type, 0) - per_type  # noise ids of earlier types
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(total, device=device) - before[types[order]]  # place within its type
+        rows = b + rank
         key_start = torch.arange(n, device=device) * b + before
-        values = torch.empty(n * b + noise.numel(), dtype=torch.int64, device=device)
+        values = torch.empty(n * b + total, dtype=torch.int64, device=device)
         values[(key_start.unsqueeze(1) + torch.arange(b, device=device)).reshape(-1)] = observed.T.reshape(-1)
-        rank = torch.arange(noise.numel(), device=device) - before[sorted_types]
-        values[key_start[sorted_types] + b + rank] = noise[order]
-        lengths = torch.cat([torch.ones(n, b, dtype=torch.int64, device=device),
-                             (types.unsqueeze(0) == torch.arange(n, device=device).unsqueeze(1)).to(torch.int64)],
-                            dim=1)
+        values[key_start[types] + b + rank] = noise
+        lengths = torch.zeros(n, stride, dtype=torch.int64, device=device)
+        lengths[:, :b] = 1
+        lengths[types, rows] = 1
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.features, values=values, lengths=lengths.reshape(-1))
         vectors = self.embedding.stack(self.embedding(kjt))
         scalars = None
         if self.unary is not None:
             pooled = self.unary(kjt).values()
             scalars = pooled.view(pooled.shape[0], n, -1).sum(-1)
-        return vectors, scalars
+        return vectors, scalars, rows
 
     def _generator(self, observed: torch.Tensor) -> torch.Generator | None:
         """Training draws from torch's global RNG; evaluation from a generator seeded by the
@@ -214,20 +220,20 @@ class APE(nn.Module):
             types = torch.rand(b, n, device=device, generator=gen).argsort(dim=1)[:, :m]
         noise = self.noise.sample(types, k, generator=gen)  # [B, m, k]
         flat_types = types.unsqueeze(-1).expand(b, m, k).reshape(-1)
-        vectors, scalars = self._lookup(observed, flat_types, noise.reshape(-1))
+        vectors, scalars, noise_rows = self._lookup(observed, flat_types, noise.reshape(-1))
         v = vectors[:b]
         context = torch.einsum("ij,bjd->bid", self.pair_weights(), v)  # c_i = sum_j w_ij v_j
         score = 0.5 * (v * context).sum((1, 2))
         rows = torch.arange(b, device=device).unsqueeze(1)
         c_t = context[rows, types]  # [B, m, d]
         swapped_out = score.unsqueeze(1) - (v[rows, types] * c_t).sum(-1)  # S(e) without type t's pair terms
-        u = vectors[b:][torch.arange(flat_types.numel(), device=device), flat_types].view(b, m, k, -1)
+        u = vectors[noise_rows, flat_types].view(b, m, k, -1)
         noise_score = swapped_out.unsqueeze(-1) + torch.einsum("bmkd,bmd->bmk", u, c_t)
         if scalars is not None:
             own = scalars[:b]
             score = score + own.sum(1)
             noise_score = (noise_score + own.sum(1).view(b, 1, 1) - own[rows, types].unsqueeze(-1)
-                           + scalars[b:][torch.arange(flat_types.numel(), device=device), flat_types].view(b, m, k))
+                           + scalars[noise_rows, flat_types].view(b, m, k))
         log_k = math.log(k)
         observed_t = observed[rows, types]
         oov = torch.tensor(self.oov_ids, dtype=torch.int64, device=device)
