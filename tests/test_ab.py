@@ -81,7 +81,9 @@ def test_bootstrap_replicates_equal_the_metrics_of_the_weighted_rows() -> None:
     y = rng.random(n) < 0.35
     s = np.stack([y + rng.normal(size=n), np.round(y + rng.normal(size=n), 1)])  # arm 1 has ties
     out = paired_bootstrap(y, s, resamples=b, seed=7, block=b)
-    w = bootstrap_weights(np.random.default_rng(7), b, n).astype(np.int64)
+    drawn = bootstrap_weights(np.random.default_rng(7), b, n).astype(np.int64)
+    w = np.empty_like(drawn)
+    w[:, stats.resample_order(y)] = drawn  # the p-th weight of a resample belongs to row resample_order[p]
     for r in range(b):
         rows = np.repeat(np.arange(n), w[r])
         ya = torch.tensor(y[rows].astype(float))

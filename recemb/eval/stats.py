@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ from recemb.eval.metrics import EPS
 
 # Bootstrap weights w = a + 2 (b & c) from three random bits: P(0) = P(1) = 3/8, P(2) = P(3) = 1/8,
 # mean 1 and variance 1 like Poisson(1) (whose first four probabilities are .37, .37, .18, .06).
-_LANES = np.uint64(0x0101010101010101)
+_LANES = 0x0101010101010101
 _LOGIT_CLIP = math.log((1.0 - EPS) / EPS)
 CTR_METRICS = ("auc", "logloss", "ne", "calibration")
 ANOMALY_METRICS = ("auc", "ap")
@@ -44,113 +46,189 @@ ANOMALY_METRICS = ("auc", "ap")
 DIRECTION = {"auc": 1, "ap": 1, "gauc": 1, "logloss": -1, "ne": -1, "calibration": 0}
 
 
-def bootstrap_weights(rng: np.random.Generator, resamples: int, rows: int, out: np.ndarray | None = None,
-                      ) -> np.ndarray:
+def _draw(rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
+    """Fill the uint8 array ``out`` (C-contiguous) with bootstrap weights in 0..3, mean 1, variance 1.
+
+    Three random bits make one weight, eight weights are made per 64-bit word operation (torch's
+    bitwise kernels, on every thread; an arithmetic right shift by at most 7 leaves every masked
+    byte lane as a logical shift would).
+    """
+    flat = torch.from_numpy(out.reshape(-1))
+    total = flat.numel()
+    words = -(-total // 64)  # each triple of random words gives 64 weights
+    bits = torch.from_numpy(rng.bit_generator.random_raw(3 * words).view(np.int64)).view(3, words)
+    a, bc = bits[0], torch.bitwise_and(bits[1], bits[2], out=bits[1])
+    packed = torch.empty(8, words, dtype=torch.int64)
+    tmp = torch.empty(words, dtype=torch.int64)
+    for k in range(8):
+        torch.bitwise_and(torch.bitwise_right_shift(a, k, out=packed[k]), _LANES, out=packed[k])
+        torch.bitwise_and(torch.bitwise_right_shift(bc, k, out=tmp), _LANES, out=tmp)
+        torch.bitwise_left_shift(tmp, 1, out=tmp)
+        torch.bitwise_or(packed[k], tmp, out=packed[k])
+    flat.copy_(packed.view(-1).view(torch.uint8)[:total])
+    return out
+
+
+def bootstrap_weights(rng: np.random.Generator, resamples: int, rows: int) -> np.ndarray:
     """``[resamples, rows]`` uint8 bootstrap weights in 0..3 with mean 1 and variance 1 (see above).
 
-    Three random bits make one weight, eight weights are made per 64-bit word operation.
+    Drawn row by row (a row's weights in all resamples are adjacent: the result is the
+    transpose of a C-contiguous ``[rows, resamples]`` array), as ``paired_bootstrap`` draws a
+    block of ``resamples`` for rows in ``resample_order``.
 
     Example:
         >>> w = bootstrap_weights(np.random.default_rng(0), 64, 10_000).astype(float)
         >>> float(w.mean().round(2)), float(w.var().round(1)), sorted(np.unique(w).tolist())
         (1.0, 1.0, [0.0, 1.0, 2.0, 3.0])
     """
-    total = resamples * rows
-    words = -(-total // 64)  # each triple of random words gives 64 weights
-    bits = rng.bit_generator.random_raw(3 * words).reshape(3, words)
-    a, bc = bits[0], bits[1] & bits[2]
-    packed = np.empty((8, words), np.uint64)
-    tmp = np.empty(words, np.uint64)
-    for k in range(8):
-        np.bitwise_and(np.right_shift(a, np.uint64(k), out=packed[k]), _LANES, out=packed[k])
-        np.bitwise_and(np.right_shift(bc, np.uint64(k), out=tmp), _LANES, out=tmp)
-        np.left_shift(tmp, np.uint64(1), out=tmp)
-        np.bitwise_or(packed[k], tmp, out=packed[k])
-    flat = packed.reshape(-1).view(np.uint8)[:total].reshape(resamples, rows)
-    if out is None:
-        return flat
-    out[...] = flat
+    return _draw(rng, np.empty((rows, resamples), np.uint8)).T
+
+
+# ----------------------------------------------------------------------------- prefix sums down rows
+
+_K = 64  # rows per block of the triangular GEMM in _prefix_sums
+_TRIL = torch.tril(torch.ones(_K, _K))
+
+
+def _padded(rows: int) -> int:
+    return -(-rows // _K) * _K
+
+
+def _prefix_sums(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Inclusive prefix sums down the rows of ``x`` ``[m, B]`` (``m`` a multiple of 64) into ``out``.
+
+    Each 64-row block is one small lower-triangular GEMM (batched over blocks), then the
+    blocks' running totals are added: a cumsum down the rows that reads memory twice instead
+    of striding down every column (numpy's and torch's column cumsums run at ~15 ns an
+    element here, this at ~2). Exact for integers while partial sums stay below 2**24.
+
+    Example:
+        >>> x = torch.arange(256.0).reshape(128, 2)
+        >>> bool((_prefix_sums(x, torch.empty(128, 2)) == torch.cumsum(x, 0)).all())
+        True
+    """
+    m, b = x.shape
+    y = out.view(m // _K, _K, b)
+    torch.matmul(_TRIL, x.view(m // _K, _K, b), out=y)
+    if m > _K:
+        carry = torch.from_numpy(np.cumsum(y[:-1, -1, :].numpy(), axis=0))
+        y[1:] += carry.unsqueeze(1)
     return out
 
 
 # ----------------------------------------------------------------------------- AUC and AP under weights
 
 
+def resample_order(labels: np.ndarray) -> np.ndarray:
+    """The rows in the order ``paired_bootstrap`` draws their weights: the smaller class first, then the
+    larger (ties: the positives first), each in row order. Row ``order[p]`` gets the ``p``-th weight of each
+    resample, so the larger class's weights are one contiguous slice in every block.
+
+    Example:
+        >>> resample_order(np.array([0, 1, 0, 0, 1])).tolist()
+        [1, 4, 0, 2, 3]
+    """
+    positive = np.asarray(labels).reshape(-1).astype(bool)
+    minority_is_positive = bool(positive.sum() * 2 <= len(positive))
+    return np.concatenate([np.flatnonzero(positive == minority_is_positive),
+                           np.flatnonzero(positive != minority_is_positive)])
+
+
 @dataclass
 class _AucIndex:
-    """One arm's AUC under weights, prepared once: the smaller class in score order, and for each row of
-    the larger class how many of them score below it (``lo``) or not above it (``hi``)."""
+    """One arm's AUC under weights, prepared once (rows in ``resample_order``): the smaller class's rows in
+    score order, and for each row of the larger class how many of them score below it (``lo``) or not
+    above it (``hi``). ``sum_j w_j * count below j`` is then ``sum_j w_j mid_j`` (a GEMM column) plus
+    ``sum_j w_j (D(lo_j) + D(hi_j)) / 2``, ``D(k)`` the weight of the first ``k`` minority rows minus ``k``."""
 
-    minority_order: np.ndarray  # rows of the smaller class by score, after a leading ``n`` (a zero-weight row)
-    lo: np.ndarray  # int64 per majority row (in row order)
-    hi: np.ndarray | None  # None when no majority score ties a minority score
-    mid: np.ndarray  # (lo + hi) / 2 per row, 0 for minority rows: its weighted sum is a GEMM column
+    minority_order: torch.Tensor  # int64 positions (< n_min) by ascending score
+    lo: torch.Tensor  # int64 per majority row
+    hi: torch.Tensor | None  # None when no majority score ties a minority score
+    mid: np.ndarray  # (lo + hi) / 2 per row, 0 for minority rows
     minority_is_positive: bool
 
 
-def _auc_index(scores: np.ndarray, positive: np.ndarray, majority: np.ndarray) -> _AucIndex:
-    minority_is_positive = bool(positive.sum() * 2 <= len(positive))
-    minority = np.flatnonzero(positive == minority_is_positive)
-    order = minority[np.argsort(scores[minority], kind="stable")]
-    sorted_scores = scores[order]
-    lo = np.searchsorted(sorted_scores, scores[majority], "left")
-    hi = np.searchsorted(sorted_scores, scores[majority], "right")
+def _auc_index(scores: np.ndarray, n_min: int, minority_is_positive: bool) -> _AucIndex:
+    """``scores`` in ``resample_order``: the first ``n_min`` rows are the smaller class."""
+    order = np.argsort(scores[:n_min], kind="stable")
+    sorted_scores = scores[:n_min][order]
+    lo = np.searchsorted(sorted_scores, scores[n_min:], "left")
+    hi = np.searchsorted(sorted_scores, scores[n_min:], "right")
     mid = np.zeros(len(scores))
-    mid[majority] = (lo + hi) / 2
-    return _AucIndex(np.concatenate([[len(scores)], order]), lo, None if np.array_equal(lo, hi) else hi, mid,
-                     minority_is_positive)
+    mid[n_min:] = (lo + hi) / 2
+    return _AucIndex(torch.from_numpy(order), torch.from_numpy(lo),
+                     None if np.array_equal(lo, hi) else torch.from_numpy(hi), mid, minority_is_positive)
 
 
-def _auc_term(w8: np.ndarray, w_major: np.ndarray, idx: _AucIndex) -> np.ndarray:
-    """``sum_r w_r (D(lo_r) + D(hi_r)) / 2`` over majority rows r, where ``D(k)`` is the weight of the first
-    ``k`` minority rows minus ``k``: the part of the weighted pair count that the GEMM column ``mid`` lacks."""
-    taken = torch.from_numpy(np.take(w8, idx.minority_order, axis=1))  # [B, 1 + n_min], column 0 is 0
-    cum = torch.cumsum(taken, 1, dtype=torch.float32)  # integers: exact below 2**24
-    cum -= torch.arange(cum.shape[1], dtype=torch.float32)  # centred: D(k), of order sqrt(k)
-    below = np.take(cum.numpy(), idx.lo, axis=1)
-    if idx.hi is not None:
-        below += np.take(cum.numpy(), idx.hi, axis=1)
-        below *= 0.5
-    return np.einsum("ij,ij->i", w_major, below).astype(np.float64)
+class _AucWork:
+    """Buffers reused by every arm and block: the centred minority weights, their prefix sums, a gather."""
+
+    CHUNK = 16384  # majority rows gathered, weighted and summed at a time: the gather stays in cache
+
+    def __init__(self, n_min: int, block: int) -> None:
+        self.n_min = n_min
+        self.x = torch.zeros(_padded(n_min), block)  # rows past n_min stay 0
+        self.d = torch.zeros(_padded(n_min) + 1, block)  # row 0 stays 0: D(0)
+        self.below = torch.empty(self.CHUNK, block)
+        self.other = torch.empty(self.CHUNK, block)
+
+    def term(self, wf: torch.Tensor, idx: _AucIndex) -> np.ndarray:
+        """``sum_j w_j (D(lo_j) + D(hi_j)) / 2`` per resample (the columns of ``wf`` ``[rows, b]``, whose
+        first ``n_min`` rows hold the minority weights minus 1, the others the majority weights)."""
+        b = wf.shape[1]
+        x, d = self.x[:, :b], self.d[:, :b]
+        torch.index_select(wf[:self.n_min], 0, idx.minority_order, out=x[:self.n_min])
+        _prefix_sums(x, d[1:])  # centred: D(k) is of order sqrt(k), so float32 sums below stay exact enough
+        major = wf[self.n_min:]
+        acc = torch.zeros(b)
+        for start in range(0, len(idx.lo), self.CHUNK):
+            end = min(start + self.CHUNK, len(idx.lo))
+            below = self.below[:end - start, :b]
+            torch.index_select(d, 0, idx.lo[start:end], out=below)
+            if idx.hi is not None:
+                other = self.other[:end - start, :b]
+                torch.index_select(d, 0, idx.hi[start:end], out=other)
+                below += other
+            below *= major[start:end]
+            acc += below.sum(0)
+        return acc.double().numpy() * (1.0 if idx.hi is None else 0.5)
 
 
 @dataclass
 class _RankIndex:
-    """What one arm's weighted AP needs, computed once: the score order and where ties end."""
+    """What one arm's weighted AP needs, computed once (rows in ``resample_order``): the descending score
+    order, the positives' places in it, and where each positive's tie group ends going down."""
 
-    order: torch.Tensor  # row indices by ascending score
-    positive: torch.Tensor  # float32 [n]
-    pos_at: torch.Tensor  # positions (in sorted order) of the positives
-    before: torch.Tensor | None  # per positive: last position before its tie group; None: no ties
+    order: torch.Tensor  # int64 positions by descending score
+    positive: torch.Tensor  # float32 [n, 1]: 1 for positives, in that order
+    pos_at: torch.Tensor  # places of the positives in the order
+    threshold: torch.Tensor  # per positive: the last place of its tie group
 
 
 def _rank_index(scores: np.ndarray, positive: np.ndarray) -> _RankIndex:
-    order = np.argsort(scores, kind="stable")
+    order = np.argsort(-scores, kind="stable")
     s = scores[order]
-    pos_sorted = positive[order]
-    pos_at = np.flatnonzero(pos_sorted)
-    before = None
-    if np.any(s[1:] == s[:-1]):
-        new = np.ones(len(s), bool)
-        new[1:] = s[1:] != s[:-1]
-        start = np.maximum.accumulate(np.where(new, np.arange(len(s)), 0))
-        before = torch.from_numpy(start[pos_at] - 1)
-    return _RankIndex(torch.from_numpy(order), torch.from_numpy(pos_sorted.astype(np.float32)),
-                      torch.from_numpy(pos_at), before)
+    pos_at = np.flatnonzero(positive[order])
+    last = np.ones(len(s), bool)
+    last[:-1] = s[1:] != s[:-1]
+    # the end of each tie group, carried back to every place in it
+    ends = np.flatnonzero(last)
+    end_of = ends[np.searchsorted(ends, np.arange(len(s)))]
+    return _RankIndex(torch.from_numpy(order), torch.from_numpy(positive[order].astype(np.float32)).reshape(-1, 1),
+                      torch.from_numpy(pos_at), torch.from_numpy(end_of[pos_at]))
 
 
-def _weighted_ap(w: torch.Tensor, idx: _RankIndex) -> torch.Tensor:
-    """Average precision under weights: sum over positives of w * precision at its threshold, / sum w (positives)."""
-    ws = w.index_select(1, idx.order).flip(1)  # descending score: thresholds from the top
-    n = ws.shape[1]
-    tp = torch.cumsum(ws * idx.positive.flip(0), 1)
-    seen = torch.cumsum(ws, 1)
-    # A positive at ascending position k sits at n-1-k going down; tied rows enter together, so its
-    # threshold is where its tie group ends going down (the ascending group's start).
-    at = n - 1 - idx.pos_at if idx.before is None else n - 2 - idx.before
-    prec = tp.index_select(1, at) / seen.index_select(1, at).clamp(min=1e-12)
-    w_pos = ws.index_select(1, n - 1 - idx.pos_at)
-    return (w_pos.double() * prec.double()).sum(1) / w_pos.sum(1, dtype=torch.float64)
+def _weighted_ap(wf: torch.Tensor, idx: _RankIndex) -> np.ndarray:
+    """Average precision under weights ``wf`` ``[rows, b]``: sum over positives of w * precision at its
+    threshold (tied rows enter together), / sum of the positives' w. One value per column."""
+    n, b = wf.shape
+    ws = torch.zeros(_padded(n), b)
+    torch.index_select(wf, 0, idx.order, out=ws[:n])
+    seen = _prefix_sums(ws, torch.empty_like(ws))
+    tp = _prefix_sums(ws * torch.cat([idx.positive, torch.zeros(len(ws) - n, 1)]), torch.empty_like(ws))
+    prec = tp.index_select(0, idx.threshold) / seen.index_select(0, idx.threshold).clamp(min=1e-12)
+    w_pos = ws.index_select(0, idx.pos_at)
+    return ((w_pos.double() * prec.double()).sum(0) / w_pos.sum(0, dtype=torch.float64)).numpy()
 
 
 # ----------------------------------------------------------------------------- the bootstrap
@@ -183,6 +261,10 @@ def _entropy(rate: np.ndarray) -> np.ndarray:
     return -(r * np.log(r) + (1 - r) * np.log1p(-r))
 
 
+# Columns summed exactly (integers below 2**24 in float32); the others are centred first.
+_EXACT = ("one", "y")
+
+
 def _columns(positive: np.ndarray, scores: np.ndarray, control: int, task: str,
              mids: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Per-row columns whose weighted sums give every mean metric (and AUC's rank part)."""
@@ -205,6 +287,96 @@ def _pvalue(rep: np.ndarray) -> float:
     return float(min(1.0, 2 * min((np.sum(rep <= 0) + 1) / (b + 1), (np.sum(rep >= 0) + 1) / (b + 1))))
 
 
+class _Done:
+    """A result computed on the spot, shaped like a finished ``Future``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def _submit(pool: ThreadPoolExecutor | None, fn: Callable[..., Any], *args: Any) -> Any:
+    return pool.submit(fn, *args) if pool is not None else _Done(fn(*args))
+
+
+def _map(pool: ThreadPoolExecutor | None, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterable[Any]:
+    return pool.map(fn, items) if pool is not None else map(fn, items)
+
+
+def _replicates(positive: np.ndarray, cols: dict[str, np.ndarray], aucs: list[_AucIndex], ranks: list[_RankIndex],
+                task: str, resamples: int, seed: int, block: int, pool: ThreadPoolExecutor | None,
+                ) -> dict[str, np.ndarray]:
+    """Every arm's metric replicates (``auc/0``, ``logloss/1``, ...), ``block`` resamples at a time.
+
+    Rows are in ``resample_order``. Per block: the weights are one ``[rows, block]`` matrix,
+    the mean metrics one GEMM with the centred columns, each arm's AUC (and AP) one task;
+    the next block's weights are drawn while this block's tasks run.
+    """
+    n, arms = len(positive), len(aucs)
+    n_min = int((positive == positive[0]).sum())
+    names = list(cols)
+    means = np.array([0.0 if k in _EXACT else cols[k].mean() for k in names])
+    xt = torch.from_numpy(np.stack([cols[k] - m for k, m in zip(names, means, strict=True)]).astype(np.float32))
+    # The weight matrix holds w - 1 in the minority rows (what the AUC's prefix sums take): add those rows back.
+    minority_sums = xt[:, :n_min].double().sum(1).numpy()
+    at = {k: i for i, k in enumerate(names)}
+    block = block or max(1, min(resamples, (1 << 25) // n))
+    if block > 16:
+        block -= block % 16  # whole cache lines per row of weights
+    rng = np.random.default_rng(seed)
+    buffers = [(np.empty(n * block, np.uint8), torch.empty(n * block)) for _ in range(2)]  # this block, the next
+    works = [_AucWork(n_min, block) for _ in range(arms)]
+    sizes = [min(block, resamples - start) for start in range(0, resamples, block)]
+
+    def fill(k: int, b: int) -> torch.Tensor:
+        w8, wf = buffers[k % 2]
+        w8v, wfv = w8[:n * b].reshape(n, b), wf[:n * b].view(n, b)
+        _draw(rng, w8v)
+        w8t = torch.from_numpy(w8v)
+        w8t[:n_min] -= 1  # uint8 wraps: 0 becomes 255, read back as int8 -1
+        wfv[:n_min].copy_(w8t[:n_min].view(torch.int8))
+        wfv[n_min:].copy_(w8t[n_min:])
+        return wfv
+
+    def weighted_ap(wfv: torch.Tensor, idx: _RankIndex) -> np.ndarray:
+        whole = wfv.clone()
+        whole[:n_min] += 1.0
+        return _weighted_ap(whole, idx)
+
+    parts: dict[str, list[np.ndarray]] = {}
+
+    def keep(name: str, value: np.ndarray) -> None:
+        parts.setdefault(name, []).append(np.asarray(value, dtype=np.float64))
+
+    current = fill(0, sizes[0])
+    for i in range(len(sizes)):
+        wfv = current
+        following = _submit(pool, fill, i + 1, sizes[i + 1]) if i + 1 < len(sizes) else None
+        terms = [_submit(pool, works[a].term, wfv, aucs[a]) for a in range(arms)]
+        aps = [_submit(pool, weighted_ap, wfv, ranks[a]) for a in range(arms)] if task == "anomaly" else []
+        # [b, columns]: sum_r w_r (x_r - mean), mean 0 for _EXACT
+        sums = (xt @ wfv).double().numpy().T + minority_sums
+        total = sums[:, at["one"]].copy()
+        sums += np.outer(total, means)
+        w_pos = sums[:, at["y"]]
+        pairs = w_pos * (total - w_pos)
+        for a in range(arms):
+            t = sums[:, at[f"mid{a}"]] + terms[a].result()
+            keep(f"auc/{a}", 1 - t / pairs if aucs[a].minority_is_positive else t / pairs)
+            if task == "ctr":
+                keep(f"logloss/{a}", sums[:, at[f"dloss{a}"]] / total)
+                keep(f"ne/{a}", sums[:, at[f"dloss{a}"]] / total / _entropy(w_pos / total))
+                keep(f"calibration/{a}", sums[:, at[f"dprob{a}"]] / w_pos)
+                keep(f"abs_cal/{a}", sums[:, at[f"prob{a}"]] / w_pos)
+            else:
+                keep(f"ap/{a}", aps[a].result())
+        if following is not None:
+            current = following.result()
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
 def paired_bootstrap(
     labels: np.ndarray, scores: np.ndarray, control: int = 0, resamples: int = 1000, level: float = 0.95,
     seed: int = 0, task: str = "ctr", block: int = 0,
@@ -214,8 +386,9 @@ def paired_bootstrap(
     ``labels``: 0/1 per row (1 = click, or anomaly for ``task="anomaly"``); ``scores``:
     ``[arms, rows]`` logits (CTR) or anomaly scores (higher = more anomalous). CTR metrics:
     auc, logloss, ne, calibration; anomaly: auc, ap. ``block`` resamples are drawn at a
-    time (default: about 32M weights per block). Weighted sums run in float32 over centred
-    columns (their errors are far below the intervals), counts of weights are exact.
+    time (default: about 32M weights per block), as a ``[rows, block]`` matrix whose rows
+    follow ``resample_order``. Weighted sums run in float32: counts of weights exactly,
+    other columns centred (their errors are far below the intervals).
 
     Example:
         >>> y = np.array([0, 1, 0, 1, 1, 0] * 50, float); s = np.stack([y * 2 - 1.0, np.zeros(300)])
@@ -240,51 +413,22 @@ def paired_bootstrap(
                         "sample the rows first")
     metrics = CTR_METRICS if task == "ctr" else ANOMALY_METRICS
     treatments = tuple(a for a in range(arms) if a != control)
-    minority_is_positive = bool(positive.sum() * 2 <= n)
-    majority = np.flatnonzero(positive != minority_is_positive)
-    aucs = [_auc_index(scores[a], positive, majority) for a in range(arms)]
-    ranks = [_rank_index(scores[a], positive) for a in range(arms)] if task == "anomaly" else []
-    cols = _columns(positive, scores, control, task, [i.mid for i in aucs])
-    names = list(cols)
-    means = np.array([cols[k].mean() for k in names])
-    # Centred columns: a weighted sum is mean * sum(w) + sum(w * (x - mean)), the second term small.
-    x = torch.from_numpy(np.stack([cols[k] - m for k, m in zip(names, means, strict=True)], 1).astype(np.float32))
-    at = {k: i for i, k in enumerate(names)}
-    pool = ThreadPoolExecutor(max(1, min(arms, torch.get_num_threads())))
-    block = block or max(1, min(resamples, (1 << 25) // n))
-    rng = np.random.default_rng(seed)
-    w8 = np.zeros((block, n + 1), np.uint8)  # column n: the zero-weight row that _AucIndex starts with
-    w32 = torch.empty(block, n)
-    parts: dict[str, list[np.ndarray]] = {}
-
-    def keep(name: str, value: torch.Tensor | np.ndarray) -> None:
-        parts.setdefault(name, []).append(np.asarray(value, dtype=np.float64))
-
-    done = 0
-    while done < resamples:
-        b = min(block, resamples - done)
-        w8v, wf = w8[:b], w32[:b]
-        bootstrap_weights(rng, b, n, out=w8v[:, :n])
-        wf.copy_(torch.from_numpy(w8v[:, :n]))
-        total = wf.sum(1, dtype=torch.float64).numpy()  # exact: integers
-        sums = (wf @ x).double().numpy() + np.outer(total, means)
-        w_pos = sums[:, at["y"]]
-        w_major = np.take(w8v, majority, axis=1)
-        pairs = w_pos * (total - w_pos)
-        terms = list(pool.map(_auc_term, [w8v] * arms, [w_major] * arms, aucs))  # numpy/torch drop the GIL
-        for a in range(arms):
-            t = sums[:, at[f"mid{a}"]] + terms[a]
-            keep(f"auc/{a}", 1 - t / pairs if aucs[a].minority_is_positive else t / pairs)
-            if task == "ctr":
-                keep(f"logloss/{a}", sums[:, at[f"dloss{a}"]] / total)
-                keep(f"ne/{a}", sums[:, at[f"dloss{a}"]] / total / _entropy(w_pos / total))
-                keep(f"calibration/{a}", sums[:, at[f"dprob{a}"]] / w_pos)
-                keep(f"abs_cal/{a}", sums[:, at[f"prob{a}"]] / w_pos)
-            else:
-                keep(f"ap/{a}", _weighted_ap(wf, ranks[a]).numpy())
-        done += b
-    pool.shutdown()
-    rep = {k: np.concatenate(v) for k, v in parts.items()}
+    order = resample_order(positive)
+    positive, scores = positive[order], scores[:, order]
+    n_min = int((positive == positive[0]).sum())
+    threads = max(1, torch.get_num_threads())
+    pool = ThreadPoolExecutor(min(threads, arms + 1)) if threads > 1 else None
+    torch.set_num_threads(1)  # tasks run side by side instead: no thread barriers inside each kernel
+    try:
+        aucs = list(_map(pool, lambda a: _auc_index(scores[a], n_min, bool(positive[0])), range(arms)))
+        ranks = list(_map(pool, lambda a: _rank_index(scores[a], positive), range(arms))) if task == "anomaly" \
+            else []
+        cols = _columns(positive, scores, control, task, [i.mid for i in aucs])
+        rep = _replicates(positive, cols, aucs, ranks, task, resamples, seed, block, pool)
+    finally:
+        torch.set_num_threads(threads)
+        if pool is not None:
+            pool.shutdown()
     point = _point(positive, scores, cols, aucs, ranks, task)
     tail = (1 - level) / 2
     result = BootstrapResult(metrics, control, treatments, level, resamples, 0.0, [], [], [], [])
@@ -332,7 +476,7 @@ def _point(positive: np.ndarray, scores: np.ndarray, cols: dict[str, np.ndarray]
                           calibration=float(cols[f"dprob{a}"].sum()) / w_pos,
                           abs_cal=float(cols[f"prob{a}"].sum()) / w_pos)
         else:
-            out[a]["ap"] = float(_weighted_ap(torch.ones(1, n), ranks[a])[0])
+            out[a]["ap"] = float(_weighted_ap(torch.ones(n, 1), ranks[a])[0])
     return out
 
 
