@@ -157,7 +157,11 @@ class TrainConfig:
     models auc, logloss, ne, calibration; APE auc, ap, precision_at_k, recall_at_k, nce_loss),
     checked when the experiment is loaded;
     ``device: auto`` trains on CUDA when a GPU is visible (nccl), else on CPU (gloo);
-    ``lr_schedule`` changes the dense and embedding learning rates during the run (``LrSchedule``)."""
+    ``lr_schedule`` changes the dense and embedding learning rates during the run (``LrSchedule``).
+    ``counts`` says how a data set's ``count`` column trains: ``weight`` (each row once per
+    epoch, its loss weighted by its count) or ``sample`` (rows drawn with probability
+    ``count / total``, unit weights: ``recemb.data.resample``; for aggregated event logs);
+    ``epoch_rows`` is how many rows a sampled epoch draws (0: the train split's rows)."""
 
     epochs: int = 1
     batch_size: int = 4096
@@ -176,6 +180,8 @@ class TrainConfig:
     progress: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lr_schedule: LrSchedule = field(default_factory=LrSchedule)
+    counts: Literal["weight", "sample"] = "weight"
+    epoch_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -185,7 +191,7 @@ class TrainConfig:
         if not (self.dense_weight_decay >= 0 and self.clip_grad_norm >= 0):
             raise ValueError("dense_weight_decay and clip_grad_norm must be >= 0")
         counts = {"eval_every_steps": self.eval_every_steps, "patience": self.patience,
-                  "max_steps": self.max_steps, "shuffle_rows": self.shuffle_rows}
+                  "max_steps": self.max_steps, "shuffle_rows": self.shuffle_rows, "epoch_rows": self.epoch_rows}
         negative = {k: v for k, v in counts.items() if v < 0}
         if negative:
             raise ValueError(f"these must be >= 0: {negative}")

@@ -35,6 +35,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recemb.config.experiment import ExperimentConfig, TrainConfig
 from recemb.data.batch import Batch, BatchSource, ParquetSource, epoch_steps, split_rows
+from recemb.data.resample import CountSampledSource
 from recemb.data.schema import FeatureMap
 from recemb.embeddings.sharding import (
     ensure_process_group,
@@ -132,7 +133,11 @@ def objective_of(model: nn.Module) -> TaskModel | BinaryObjective:
 
 @dataclass
 class TrainResult:
-    """What a run produced: best validation metrics, test metrics, where files are."""
+    """What a run produced: best validation metrics, test metrics, where files are.
+
+    ``epoch_rows``: the training rows each completed epoch used, over all ranks (the epochs
+    this process finished; an epoch resumed mid-way counts its rows before the stop too).
+    """
 
     expid: str
     output_dir: str
@@ -147,6 +152,7 @@ class TrainResult:
     seconds: float = 0.0
     run_id: str = ""
     first_step_seconds: float = 0.0
+    epoch_rows: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -308,7 +314,11 @@ def train(
                        table_optimizer=table_opt, aux_optimizer=aux_opt)
     # Built before a checkpoint is loaded: the starting rates are the configured ones.
     rates, push_rates = run_rates(dmp, opt, table_opt, dmp.fused_optimizer)
-    total_steps = run_steps(tc, split_rows(fm, data_dir, "train"), world)
+    sampled = tc.counts == "sample"
+    if sampled and not fm.count_column:
+        raise ConfigError(f"train.counts=sample: the data in {data_dir} has no count column (count_column at "
+                          "prepare); use train.counts=weight")
+    total_steps = run_steps(tc, (tc.epoch_rows if sampled else 0) or split_rows(fm, data_dir, "train"), world)
     schedule = LrScheduler(tc.lr_schedule, total_steps, rates, push_rates)
 
     if _is_rank0():
@@ -343,6 +353,9 @@ def train(
 
     source = source or ParquetSource(fm, data_dir, shuffle_rows=tc.shuffle_rows, seed=tc.seed,
                                      rank=rank, world_size=world)
+    if sampled:  # train rows drawn by count, in this process (Ray Data or not); valid/test as before
+        source = CountSampledSource(source, fm, data_dir, epoch_rows=tc.epoch_rows, seed=tc.seed, rank=rank,
+                                    world_size=world)
 
     def batches(split: str, size: int, epoch: int = 0) -> Iterable[Batch]:
         return source.batches(split, size, epoch)
@@ -354,6 +367,7 @@ def train(
         save_checkpoint(ckpt_dir / name, state, step=step, epoch=epoch, config=cfg.to_dict(), extra=extra)
 
     step, samples, train_seconds, first_step_at = start_step, 0, 0.0, 0.0
+    used_rows: list[int] = []
     # A run resumed after it stopped early (or reached max_steps) has nothing left to train.
     stop = bad_evals > tc.patience or bool(tc.max_steps and step >= tc.max_steps)
     epoch = start_epoch
@@ -415,6 +429,10 @@ def train(
         train_seconds += time.perf_counter() - t0
         if stop or (tc.max_steps and step >= tc.max_steps):
             break
+        used_rows.append(in_epoch)
+        if _is_rank0():
+            print(f"\n[epoch] {epoch}: {_rows_line(in_epoch, split_rows(fm, data_dir, 'train'), world)}",
+                  flush=True)
         if not (tc.eval_every_steps and step % tc.eval_every_steps == 0):
             best_score, bad_evals, improved = _eval_step(
                 dmp, batches, tc, device, step, epoch, history, best_score, bad_evals, on_metrics, schedule)
@@ -437,13 +455,21 @@ def train(
         expid=cfg.expid, output_dir=str(out_dir), steps=step, epochs_run=epoch + 1,
         samples_per_s=samples * world / train_seconds if train_seconds else 0.0,
         best_valid=best, test=test, history=history, embedding_bytes=emb_bytes, full_bytes=full_bytes,
-        seconds=time.perf_counter() - t_start, first_step_seconds=first_step_at,
+        seconds=time.perf_counter() - t_start, first_step_seconds=first_step_at, epoch_rows=used_rows,
     )
     if _is_rank0():
         print(f"[metrics] split=test step={step} " + _fmt(test), flush=True)
         write_json_atomic(out_dir / "result.json", result.to_dict())
         _append_results_csv(Path(tc.output_dir) / "results.csv", cfg, result)
     return result
+
+
+def _rows_line(used: int, rows: int, world: int) -> str:
+    """How many rows an epoch trained, against the train split's (and why a few were left over)."""
+    line = f"trained {used:,} rows (the train split has {rows:,})"
+    if 0 < rows - used < world:
+        line += f"; {rows - used} left over, as the last batch is split evenly over {world} ranks"
+    return line
 
 
 def run_steps(tc: TrainConfig, train_rows: int, world_size: int) -> int:
