@@ -3,7 +3,9 @@
 Each worker reads its equal split (``streaming_split(equal=True)`` through Ray
 Train's dataset shards) of the prepared Parquet and converts Arrow batches with
 the same ``arrow_to_batch`` as the local path. Equal splits mean every rank runs
-the same number of steps, which sharded tables require.
+the same number of steps, which sharded tables require. Every row of a worker's
+split is used: a small last batch joins the one before, as in ``ParquetBatches``
+(the equal split itself leaves out the ``< workers`` rows that do not divide).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import ray.train
 
 from pipelines.ray_progress import ProgressPoster
-from recemb.data.batch import Batch, arrow_to_batch
+from recemb.data.batch import Batch, arrow_to_batch, join_small_last
 from recemb.data.schema import FeatureMap
 
 
@@ -60,7 +62,7 @@ class RayDataSource:
             local_shuffle_buffer_size=self.shuffle_rows or None if train else None,
             local_shuffle_seed=(self.seed * 1000 + epoch) if train and self.shuffle_rows else None,
         )
-        return self._convert(tables, train, epoch)
+        return self._convert(join_small_last(tables, batch_size), train, epoch)  # type: ignore[arg-type]
 
     def _convert(self, tables: Iterable[object], train: bool, epoch: int) -> Iterator[Batch]:
         rows = 0

@@ -106,7 +106,7 @@ def train_worker(rank: int, world_size: int, cfg_data: dict[str, Any], resume: s
 @pytest.mark.usefixtures("no_process_group")
 def test_two_rank_run_resumes_at_its_row_on_two_ranks_and_on_one(make_experiment: MakeExperiment,
                                                                  tmp_path: Path) -> None:
-    """2 ranks x 512 rows a step = 1024-row global batches, 15 an epoch; stopped after 6.
+    """2 ranks x 512 rows a step = 1024-row global batches, 16 an epoch (the last 670 rows); stopped after 6.
 
     Dropout draws differ by rank, so an exact resume needs each rank's own RNG state back
     (the checkpoint used to keep rank 0's only, and every metric after the resume drifted).
@@ -114,7 +114,7 @@ def test_two_rank_run_resumes_at_its_row_on_two_ranks_and_on_one(make_experiment
     settings = ("train.eval_every_steps=4", "model.params={mlp: [32, 16], dropout: 0.2}")
     full = run_ranks(train_worker, 2, make_experiment("deepfm", *settings, output_dir=tmp_path / "a").to_dict(),
                      None, 0)[0]
-    assert full["steps"] == 16030 // 1024
+    assert full["steps"] == 16  # 15 global batches of 1024 and one of the last 670 rows (335 a rank)
     cfg = make_experiment("deepfm", *settings, output_dir=tmp_path / "b")
     run_dir = tmp_path / "b" / cfg.expid
     run_ranks(train_worker, 2, cfg.to_dict(), None, 6)
@@ -129,7 +129,7 @@ def test_two_rank_run_resumes_at_its_row_on_two_ranks_and_on_one(make_experiment
         assert mine == pytest.approx(theirs, abs=1e-6)
     assert resumed["test"] == pytest.approx(full["test"], abs=1e-6)
 
-    # One rank: the global batch must stay 1024 rows; then exactly the 9 remaining batches train.
+    # One rank: the global batch must stay 1024 rows; then exactly the 10 remaining batches train.
     one_rank = tmp_path / "c" / cfg.expid
     try:
         with pytest.raises(ConfigError, match=r"train\.batch_size: 512 -> 512; ranks: 2 -> 1"):
@@ -141,4 +141,4 @@ def test_two_rank_run_resumes_at_its_row_on_two_ranks_and_on_one(make_experiment
         if dist.is_initialized():
             dist.destroy_process_group()
     assert result.steps == full["steps"]
-    assert rows == [(full["steps"] - 6) * 1024]
+    assert rows == [16030 - 6 * 1024]  # every row after the first 6 global batches

@@ -23,7 +23,7 @@ import yaml
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recemb.config.experiment import EmbeddingConfig, ExperimentConfig, ModelConfig
-from recemb.data.batch import Batch
+from recemb.data.batch import Batch, epoch_steps
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.sharding import ensure_process_group, local_pieces, shard_model, table_optimizer
 from recemb.errors import ConfigError, DataError
@@ -44,7 +44,9 @@ from recemb.train.checkpoint import (
 from recemb.train.loop import TrainModel, TrainResult, dense_optimizer, train
 
 MakeExperiment = Callable[..., ExperimentConfig]  # the conftest fixture
-STEPS_PER_EPOCH = 16030 // 512  # training rows of the session dataset // batch size (drop_last)
+TRAIN_ROWS = 16030  # training rows of the session dataset
+# 31 batches of 512: the last 158 rows (under half a batch) join the 31st, so every row trains.
+STEPS_PER_EPOCH = epoch_steps(TRAIN_ROWS, 512)
 
 
 pytestmark = pytest.mark.usefixtures("no_process_group")  # each test starts and ends without a group
@@ -132,12 +134,12 @@ def test_resume_matches_an_uninterrupted_run(make_experiment: MakeExperiment, tm
     settings = ["train.epochs=2", "train.batch_size=1024", "train.eval_every_steps=4",
                 "model.params={mlp: [32, 16], dropout: 0.2, batch_norm: true}",
                 f"embedding.sharding={sharding}"]
-    per_epoch = 16030 // 1024
+    per_epoch = epoch_steps(TRAIN_ROWS, 1024)  # 15 full batches and one of the last 670 rows
     stops = (6, per_epoch + 7)
     full = run_train(make_experiment("deepfm", *settings, output_dir=tmp_path / "a"))
     full_steps = [int(h["step"]) for h in full.history]
-    assert full.steps == 2 * per_epoch
-    assert full_steps == [4, 8, 12, per_epoch, 16, 20, 24, 28, 2 * per_epoch]
+    assert full.steps == 2 * per_epoch == 32
+    assert full_steps == [4, 8, 12, 16, 20, 24, 28, 32]
 
     cfg = make_experiment("deepfm", *settings, output_dir=tmp_path / "b")
     run_dir = tmp_path / "b" / cfg.expid
@@ -241,8 +243,9 @@ def test_resume_at_an_epoch_end_with_another_batch_size_trains_every_row(make_ex
     cfg = make_experiment("deepfm", "train.epochs=2", "train.batch_size=1024")
     result = run_train(cfg, resume=first.output_dir,
                        on_epoch_end=lambda epoch, step, path, metrics: rows.update({epoch: metrics["train_rows"]}))
-    assert rows == {1: 16030 // 1024 * 1024}
-    assert result.steps == STEPS_PER_EPOCH + 16030 // 1024
+    assert rows == {1: TRAIN_ROWS}
+    assert result.steps == STEPS_PER_EPOCH + epoch_steps(TRAIN_ROWS, 1024)
+    assert result.trained_rows == [TRAIN_ROWS]
     assert read_meta(Path(result.output_dir) / "checkpoints" / "last")["config"]["train"]["batch_size"] == 1024
 
 

@@ -128,6 +128,41 @@ def arrow_to_batch(table: pa.Table | pa.RecordBatch, feature_map: FeatureMap) ->
                  weights=weights)
 
 
+def joins_previous(share: int, batch_size: int) -> bool:
+    """Whether a short last batch of ``share`` rows per rank joins the batch before it.
+
+    It does when it is under half a batch or a single row: an Adam or Adagrad step on a
+    handful of rows moves the weights about as far as a full step, on a noisy gradient,
+    and batch norm cannot train on one row. Otherwise it is its own, shorter step.
+
+    Example:
+        >>> joins_previous(4065, 4096), joins_previous(100, 4096), joins_previous(1, 2)
+        (False, True, True)
+    """
+    return 0 < share and (2 * share < batch_size or share < 2)
+
+
+def join_small_last(tables: Iterable[pa.Table], batch_size: int, world_size: int = 1) -> Iterator[pa.Table]:
+    """``tables`` (batches of equal size but the last) with a small last one joined to the one
+    before (``joins_previous`` of its share per rank); holds one table back to know.
+
+    Example:
+        >>> parts = [pa.table({"x": list(range(n))}) for n in (8, 8, 3)]
+        >>> [t.num_rows for t in join_small_last(parts, batch_size=8)]
+        [8, 11]
+    """
+    held: pa.Table | None = None
+    for table in tables:
+        if held is not None and table.num_rows < held.num_rows and joins_previous(
+                table.num_rows // world_size, batch_size):
+            held, table = None, pa.concat_tables([held, table])
+        if held is not None:
+            yield held
+        held = table
+    if held is not None:
+        yield held
+
+
 class ParquetBatches:
     """Iterate ``Batch``es over one split's Parquet shards, with a bounded shuffle.
 
@@ -136,6 +171,9 @@ class ParquetBatches:
     epoch, so each epoch's order is reproducible). With ``world_size > 1`` every
     rank reads all rows in the same order and takes its equal slice of each
     global batch, so all ranks step together (Ray Data does the reading at scale).
+    Every row is used: the last, short global batch is split evenly over the ranks
+    (only its ``< world_size`` leftover rows are not) and, when it is small
+    (``joins_previous``), it joins the batch before it; ``drop_last`` drops it instead.
 
     Example:
         >>> batches = ParquetBatches(fm, "train", batch_size=2048, shuffle_rows=1 << 18)
@@ -194,6 +232,23 @@ class ParquetBatches:
                 yield pa.Table.from_batches([rb])
 
     def __iter__(self) -> Iterator[Batch]:
+        """This rank's slice of each global batch (see the class docstring for the last one).
+
+        Every rank reads the same rows in the same order, so every rank yields the
+        same number of equal-sized batches (sharded tables need all ranks to step together).
+        """
+        step = self.batch_size * self.world_size
+        parts = self._global_batches()
+        if self.drop_last:
+            parts = (part for part in parts if part.num_rows == step)
+        else:
+            parts = join_small_last(parts, self.batch_size, self.world_size)
+        for part in parts:
+            if part.num_rows >= self.world_size:
+                yield self._slice(part)
+
+    def _global_batches(self) -> Iterator[pa.Table]:
+        """Global batches of ``batch_size * world_size`` rows in this epoch's order; the last may be short."""
         rng = np.random.default_rng([self.seed, self.epoch])
         step = self.batch_size * self.world_size
         buffer: list[pa.Table] = []
@@ -207,31 +262,20 @@ class ParquetBatches:
                 if self.shuffle_rows:
                     merged = merged.take(rng.permutation(merged.num_rows))
                 usable = (merged.num_rows // step) * step
-                yield from self._cut(merged.slice(0, usable))
+                for start in range(0, usable, step):
+                    yield merged.slice(start, step)
                 buffer, buffered = [merged.slice(usable)], merged.num_rows - usable
         if buffered:
             merged = pa.concat_tables(buffer)
             if self.shuffle_rows:
                 merged = merged.take(rng.permutation(merged.num_rows))
-            yield from self._cut(merged)
+            for start in range(0, merged.num_rows, step):
+                yield merged.slice(start, step)
 
-    def _cut(self, table: pa.Table) -> Iterator[Batch]:
-        """Cut global batches of ``batch_size * world_size`` rows; yield this rank's slice.
-
-        Every rank reads the same rows in the same order, so every rank yields the
-        same number of equal-sized batches (sharded tables need all ranks to step
-        together). The last global batch is split evenly; with ``drop_last`` it is
-        dropped when short, otherwise only its ``< world_size`` leftover rows are.
-        """
-        step = self.batch_size * self.world_size
-        for start in range(0, table.num_rows, step):
-            part = table.slice(start, step)
-            if part.num_rows < step and self.drop_last:
-                return
-            per = part.num_rows // self.world_size
-            if per == 0:
-                return
-            yield arrow_to_batch(part.slice(self.rank * per, per), self.feature_map)
+    def _slice(self, part: pa.Table) -> Batch:
+        """This rank's equal share of a global batch (its ``< world_size`` leftover rows go unused)."""
+        per = part.num_rows // self.world_size
+        return arrow_to_batch(part.slice(self.rank * per, per), self.feature_map)
 
 
 def split_rows(feature_map: FeatureMap, root: str | Path, split: str) -> int:
@@ -244,13 +288,28 @@ def split_rows(feature_map: FeatureMap, root: str | Path, split: str) -> int:
 def epoch_steps(rows: int, batch_size: int, world_size: int = 1) -> int:
     """Optimizer steps of one training epoch of ``rows`` rows at ``batch_size`` per rank.
 
-    Training drops a short last global batch (``ParquetSource``).
+    As ``ParquetBatches`` (and ``RayDataSource``) cut them: full global batches, then the
+    short last one as its own step unless it joins the one before (``joins_previous``).
 
     Example:
-        >>> epoch_steps(49_041, 4096)
-        11
+        >>> epoch_steps(49_041, 4096), epoch_steps(49_041, 4096, world_size=2), epoch_steps(45_100, 4096)
+        (12, 6, 11)
     """
-    return rows // (batch_size * world_size)
+    full, rest = divmod(rows, batch_size * world_size)
+    share = rest // world_size
+    if share == 0 or (full and joins_previous(share, batch_size)):
+        return full
+    return full + 1
+
+
+def epoch_rows(rows: int, world_size: int = 1) -> int:
+    """Rows an epoch trains over all ranks: all, but for the ``< world_size`` leftover of an even split.
+
+    Example:
+        >>> epoch_rows(49_041), epoch_rows(49_041, world_size=2)
+        (49041, 49040)
+    """
+    return rows - rows % world_size
 
 
 class BatchSource(Protocol):
@@ -286,7 +345,7 @@ class ParquetSource:
         train = split == "train"
         it = ParquetBatches(
             self.feature_map, split, batch_size, root=self.root, shuffle_rows=self.shuffle_rows if train else 0,
-            drop_last=train, seed=self.seed, rank=self.rank, world_size=self.world_size,
+            seed=self.seed, rank=self.rank, world_size=self.world_size,
         )
         it.set_epoch(epoch)
         return it

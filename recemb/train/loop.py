@@ -135,7 +135,7 @@ def objective_of(model: nn.Module) -> TaskModel | BinaryObjective:
 class TrainResult:
     """What a run produced: best validation metrics, test metrics, where files are.
 
-    ``epoch_rows``: the training rows each completed epoch used, over all ranks (the epochs
+    ``trained_rows``: the training rows each completed epoch used, over all ranks (the epochs
     this process finished; an epoch resumed mid-way counts its rows before the stop too).
     """
 
@@ -152,7 +152,7 @@ class TrainResult:
     seconds: float = 0.0
     run_id: str = ""
     first_step_seconds: float = 0.0
-    epoch_rows: list[int] = field(default_factory=list)
+    trained_rows: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON."""
@@ -455,7 +455,7 @@ def train(
         expid=cfg.expid, output_dir=str(out_dir), steps=step, epochs_run=epoch + 1,
         samples_per_s=samples * world / train_seconds if train_seconds else 0.0,
         best_valid=best, test=test, history=history, embedding_bytes=emb_bytes, full_bytes=full_bytes,
-        seconds=time.perf_counter() - t_start, first_step_seconds=first_step_at, epoch_rows=used_rows,
+        seconds=time.perf_counter() - t_start, first_step_seconds=first_step_at, trained_rows=used_rows,
     )
     if _is_rank0():
         print(f"[metrics] split=test step={step} " + _fmt(test), flush=True)
