@@ -2,23 +2,36 @@
 
 An arm is a training run (a run id, run folder or checkpoint: scored by the evaluate
 pipeline's Ray Data actors) or an export bundle folder (scored by the numpy serving
-runtime, ``Bundle``). Every arm must encode rows as the data does (feature-map
-fingerprints, ``recemb.eval.ab.fit_problem`` says what differs) and scores every row of
-the split, keyed by ``(shard, row)``. Speed is measured here, in this one process with one
-torch thread, on the same batches for every arm, arms taking turns batch by batch.
-``recemb.eval.ab.compare`` does the statistics and ``recemb.eval.report`` writes the report;
-MLflow gets a parent run with one child run per arm and the report as artifacts.
+runtime, ``Bundle``), of one model family: CTR models (metrics of logits, labels 0/1) or
+anomaly models (APE: ROC AUC and average precision of anomaly scores with the anomaly as
+positive, by the model's label convention, e.g. 1 normal / -1 anomaly). Every arm must
+encode rows as the data does (feature-map fingerprints, ``recemb.eval.ab.fit_problem`` says
+what differs) and scores every row of the split, keyed by ``(shard, row)``.
+
+The data is a prepared folder (its ``split``) or a raw file in the format the arms' data was
+prepared from: that file is encoded through the control's feature map by preparation's own
+readers and transforms (``recemb.data.encode``) into a temporary prepared split, and the
+rows the reader rejects are counted by reason in the report. Speed is measured here, in this
+one process with one torch thread, on the same batches for every arm, arms taking turns
+batch by batch. ``recemb.eval.ab.compare`` does the statistics and ``recemb.eval.report``
+writes the report; MLflow gets a parent run with one child run per arm and the report as
+artifacts.
 
 Example:
     >>> run_ab("runs/deepfm_full", ["runs/deepfm_unified", "bundles/full_int8"], "data/synthetic_ctr",
     ...        out="ab-out")                                                            # doctest: +SKIP
+    >>> run_ab("runs/ape_a", ["runs/ape_b"], "data/synthetic/events/test.csv")       # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +42,15 @@ import pyarrow.parquet as pq
 import torch
 
 import pipelines.ray_runtime  # noqa: F401  (sets Ray's environment before anything imports ray)
-from pipelines.evaluate import CPUS_PER_SCORER, score_split, split_files
+from pipelines.evaluate import CPUS_PER_SCORER, ScoreTask, score_split, score_task, split_files
 from recemb.data.batch import arrow_to_batch
+from recemb.data.encode import encode_file, raw_config
 from recemb.data.schema import FeatureMap
 from recemb.errors import DataError
 from recemb.eval.ab import (
     ABResult,
     ArmScores,
+    DataSummary,
     EvalRows,
     Speed,
     compare,
@@ -47,7 +62,7 @@ from recemb.eval.ab import (
 )
 from recemb.eval.report import ReportFiles, write_report
 from recemb.export.format import MANIFEST
-from recemb.models.registry import embedding_layers, model_family
+from recemb.models.registry import embedding_layers
 from recemb.serving.bundle import Bundle
 from recemb.train.checkpoint import verify_checkpoint
 from recemb.train.restore import load_trained_model, locate_checkpoint
@@ -58,19 +73,21 @@ TAG_AB_ROLE, TAG_AB_SOURCE = "recemb.ab.role", "recemb.ab.source"
 
 @dataclass
 class Arm:
-    """A resolved arm: what it is, where it lives, its feature map and how to score a prepared table."""
+    """A resolved arm: what it is, where it lives, its feature map, its model family and how to score."""
 
     name: str
     kind: str  # "run" | "bundle"
     source: str
     feature_map: FeatureMap
+    task: ScoreTask
     checkpoint: Path | None = None
     bundle: Bundle | None = None
     model: Any = None
     embedding_bytes: int = 0
 
-    def logits(self, table: pa.Table) -> np.ndarray:
-        """Logits of prepared rows, in this process (speed checks; bundles score all rows this way)."""
+    def scores(self, table: pa.Table) -> np.ndarray:
+        """Served scores of prepared rows (a CTR logit or an anomaly score), in this process (speed
+        checks; bundles score all rows this way)."""
         if self.bundle is not None:
             return self.bundle.logits_of(self.bundle.encode_prepared(table))
         with torch.no_grad():
@@ -90,19 +107,34 @@ def _open_arm(spec: str, mlflow_uri: str | None) -> Arm:
     if (path / MANIFEST).is_file():
         bundle = Bundle.open(path)
         name = f"{bundle.manifest['source'].get('expid') or path.name}@{bundle.dtype}"
-        return Arm(name, "bundle", str(path.resolve()), bundle.feature_map, bundle=bundle,
+        task = score_task(bundle.manifest["model"]["config"]["model"])
+        return Arm(name, "bundle", str(path.resolve()), bundle.feature_map, task, bundle=bundle,
                    embedding_bytes=bundle.embedding_bytes())
     ref = locate_checkpoint(spec, mlflow_uri)
     checkpoint = ref.path.resolve()
     meta = verify_checkpoint(checkpoint)
     cfg = meta.get("config", {})
-    family = model_family(cfg.get("model", {}).get("name", ""))
-    if family != "ctr":
-        raise DataError(f"{spec}: a {family} model; `recemb ab` scores CTR runs (and bundles) for now")
+    task = score_task(cfg.get("model", {}))
     fm = FeatureMap.load(Path(cfg.get("data_dir", "")).expanduser() / "feature_map.json")
     model, exp = load_trained_model(checkpoint, fm)
     emb = sum(layer.parameter_bytes() for layer in embedding_layers(model).values())
-    return Arm(exp.expid, "run", str(checkpoint), fm, checkpoint=checkpoint, model=model, embedding_bytes=int(emb))
+    return Arm(exp.expid, "run", str(checkpoint), fm, task, checkpoint=checkpoint, model=model,
+               embedding_bytes=int(emb))
+
+
+def _check_families(arms: list[Arm]) -> ScoreTask:
+    """The arms' common ``ScoreTask``; arms of different model families (or label conventions) are refused."""
+    families = {a.task.family for a in arms}
+    if len(families) > 1:
+        which = ", ".join(f"{a.name} ({a.task.family})" for a in arms)
+        raise DataError(f"arms of different model families cannot be compared: {which}. Compare CTR models with "
+                        "CTR models and anomaly models with anomaly models")
+    conventions = {a.task.labels for a in arms}
+    if len(conventions) > 1:
+        which = ", ".join(f"{a.name} (normal {a.task.labels.normal:g}, anomaly {a.task.labels.anomaly:g})"
+                          for a in arms if a.task.labels is not None)
+        raise DataError(f"the arms read labels differently: {which}; they cannot score the same labelled rows")
+    return arms[0].task
 
 
 def _unique_names(arms: list[Arm]) -> None:
@@ -149,6 +181,55 @@ def _frequency(fm: FeatureMap, table: pa.Table, features: Sequence[str] | None) 
     return out
 
 
+def _positive(labels: np.ndarray, task: ScoreTask) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 labels (1 = click, or anomaly) and which rows are labelled at all (anomaly data: not 0)."""
+    labels = np.asarray(labels, np.float64)
+    if task.family != "anomaly":
+        bad = ~np.isin(labels, (0.0, 1.0))
+        if bad.any():
+            raise DataError(f"CTR labels must be 0 or 1; the data holds {labels[bad][0]!r} "
+                            f"({int(bad.sum())} rows)")
+        return labels == 1.0, np.ones(len(labels), bool)
+    convention = task.labels
+    assert convention is not None
+    labelled = labels != 0.0  # 0 marks unlabelled events
+    bad = labelled & ~np.isin(labels, (convention.normal, convention.anomaly))
+    if bad.any():
+        raise DataError(f"anomaly labels must be {convention.normal:g} (normal) or {convention.anomaly:g} (anomaly) "
+                        f"by the arms' convention; the data holds {labels[bad][0]!r} ({int(bad.sum())} rows)")
+    return labels == convention.anomaly, labelled
+
+
+@contextmanager
+def _data_split(data: Path, split: str, control: Arm, out: Path) -> Iterator[tuple[FeatureMap, dict[str, str],
+                                                                                   DataSummary]]:
+    """The data's feature map and the split's shards (absolute path -> name): a prepared folder's split, or a
+    raw file encoded through the control's feature map into a temporary split beside the report."""
+    if data.is_dir():
+        fm = FeatureMap.load(data / "feature_map.json")
+        files = split_files(fm, data, split)
+        yield fm, files, DataSummary(str(data), "prepared", split, fm.rows.get(split, 0), fm.rows.get(split, 0))
+        return
+    if not data.is_file():
+        raise DataError(f"{data}: no such file or prepared data folder")
+    fm = control.feature_map
+    cfg = raw_config(fm, data)
+    if not cfg.label:  # event data trained without labels: its labelled files name the column "label"
+        cfg = raw_config(fm, data, {"label": "label"})
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".data-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        encoded = encode_file(fm, cfg, tmp / "test")
+        files = {str(p.resolve()): f"test/{p.name}" for p in encoded.shards}
+        summary = DataSummary(str(data), "raw", "test", encoded.rows_in, encoded.rows, encoded.rejected,
+                              encoded.examples, {k: round(v, 6) for k, v in encoded.unseen.items()})
+        print(json.dumps({"encoded": str(data), "rows_in": encoded.rows_in, "rows": encoded.rows,
+                          "rejected": encoded.rejected}), flush=True)
+        yield fm, files, summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _speed(arms: list[Arm], table: pa.Table, batch_rows: int, batches: int) -> dict[str, Speed]:
     """Per-batch latency and throughput of every arm on the same batches, arms taking turns."""
     n = min(table.num_rows, batch_rows * batches)
@@ -158,11 +239,11 @@ def _speed(arms: list[Arm], table: pa.Table, batch_rows: int, batches: int) -> d
     torch.set_num_threads(1)
     try:
         for a in arms:
-            a.logits(chunks[0])  # warm-up: first-call costs are not latency
+            a.scores(chunks[0])  # warm-up: first-call costs are not latency
         for chunk in chunks:
             for a in arms:
                 t0 = time.perf_counter()
-                a.logits(chunk)
+                a.scores(chunk)
                 times[a.name].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
@@ -176,7 +257,7 @@ def _speed(arms: list[Arm], table: pa.Table, batch_rows: int, batches: int) -> d
 
 def _score_runs(arms: list[Arm], fm: FeatureMap, files: dict[str, str], workers: int, batch_size: int,
                 address: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Keys and logits of every run arm, through the evaluate pipeline's Ray Data actors (one Ray for all)."""
+    """Keys and scores of every run arm, through the evaluate pipeline's Ray Data actors (one Ray for all)."""
     runs = [a for a in arms if a.kind == "run"]
     if not runs:
         return {}
@@ -203,7 +284,7 @@ def _score_runs(arms: list[Arm], fm: FeatureMap, files: dict[str, str], workers:
 
 
 def _score_bundle(arm: Arm, table: pa.Table, batch_rows: int = 16384) -> np.ndarray:
-    return np.concatenate([arm.logits(table.slice(i, batch_rows)) for i in range(0, table.num_rows, batch_rows)])
+    return np.concatenate([arm.scores(table.slice(i, batch_rows)) for i in range(0, table.num_rows, batch_rows)])
 
 
 def _log_mlflow(uri: str | None, run: ABRun, arms: list[Arm], data: Path, split: str) -> None:
@@ -250,45 +331,55 @@ def run_ab(
     batch_size: int = 16384, speed_batch_rows: int = 1024, speed_batches: int = 20, address: str = "",
     seed: int = 0, track: bool = True,
 ) -> ABRun:
-    """Score ``control`` and ``treatments`` on ``split`` of the prepared ``data`` and compare them (module docstring).
+    """Score ``control`` and ``treatments`` on the same rows of ``data`` and compare them (module docstring).
 
-    ``frequency_features``: the features whose head/torso/tail id slices are reported (default:
-    every vocabulary feature). ``track=False`` skips MLflow.
+    ``data``: a prepared data folder (rows of ``split``) or a raw file (encoded through the
+    control's feature map; ``split`` does not apply). ``frequency_features``: the features
+    whose head/torso/tail id slices are reported (default: every vocabulary feature).
+    ``track=False`` skips MLflow.
     """
     from pipelines.train import quiet_logs
 
     quiet_logs()
     if not treatments:
         raise DataError("no treatment: pass at least one --treatment")
-    data_dir = Path(data).expanduser().resolve()
-    fm = FeatureMap.load(data_dir / "feature_map.json")
-    files = split_files(fm, data_dir, split)
-    fingerprint = feature_map_fingerprint(fm)
+    data_path = Path(data).expanduser().resolve()
     arms = [_open_arm(spec, mlflow_uri) for spec in (control, *treatments)]
-    for arm in arms:
-        problem = fit_problem(arm.feature_map, fm)
-        if problem is not None:
-            raise DataError(f"arm '{arm.name}' ({arm.source}) does not fit the data {data_dir}: {problem}")
-    _unique_names(arms)
-    table, keys = _read_rows(fm, files, slices, group)
-    scored = _score_runs(arms, fm, files, workers, batch_size, address)
-    speeds = _speed(arms, table, speed_batch_rows, speed_batches)
+    task = _check_families(arms)
+    with _data_split(data_path, split, arms[0], Path(out)) as (fm, files, summary):
+        fingerprint = feature_map_fingerprint(fm)
+        for arm in arms:
+            problem = fit_problem(arm.feature_map, fm)
+            if problem is not None:
+                raise DataError(f"arm '{arm.name}' ({arm.source}) does not fit the data {data_path}: {problem}")
+        _unique_names(arms)
+        table, keys = _read_rows(fm, files, slices, group)
+        scored = _score_runs(arms, fm, files, workers, batch_size, address)
+        speeds = _speed(arms, table, speed_batch_rows, speed_batches)
+        bundle_scores = {a.name: _score_bundle(a, table) for a in arms if a.kind == "bundle"}
+    positive, labelled = _positive(table.column(fm.label).to_numpy(zero_copy_only=False), task)
+    summary.dropped = int((~labelled).sum())
     scores = []
     for arm in arms:
-        k, s = scored[arm.name] if arm.kind == "run" else (keys, _score_bundle(arm, table))
+        k, s = scored[arm.name] if arm.kind == "run" else (keys, bundle_scores[arm.name])
+        if summary.dropped:
+            order = np.minimum(np.searchsorted(keys, k), len(keys) - 1)  # a stray key fails in compare
+            k, s = k[labelled[order]], s[labelled[order]]
         scores.append(ArmScores(arm.name, arm.kind, arm.source, k, s, feature_map_fingerprint(arm.feature_map),
-                                arm.embedding_bytes,
-                                speeds[arm.name]))
-    label = table.column(fm.label).to_numpy(zero_copy_only=False)
-    group_values = table.column(group).to_numpy(zero_copy_only=False) if group else None
-    rows = EvalRows(keys, label, fingerprint,
-                    columns={c: table.column(c).to_numpy(zero_copy_only=False) for c in slices},
-                    frequency=_frequency(fm, table, frequency_features), group=group_values)
+                                arm.embedding_bytes, speeds[arm.name], task=task.family))
+
+    def column(name: str) -> np.ndarray:
+        return table.column(name).to_numpy(zero_copy_only=False)[labelled]
+
+    rows = EvalRows(keys[labelled], positive[labelled].astype(np.int8), fingerprint,
+                    columns={c: column(c) for c in slices},
+                    frequency={f: c[labelled] for f, c in _frequency(fm, table, frequency_features).items()},
+                    group=column(group) if group else None)
     result = compare(scores, arms[0].name, rows, level=level, slices=slices, group=group, resamples=resamples,
-                     seed=seed)
+                     seed=seed, data=summary)
     run = ABRun(result, write_report(result, out))
     if track:
-        _log_mlflow(mlflow_uri, run, arms, data_dir, split)
+        _log_mlflow(mlflow_uri, run, arms, data_path, split)
     print(json.dumps({"report": str(run.files.html), "verdicts": [v.text for v in result.verdicts],
                       "mlflow_parent": run.parent_run_id}, indent=1), flush=True)
     return run

@@ -1,11 +1,15 @@
 """``recemb evaluate``: score one split of the prepared data with a trained model on Ray Data.
 
 Ray Data reads the split's Parquet shards; a pool of actors (each loads the model
-once, unsharded on CPU) turns Arrow batches into logits. The driver gathers every
-row's logit and label and computes the same exact metrics as training (AUC, log
-loss, NE, calibration). Predictions can be written to Parquet keyed by the row's
-place in the prepared data: ``shard`` (file path relative to the data folder) and
-``row`` (index within that file), plus ``label``, ``logit`` and ``prob``.
+once, unsharded on CPU) turns Arrow batches into the model's served score per row
+(``predict``: a CTR logit, APE's anomaly score). The driver gathers every row's score
+and label and computes the model family's exact metrics (``ScoreTask``): CTR as
+training does (AUC, log loss, NE, calibration); anomaly models ROC AUC, average
+precision, precision/recall at k with the anomaly as positive, by the model's label
+convention (rows labelled 0 are unlabelled and left out). Predictions can be written to
+Parquet keyed by the row's place in the prepared data: ``shard`` (file path relative to
+the data folder) and ``row`` (index within that file), plus ``label`` and ``logit`` and
+``prob`` (CTR) or ``anomaly_score`` (anomaly).
 
 Example:
     $ recemb evaluate --run runs/deepfm_synthetic_ctr --split test --predictions preds.parquet
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +34,61 @@ import pipelines.ray_runtime  # noqa: F401  (sets Ray's environment before anyth
 from recemb.data.batch import arrow_to_batch
 from recemb.data.schema import FeatureMap
 from recemb.errors import DataError, RecembError
-from recemb.eval.metrics import compute_metrics
+from recemb.eval.metrics import AnomalyLabels, MetricInputError, anomaly_metrics, compute_metrics
 from recemb.io import atomic_path
 from recemb.train.checkpoint import verify_checkpoint
 from recemb.train.restore import load_trained_model, locate_checkpoint
 
 PATH_COLUMN = "path"  # what ``read_parquet(include_paths=True)`` adds
 CPUS_PER_SCORER = 0.5  # fractional, so Ray Data's read tasks keep a CPU on a 2-core machine
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """How a model's served scores are judged: its family (``ctr`` or ``anomaly``) and, for anomaly
+    models, the label convention and the ``k`` of precision/recall at k (from the model's params).
+
+    Example:
+        >>> task = score_task({"name": "ape", "params": {"top_k": 1}})
+        >>> task.family, task.labels
+        ('anomaly', AnomalyLabels(normal=1.0, anomaly=-1.0))
+        >>> m = task.metrics(torch.tensor([0.9, 0.1, 0.5]), torch.tensor([-1.0, 1.0, 0.0]))
+        >>> m["auc"], m["count"], m["unlabelled"]
+        (1.0, 2.0, 1.0)
+    """
+
+    family: str
+    labels: AnomalyLabels | None = None
+    top_k: int = 100
+
+    def metrics(self, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """The family's metrics of ``scores`` (CTR logits, or anomaly scores: higher = more anomalous)."""
+        if self.family != "anomaly":
+            return compute_metrics(scores, labels)
+        labelled = labels != 0  # 0 marks unlabelled rows (events without a label)
+        unlabelled = float((~labelled).sum())
+        if not bool(labelled.any()):
+            return {"auc": math.nan, "ap": math.nan, "count": 0.0, "unlabelled": unlabelled}
+        convention = self.labels or AnomalyLabels()
+        try:
+            out = anomaly_metrics(scores[labelled], labels[labelled], convention, k=self.top_k)
+        except MetricInputError as e:
+            raise DataError(f"{e}: the split's labels do not follow the model's convention "
+                            "(model.params normal_label/anomaly_label)") from None
+        return {**out, "unlabelled": unlabelled}
+
+
+def score_task(model: dict[str, Any]) -> ScoreTask:
+    """The ``ScoreTask`` of a model config block (``{"name": ..., "params": {...}}``, as checkpoints and
+    bundle manifests keep it)."""
+    from recemb.config.loader import from_dict
+    from recemb.models.registry import model_entry
+
+    entry = model_entry(str(model.get("name", "")))
+    if entry.family != "anomaly":
+        return ScoreTask(entry.family)
+    params = from_dict(entry.params, model.get("params") or {}, where="model.params")
+    return ScoreTask(entry.family, getattr(params, "labels", AnomalyLabels()), int(getattr(params, "top_k", 100)))
 
 
 class Scorer:
@@ -203,23 +257,24 @@ def score_split(
     })
 
 
-def write_predictions(table: pa.Table, path: str | Path) -> Path:
-    """Write ``shard``, ``row``, ``label``, ``logit``, ``prob`` to Parquet at ``path`` (atomically).
+def write_predictions(table: pa.Table, path: str | Path, family: str = "ctr") -> Path:
+    """Write ``shard``, ``row``, ``label`` and the scores to Parquet at ``path`` (atomically).
 
-    ``prob`` is ``sigmoid(logit)``; ``shard`` is written as a plain string column.
+    CTR: ``logit`` and ``prob`` (``sigmoid(logit)``); anomaly models: ``anomaly_score``.
+    ``shard`` is written as a plain string column.
 
     Example:
         >>> write_predictions(score_split(path, fm, files), "preds.parquet")   # doctest: +SKIP
     """
     path = Path(path)
-    logits = torch.from_numpy(table.column("logit").to_numpy().astype(np.float32))
-    out = pa.table({
-        "shard": table.column("shard").cast(pa.string()),
-        "row": table.column("row"),
-        "label": table.column("label"),
-        "logit": table.column("logit"),
-        "prob": pa.array(torch.sigmoid(logits).numpy()),
-    })
+    columns = {"shard": table.column("shard").cast(pa.string()), "row": table.column("row"),
+               "label": table.column("label")}
+    if family == "anomaly":
+        columns["anomaly_score"] = table.column("logit")
+    else:
+        logits = torch.from_numpy(table.column("logit").to_numpy().astype(np.float32))
+        columns.update(logit=table.column("logit"), prob=pa.array(torch.sigmoid(logits).numpy()))
+    out = pa.table(columns)
     with atomic_path(path) as tmp:
         pq.write_table(out, tmp)
     return path
@@ -266,6 +321,7 @@ def run_evaluate(
     ref = locate_checkpoint(run, mlflow_uri)
     checkpoint = ref.path.resolve()
     meta = verify_checkpoint(checkpoint)  # sizes and sha256 of every file, before any actor starts
+    task = score_task(meta.get("config", {}).get("model", {}))
     cfg_data = meta.get("config", {}).get("data_dir", "")
     if not cfg_data:
         raise DataError(f"{checkpoint}/meta.json: config has no data_dir; cannot find split '{split}'")
@@ -286,9 +342,10 @@ def run_evaluate(
     logits = torch.from_numpy(table.column("logit").to_numpy().astype(np.float32))
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.float32))
     has_labels = bool(fm.label) and fm.label in pq.read_schema(next(iter(files))).names
-    metrics = compute_metrics(logits, labels) if has_labels else {"count": float(logits.numel())}
+    metrics = task.metrics(logits, labels) if has_labels else {"count": float(logits.numel())}
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint),
+        "family": task.family,
         "split": split,
         "step": meta.get("step", 0),
         "rows": table.num_rows,
@@ -297,7 +354,7 @@ def run_evaluate(
         "seconds": 0.0,
     }
     if predictions is not None:
-        result["predictions"] = str(write_predictions(table, predictions))
+        result["predictions"] = str(write_predictions(table, predictions, task.family))
     if ref.run_id is not None and ref.mlflow_uri is not None and has_labels:
         _log_to_mlflow(ref.mlflow_uri, ref.run_id, int(meta.get("step", 0)), split, metrics)
         result["mlflow_run_id"] = ref.run_id
@@ -306,4 +363,4 @@ def run_evaluate(
     return result
 
 
-__all__ = ["RowKeys", "Scorer", "run_evaluate", "score_split", "write_predictions"]
+__all__ = ["RowKeys", "ScoreTask", "Scorer", "run_evaluate", "score_split", "score_task", "write_predictions"]

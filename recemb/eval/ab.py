@@ -6,8 +6,10 @@ classes, and returns an ``ABResult``: per arm AUC/log loss/NE/calibration (or RO
 AP with the anomaly as positive), bytes and speed; per treatment and metric the delta
 against control with a paired-bootstrap interval, DeLong's p for AUC, Holm's correction
 across treatments and metrics, and a plain-words verdict; the same metrics per slice
-(DeLong intervals for AUC, paired normal intervals for log loss). Scoring lives in
-``pipelines/ab.py``; this module knows no Ray, MLflow or files.
+(DeLong intervals for AUC, paired normal intervals for log loss), whose deltas form a
+second Holm family of their own (every slice x treatment x metric), so a slice verdict
+is corrected for the many slices looked at but never dilutes the headline verdicts.
+Scoring lives in ``pipelines/ab.py``; this module knows no Ray, MLflow or files.
 
 Example:
     >>> rows = EvalRows(keys=np.arange(4), labels=np.array([0, 1, 0, 1]), fingerprint="f")   # doctest: +SKIP
@@ -203,6 +205,23 @@ class ArmSummary:
 
 
 @dataclass
+class SliceDelta:
+    """A treatment's difference from control on one metric within one slice.
+
+    ``low``/``high``: the unadjusted interval at the comparison's level (DeLong for AUC, a
+    paired normal interval for log loss); ``p_holm``: Holm-adjusted within the slice family
+    (all slices, treatments and metrics together), which ``verdict`` is judged on.
+    """
+
+    delta: float
+    low: float
+    high: float
+    p: float
+    p_holm: float = math.nan
+    verdict: str = "indistinguishable"
+
+
+@dataclass
 class SliceRow:
     """Metrics of every arm on the rows of one slice value, and each treatment's deltas with intervals."""
 
@@ -211,7 +230,24 @@ class SliceRow:
     rows: int
     positives: int
     metrics: dict[str, dict[str, float]]
-    deltas: dict[str, dict[str, list[float]]]  # treatment -> metric -> [delta, low, high]
+    deltas: dict[str, dict[str, SliceDelta]]  # treatment -> metric -> delta
+
+
+@dataclass
+class DataSummary:
+    """Where the compared rows came from: a prepared split, or a raw file encoded through the control's
+    feature map (``rows_in`` read, ``rejected`` by reason, ``unseen``: per feature the share of values
+    that took the OOV id)."""
+
+    path: str
+    kind: str  # "prepared" or "raw"
+    split: str
+    rows_in: int
+    rows: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+    unseen: dict[str, float] = field(default_factory=dict)
+    dropped: int = 0  # rows without a label (anomaly data: label 0), left out of the comparison
 
 
 @dataclass
@@ -227,6 +263,8 @@ class ABResult:
     slices: list[SliceRow]
     curves: dict[str, dict[str, dict[str, list[float]]]]
     group: str | None = None
+    slice_tests: int = 0  # size of the slices' Holm family
+    data: DataSummary | None = None
 
     def arm(self, name: str) -> ArmSummary:
         return next(a for a in self.arms if a.name == name)
@@ -286,13 +324,17 @@ def _metrics(scores: np.ndarray, positive: np.ndarray, task: str) -> dict[str, f
 
 
 def _curves(scores: np.ndarray, positive: np.ndarray, task: str, points: int = 200) -> dict[str, dict[str, list[float]]]:
-    """ROC (at most ``points`` points) and, for CTR, a 10-bin calibration curve (mean predicted vs observed)."""
+    """ROC (at most ``points`` points) and, for CTR, a 10-bin calibration curve (mean predicted vs observed);
+    for anomaly scores the precision-recall curve instead."""
     order = np.argsort(-scores, kind="stable")
     tp = np.cumsum(positive[order])
     fp = np.cumsum(~positive[order])
     pick = np.unique(np.linspace(0, len(order) - 1, min(points, len(order))).astype(np.int64))
     out = {"roc": {"fpr": [0.0, *(fp[pick] / max(fp[-1], 1)).tolist()],
                    "tpr": [0.0, *(tp[pick] / max(tp[-1], 1)).tolist()]}}
+    if task == "anomaly":  # precision-recall at the same thresholds, the anomaly as positive
+        seen = np.arange(1, len(order) + 1)[pick]
+        out["pr"] = {"recall": (tp[pick] / max(tp[-1], 1)).tolist(), "precision": (tp[pick] / seen).tolist()}
     if task == "ctr":
         prob = 1 / (1 + np.exp(-np.clip(scores, -50, 50)))
         edges = np.quantile(prob, np.linspace(0, 1, 11))
@@ -304,11 +346,14 @@ def _curves(scores: np.ndarray, positive: np.ndarray, task: str, points: int = 2
     return out
 
 
-def _paired_normal(d: np.ndarray, level: float) -> list[float]:
+def _paired_normal(d: np.ndarray, level: float) -> SliceDelta:
+    """Mean of paired per-row differences with a normal interval and two-sided p (nan with one row)."""
     z = NormalDist().inv_cdf(0.5 + level / 2)
     mean = float(d.mean())
-    half = z * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else math.nan
-    return [mean, mean - half, mean + half]
+    se = float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    if not se > 0:
+        return SliceDelta(mean, mean, mean, 1.0 if mean == 0 or math.isnan(se) else 0.0)
+    return SliceDelta(mean, mean - z * se, mean + z * se, math.erfc(abs(mean) / se / math.sqrt(2)))
 
 
 def _slice_row(name: str, value: str, mask: np.ndarray, scores: np.ndarray, positive: np.ndarray,
@@ -316,15 +361,15 @@ def _slice_row(name: str, value: str, mask: np.ndarray, scores: np.ndarray, posi
     y = positive[mask]
     s = scores[:, mask]
     metrics = {n: _metrics(s[a], y, task) for a, n in enumerate(names)}
-    deltas: dict[str, dict[str, list[float]]] = {}
+    deltas: dict[str, dict[str, SliceDelta]] = {}
     both = 2 <= y.sum() <= len(y) - 2
     dl = delong(s, y) if both else None
     for t, tname in enumerate(names):
         if t == control:
             continue
-        d: dict[str, list[float]] = {}
+        d: dict[str, SliceDelta] = {}
         if dl is not None:
-            d["auc"] = list(dl.diff(t, control, level)[:3])
+            d["auc"] = SliceDelta(*dl.diff(t, control, level))
         if task == "ctr":
             x = np.clip(s, -36.7, 36.7)
             loss = np.logaddexp(0, x) - y * x
@@ -356,6 +401,17 @@ def _slices(rows: EvalRows, scores: np.ndarray, positive: np.ndarray, names: lis
     return out
 
 
+def _slice_holm(slices: list[SliceRow], alpha: float) -> int:
+    """Holm's correction over every slice delta (one family, apart from the headline one): fills each
+    delta's ``p_holm`` and ``verdict``; returns the family's size."""
+    found = [d for s in slices for per in s.deltas.values() for d in per.values()]
+    metric_of = [m for s in slices for per in s.deltas.values() for m in per]
+    for d, m, ph in zip(found, metric_of, holm([d.p for d in found]), strict=True):
+        d.p_holm = float(ph)
+        d.verdict = _judge(m, d.delta, None, d.p_holm, alpha)
+    return len(found)
+
+
 def _judge(metric: str, delta: float, distance: float | None, p_holm: float, alpha: float) -> str:
     if not p_holm < alpha:
         return "indistinguishable"
@@ -366,9 +422,12 @@ def _judge(metric: str, delta: float, distance: float | None, p_holm: float, alp
 
 def compare(
     arms: Sequence[ArmScores], control: str, rows: EvalRows, level: float = 0.95, slices: Sequence[str] = (),
-    group: str | None = None, resamples: int = 1000, seed: int = 0,
+    group: str | None = None, resamples: int = 1000, seed: int = 0, data: DataSummary | None = None,
 ) -> ABResult:
-    """Compare every arm with ``control`` on ``rows`` (see the module docstring); returns an ``ABResult``."""
+    """Compare every arm with ``control`` on ``rows`` (see the module docstring); returns an ``ABResult``.
+
+    ``data`` (where the rows came from) is passed through to the result for the report.
+    """
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise DataError(f"arm names must differ (got {', '.join(names)})")
@@ -378,7 +437,9 @@ def compare(
         raise DataError("an A/B comparison needs a control and at least one treatment")
     tasks = {a.task for a in arms}
     if len(tasks) != 1:
-        raise DataError(f"arms mix tasks ({', '.join(sorted(tasks))}); compare CTR arms with CTR arms")
+        which = ", ".join(f"{a.name} ({a.task})" for a in arms)
+        raise DataError(f"arms of different model families cannot be compared: {which}; compare CTR models "
+                        "with CTR models and anomaly models with anomaly models")
     task = tasks.pop()
     c = names.index(control)
     scores = _align(arms, rows)
@@ -420,13 +481,15 @@ def compare(
         if group is not None:
             metrics["gauc"] = per_arm[a].value
         summaries.append(ArmSummary(arm.name, arm.kind, arm.source, metrics, arm.embedding_bytes, arm.speed))
+    slice_rows = _slices(rows, scores, positive, names, c, level, task, slices)
     return ABResult(
         control=control, level=level, task=task, rows=len(positive), resamples=resamples,
-        bootstrap_seconds=round(boot.seconds, 3), arms=summaries, verdicts=verdicts,
-        slices=_slices(rows, scores, positive, names, c, level, task, slices),
+        bootstrap_seconds=round(boot.seconds, 3), arms=summaries, verdicts=verdicts, slices=slice_rows,
         curves={n: _curves(scores[a], positive, task) for a, n in enumerate(names)}, group=group,
+        slice_tests=_slice_holm(slice_rows, 1 - level), data=data,
     )
 
 
-__all__ = ["CLASSES", "ABResult", "ArmScores", "ArmSummary", "EvalRows", "SliceRow", "Speed", "Verdict", "compare",
+__all__ = ["CLASSES", "ABResult", "ArmScores", "ArmSummary", "DataSummary", "EvalRows", "SliceDelta", "SliceRow",
+           "Speed", "Verdict", "compare",
            "feature_map_fingerprint", "fit_problem", "frequency_classes", "row_classes", "row_key"]
