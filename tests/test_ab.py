@@ -228,6 +228,7 @@ def trained(prepared_ctr: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return out
 
 
+@pytest.mark.slow  # three run arms through Ray Data: about 90 s here
 def test_run_ab_end_to_end_with_mlflow_parent_and_child_runs(trained: dict[str, Path], prepared_ctr: Path,
                                                              tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
