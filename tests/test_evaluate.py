@@ -241,3 +241,54 @@ def test_cli_evaluate(ray_local: Any, trained: Trained, tmp_path: Path, capsys: 
     assert "recemb: error:" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(trained.run_dir), "--split", "holdout"]) == 2
     assert "split 'holdout'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- anomaly models
+
+
+def test_score_task_judges_each_family_by_its_own_metrics() -> None:
+    from pipelines.evaluate import score_task
+
+    assert score_task({"name": "deepfm", "params": {"mlp": [8]}}).family == "ctr"
+    task = score_task({"name": "ape", "params": {"normal_label": 1.0, "anomaly_label": -1.0, "top_k": 2}})
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.5])
+    m = task.metrics(scores, torch.tensor([-1.0, 1.0, 1.0, -1.0, 0.0]))
+    assert m["auc"] == 0.75 and m["count"] == 4 and m["unlabelled"] == 1 and m["k"] == 2
+    assert m["precision_at_k"] == 0.5 and "logloss" not in m
+    with pytest.raises(DataError, match="do not follow the model's convention"):
+        task.metrics(scores, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]) * 2)
+
+
+@pytest.fixture(scope="module")
+def ape_run(tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """APE trained for 2 epochs on small synthetic events, prepared from their given train and test files."""
+    from conftest import CONFIGS
+
+    from recemb.config.experiment import load_experiment
+    from recemb.data.preprocess import prepare_dataset
+    from recemb.data.schema import load_dataset_config
+    from recemb.data.synthetic import EventSynthConfig, generate_events
+    from recemb.train.loop import train
+
+    root = tmp_path_factory.mktemp("evaluate_ape")
+    generate_events(EventSynthConfig(train_events=10_000, test_events=3_000, seed=2), root / "raw")
+    files = {"train": [str(root / "raw" / "train.csv")], "test": [str(root / "raw" / "test.csv")]}
+    prepare_dataset(load_dataset_config(CONFIGS / "datasets" / "synthetic_events.yaml",
+                                        {"split": {"files": files}, "output": str(root / "data")}))
+    cfg = load_experiment(CONFIGS / "experiments" / "ape_synthetic_events.yaml",
+                          [f"data_dir={root / 'data'}", f"train.output_dir={root / 'runs'}", "train.progress=false",
+                           "train.epochs=2", "embedding.dim=8"])
+    with in_process_run():
+        return train(cfg)
+
+
+def test_evaluate_an_anomaly_model_reports_anomaly_metrics(ray_local: Any, ape_run: TrainResult,
+                                                           tmp_path: Path) -> None:
+    out = run_evaluate(ape_run.output_dir, "test", predictions=tmp_path / "preds.parquet", workers=1)
+    assert out["family"] == "anomaly"
+    for key in ("auc", "ap", "precision_at_k", "recall_at_k", "anomaly_rate"):
+        assert out["metrics"][key] == pytest.approx(ape_run.test[key], abs=1e-6), key
+    assert "logloss" not in out["metrics"] and out["metrics"]["unlabelled"] == 0
+    preds = pq.read_table(out["predictions"])
+    assert preds.column_names == ["shard", "row", "label", "anomaly_score"]
+    assert set(preds.column("label").to_pylist()) == {1.0, -1.0}
