@@ -282,3 +282,45 @@ def test_run_ab_refuses_an_arm_whose_feature_map_differs(trained: dict[str, Path
     (other / "feature_map.json").write_text(json.dumps(fm))
     with pytest.raises(DataError, match=r"does not fit the data .*num_embeddings"):
         run_ab(str(trained["full"]), [str(trained["int8"])], other, out=tmp_path / "ab", track=False)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_frequency_chart_keeps_its_width_and_slice_deltas_are_a_holm_family(tmp_path: Path) -> None:
+    """30 features: the chart stays as wide as the page column (it grows down instead), and the slice deltas'
+    Holm family is stated and applied apart from the headline one."""
+    import base64
+
+    from recemb.eval.report import FIGURE_DPI, MAX_FIGURE_INCHES
+
+    arms, rows = _synthetic_arms(n=4000)
+    rng = np.random.default_rng(1)
+    widths, heights = [], []
+    for features in (3, 30):
+        rows.frequency = {f"C{i}": rng.integers(0, 3, len(rows.keys)).astype(np.int8) for i in range(features)}
+        result = compare(arms, "control", rows, slices=["hour"], resamples=100)
+        files = write_report(result, tmp_path / str(features))
+        page = files.html.read_text(encoding="utf-8")
+        png = re.search(r'<img id="fig-frequency"[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+        assert png is not None
+        width, height = _png_size(base64.b64decode(png.group(1)))
+        widths.append(width)
+        heights.append(height)
+        for other in re.findall(r'<img id="fig-[a-z_]+"[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page):
+            assert _png_size(base64.b64decode(other))[0] <= MAX_FIGURE_INCHES * FIGURE_DPI * 1.05
+        # 2 treatments x (features x 3 classes + 4 hour values) slices x (auc, logloss)
+        assert result.slice_tests == 2 * (features * 3 + 4) * 2
+        deltas = [d for s in result.slices for per in s.deltas.values() for d in per.values()]
+        assert all(d.p_holm >= d.p for d in deltas) and max(d.p_holm for d in deltas) <= 1
+        assert {d.verdict for d in deltas if d.p_holm >= 0.05} <= {"indistinguishable"}
+        assert f"second Holm family of their own ({result.slice_tests} tests" in page
+        assert 'id="slice-holm"' in page and page.count('<div class="wide"><table>') >= 3
+        assert "Slice deltas form a second Holm family" in files.markdown.read_text()
+    assert widths[1] <= MAX_FIGURE_INCHES * FIGURE_DPI * 1.05 and abs(widths[1] - widths[0]) < 60
+    assert heights[1] > 3 * heights[0]
+    better = [s for s in result.slices if s.deltas["better"]["auc"].verdict == "better"]
+    assert better and all(s.deltas["same"]["auc"].verdict == "indistinguishable" for s in result.slices)

@@ -71,9 +71,31 @@ def synthetic_ab(out: Path, rows: int, vocab_scale: float) -> None:
     bundle = out / "bundles" / "full_int8"
     if not (bundle / "manifest.json").is_file():
         export_bundle(runs["full"], bundle, dtype="int8")
+    t0 = time.perf_counter()
     run = run_ab(str(runs["full"]), [str(runs["unified"]), str(runs["hashed"]), str(bundle)], data,
                  out=out / "report", mlflow_uri=f"sqlite:///{out / 'mlflow.db'}", workers=1)
     print(run.files.markdown.read_text(), flush=True)
+    result = run.result
+    print(f"[bench_ab] recemb ab in {time.perf_counter() - t0:.0f} s ({result.rows:,} rows, bootstrap "
+          f"{result.bootstrap_seconds:.1f} s); report {run.files.html}", flush=True)
+    for a in result.arms:
+        print(f"[bench_ab] {a.name}: {a.embedding_bytes:,} embedding bytes, " +
+              ", ".join(f"{k} {v:.4f}" for k, v in a.metrics.items() if k in ("auc", "logloss", "ne", "calibration")),
+              flush=True)
+    for t in (a.name for a in result.arms if a.name != result.control):
+        for cls in ("head", "torso", "tail"):
+            found = [(s.slice[5:], s.rows, s.deltas[t]["auc"]) for s in result.slices
+                     if s.slice.startswith("freq:") and s.value == cls and "auc" in s.deltas.get(t, {})]
+            if not found:
+                continue
+            deltas = np.array([d.delta for _, _, d in found])
+            rows = np.array([r for _, r, _ in found])
+            worst = min(found, key=lambda x: x[2].delta)
+            verdicts = {v: sum(d.verdict == v for _, _, d in found) for v in ("better", "worse", "indistinguishable")}
+            print(f"[bench_ab] {t} {cls} ids over {len(found)} features: delta AUC row-weighted mean "
+                  f"{np.average(deltas, weights=rows):+.4f}, median {np.median(deltas):+.4f}, worst {worst[0]} "
+                  f"{worst[2].delta:+.4f} ({worst[2].low:+.4f}..{worst[2].high:+.4f}, {worst[1]:,} rows); "
+                  f"Holm over slices: {verdicts}", flush=True)
 
 
 def main() -> None:

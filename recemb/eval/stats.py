@@ -5,11 +5,15 @@ resample weights the rows once and all arms are scored under the same weights, a
 DeLong's test uses the covariance of the arms' AUCs on the same rows. Both remove the
 row-to-row noise that unpaired intervals would carry, which is most of it.
 
-The bootstrap draws Poisson(1)-like row weights (integers 0..5 with mean 1 and variance 1,
-each probability within 1/256 of Poisson(1)'s) for blocks of resamples at once: the mean
-metrics (log loss, NE, calibration) are one matrix product of the weights with per-row
-columns, and AUC (or AP) is a cumulative sum of weights in each arm's score order, so there
-is no Python loop over resamples, only over blocks of them.
+The bootstrap draws Poisson(1)-like row weights (integers 0..3 from three random bits, mean 1
+and variance 1 like Poisson(1)) for a block of resamples at once, as one ``[rows, block]``
+matrix: the mean metrics (log loss, NE, calibration) are one matrix product of it with
+per-row columns; AUC reuses one sort per arm made before any resample (the smaller class in
+score order, and where each row of the larger class falls in it): per block, the smaller
+class's weights are gathered in that order, prefix-summed down the rows, read back at each
+larger-class row and weighted by its own weight. AP is the same with cumulative true
+positives over all rows. No Python loop runs over resamples, only over blocks of them; arms
+run as parallel tasks and the next block's weights are drawn while they do.
 
 Example:
     >>> rng = np.random.default_rng(0)
