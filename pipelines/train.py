@@ -25,7 +25,7 @@ from recemb.data.schema import FeatureMap
 from recemb.errors import ConfigError, RecembError
 from recemb.models.registry import check_model_config
 from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, TAG_WORLD_SIZE, Tracker
-from recemb.train.loop import TrainResult, train
+from recemb.train.loop import TrainResult, epoch_train_rows, few_steps_warning, train
 
 
 def quiet_logs() -> None:
@@ -119,9 +119,13 @@ def run_train(
     quiet_logs()
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment(config, overrides)
     cfg.cluster = apply_cluster_args(cfg.cluster, workers, address, mlflow_uri)
-    check_experiment(cfg)
+    fm = check_experiment(cfg)
     if cfg.cluster.workers > 0:
         join_ray(cfg)  # refuses a run Ray could never schedule, before it is tracked
+        # The workers' own lines do not reach this console (log_to_driver=False): warn here.
+        warning = few_steps_warning(cfg.train, epoch_train_rows(cfg.train, fm, cfg.data_dir), cfg.cluster.workers)
+        if warning:
+            print(warning, flush=True)
     tracker = Tracker.from_config(cfg, rank=0)
     resume = _resume_path(resume, tracker.uri)
     # The run's world is the Ray workers (or this one process), whatever group the driver may hold.

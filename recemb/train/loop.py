@@ -318,8 +318,12 @@ def train(
     if sampled and not fm.count_column:
         raise ConfigError(f"train.counts=sample: the data in {data_dir} has no count column (count_column at "
                           "prepare); use train.counts=weight")
-    total_steps = run_steps(tc, (tc.epoch_rows if sampled else 0) or split_rows(fm, data_dir, "train"), world)
+    rows_per_epoch = epoch_train_rows(tc, fm, data_dir)
+    total_steps = run_steps(tc, rows_per_epoch, world)
     schedule = LrScheduler(tc.lr_schedule, total_steps, rates, push_rates)
+    warning = few_steps_warning(tc, rows_per_epoch, world)
+    if warning and _is_rank0():
+        print(warning, flush=True)
 
     if _is_rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -464,6 +468,38 @@ def train(
     return result
 
 
+def epoch_train_rows(tc: TrainConfig, fm: FeatureMap, data_dir: str | Path) -> int:
+    """Rows an epoch trains on: ``train.epoch_rows`` when rows are sampled by count, else the train split's."""
+    return (tc.epoch_rows if tc.counts == "sample" else 0) or split_rows(fm, data_dir, "train")
+
+
+MIN_RUN_STEPS = 100  # fewer optimizer steps than this in a whole run: the defaults barely train
+
+
+def few_steps_warning(tc: TrainConfig, rows_per_epoch: int, world_size: int) -> str:
+    """A one-line warning when the whole run takes under ``MIN_RUN_STEPS`` optimizer steps
+    (``train.max_steps`` aside: a cap is asked for), saying what to change; else ``""``.
+
+    Example:
+        >>> few_steps_warning(TrainConfig(epochs=1, batch_size=4096), 49_041, 1)  # doctest: +ELLIPSIS
+        '[warning] this run takes only 12 optimizer steps (49,041 rows an epoch / batch 4,096 x 1 epoch): ...'
+    """
+    steps = tc.epochs * epoch_steps(rows_per_epoch, tc.batch_size, world_size)
+    if steps >= MIN_RUN_STEPS:
+        return ""
+    ranks = f" x {world_size} ranks" if world_size > 1 else ""
+    line = (f"[warning] this run takes only {steps:,} optimizer steps ({rows_per_epoch:,} rows an epoch / batch "
+            f"{tc.batch_size:,}{ranks} x {tc.epochs} epoch{'s' if tc.epochs > 1 else ''}): too few to learn much")
+    batch = tc.batch_size
+    while batch > 64 and epoch_steps(rows_per_epoch, batch, world_size) * 4 < MIN_RUN_STEPS:
+        batch //= 2
+    per_epoch = epoch_steps(rows_per_epoch, batch, world_size)
+    hints = [f"train.batch_size={batch} ({per_epoch} steps an epoch)"] if batch < tc.batch_size else []
+    if per_epoch * tc.epochs < MIN_RUN_STEPS and per_epoch:
+        hints.append(f"train.epochs={-(-MIN_RUN_STEPS // per_epoch)} or more with early stopping (train.patience)")
+    return line + (f"; set {' and '.join(hints)}" if hints else "; use more data")
+
+
 def _rows_line(used: int, rows: int, world: int) -> str:
     """How many rows an epoch trained, against the train split's (and why a few were left over)."""
     line = f"trained {used:,} rows (the train split has {rows:,})"
@@ -548,4 +584,4 @@ def _append_results_csv(path: Path, cfg: ExperimentConfig, result: TrainResult) 
 
 
 __all__ = ["TrainModel", "TrainResult", "objective_of", "aux_optimizer", "aux_param_groups", "dense_optimizer", "evaluate",
-           "monitor_score", "run_steps", "train"]
+           "epoch_train_rows", "few_steps_warning", "monitor_score", "run_steps", "train"]
