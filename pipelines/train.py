@@ -23,9 +23,9 @@ from recemb.config.experiment import ClusterConfig, ExperimentConfig, load_exper
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
 from recemb.errors import ConfigError, RecembError
-from recemb.models.registry import check_model_config
 from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, TAG_WORLD_SIZE, Tracker
 from recemb.train.loop import TrainResult, epoch_train_rows, few_steps_warning, train
+from recemb.train.preflight import check_run
 
 
 def quiet_logs() -> None:
@@ -67,9 +67,10 @@ def apply_cluster_args(
 
 def check_experiment(cfg: ExperimentConfig) -> FeatureMap:
     """Everything that can be checked before a run is tracked: the prepared data's feature map
-    exists and the model and embedding blocks fit it. Returns the feature map."""
+    exists and the whole config fits it and the device (``recemb.train.preflight.check_run``:
+    kinds, params, budgets per block, the sparse optimizer). Returns the feature map."""
     fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
-    check_model_config(cfg.model, cfg.embedding, fm)
+    check_run(cfg, fm)
     return fm
 
 

@@ -101,13 +101,14 @@ def _cmd_runs_list(args: argparse.Namespace) -> None:
 def _cmd_config_show(args: argparse.Namespace) -> None:
     from recemb.config.experiment import load_experiment
     from recemb.data.schema import FeatureMap
-    from recemb.models.registry import check_model_config
+    from recemb.train.preflight import check_run
 
     cfg = load_experiment(args.config, args.overrides)
-    # The whole config is checked here as train would check it (the groups' features too,
-    # once the data is prepared), so `config show` passing means `train` will not refuse it.
+    # The whole config is checked here as train would check it (the groups' features and the
+    # budget of every block too, once the data is prepared), so `config show` passing means
+    # `train` will not refuse it.
     fm_path = Path(cfg.data_dir) / "feature_map.json"
-    check_model_config(cfg.model, cfg.embedding, FeatureMap.load(fm_path) if fm_path.is_file() else None)
+    check_run(cfg, FeatureMap.load(fm_path) if fm_path.is_file() else None)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 
 

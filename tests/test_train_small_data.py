@@ -14,6 +14,7 @@ from recemb.config.experiment import ExperimentConfig, TrainConfig, load_experim
 from recemb.data.preprocess import prepare_dataset
 from recemb.data.schema import load_dataset_config
 from recemb.train.loop import few_steps_warning, train
+from recemb.train.preflight import check_run
 
 MakeExperiment = Callable[..., ExperimentConfig]  # the conftest fixture
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,7 @@ def test_the_recipe_is_a_valid_config() -> None:
     assert cfg.model.params == {"mlp": [400, 400, 400], "dropout": 0.2, "batch_norm": True}
     assert cfg.train.lr_schedule.kind == "plateau" and cfg.train.epochs >= 50 and cfg.train.patience >= 1
     assert cfg.embedding.l2 > 0 and cfg.train.dense_optimizer == "adam"
+    check_run(cfg, None)
 
 
 @pytest.mark.skipif(not CRITEO.is_file(), reason="../shared/data/criteo-10k.txt is not here")

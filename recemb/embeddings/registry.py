@@ -269,6 +269,19 @@ def _group_specs(
     return out
 
 
+def _build_block(name: str, kind: str, spec: VariantSpec, several: bool) -> EmbeddingLayer:
+    """``build_variant``; with several feature groups, an error names the group that failed."""
+    try:
+        return build_variant(kind, spec)
+    except ConfigError as exc:
+        if not several:
+            raise
+        features = [f.name for f in spec.features]
+        shown = ", ".join(features[:4]) + (f", ... ({len(features)} features)" if len(features) > 4 else "")
+        group = "the features in no embedding.groups entry" if name == "default" else f"embedding.groups[{name[1:]}]"
+        raise ConfigError(f"{group} ({shown}): {exc}") from None
+
+
 def build_embedding_layer(
     feature_map: FeatureMap,
     cfg: EmbeddingConfig,
@@ -284,7 +297,7 @@ def build_embedding_layer(
     without allocating tables (DistributedModelParallel materialises the shards).
     """
     specs = _group_specs(feature_map, cfg, device, name_prefix)
-    layers = {name: build_variant(kind, spec) for name, kind, spec in specs}
+    layers = {name: _build_block(name, kind, spec, several=len(specs) > 1) for name, kind, spec in specs}
     layer = next(iter(layers.values())) if len(layers) == 1 else GroupedEmbeddingLayer(
         layers, feature_map.sparse_features
     )

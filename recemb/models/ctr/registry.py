@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -25,8 +26,10 @@ from torch import nn
 
 from recemb.config.experiment import EmbeddingConfig, ModelConfig
 from recemb.data.schema import FeatureMap
+from recemb.embeddings.base import EmbeddingLayer
 from recemb.embeddings.budget import MIN_BYTE_BUDGET
 from recemb.embeddings.registry import build_embedding_layer
+from recemb.errors import ConfigError
 from recemb.eval.metrics import CTR_METRICS
 from recemb.models.ctr.dcnv2 import DCNv2, DCNv2Params
 from recemb.models.ctr.deepfm import DeepFM, DeepFMParams
@@ -135,26 +138,92 @@ def main_embedding_config(embedding_cfg: EmbeddingConfig, with_linear: bool) -> 
         embedding_cfg, budget=share(embedding_cfg.budget, embedding_cfg.kind, embedding_cfg.dim), groups=groups)
 
 
-def build_ctr_model(
-    name: str, params: Any, feature_map: FeatureMap, embedding_cfg: EmbeddingConfig,
-    device: torch.device | None = None,
-) -> nn.Module:
-    """Build CTR model ``name`` from its checked ``params`` with its embedding layer(s) over
-    ``feature_map``'s sparse features (``recemb.models.registry.build_model`` calls this)."""
+class _BlockError(ConfigError):
+    """A layer of the model could not be built; the message names it."""
+
+
+def _layer(block: str, feature_map: FeatureMap, cfg: EmbeddingConfig, device: torch.device | None,
+           **kwargs: Any) -> EmbeddingLayer:
+    try:
+        return build_embedding_layer(feature_map, cfg, device=device, **kwargs)
+    except ConfigError as exc:
+        budget = "" if cfg.budget is None else (
+            f", its budget {int(cfg.budget):,} bytes" if cfg.budget > 1 else f", its budget {cfg.budget:g}")
+        raise _BlockError(f"the {block} ({cfg.kind}, {cfg.dim} wide{budget}): {exc}") from None
+
+
+def _build(name: str, params: Any, feature_map: FeatureMap, embedding_cfg: EmbeddingConfig,
+           device: torch.device | None) -> nn.Module:
     needs = _NEEDS[name]
     kwargs: dict[str, object] = {"num_dense": len(feature_map.dense_features), "params": params}
     if needs.embedding:
         project_to = embedding_cfg.dim if needs.equal_dims else None
         main_cfg = main_embedding_config(embedding_cfg, with_linear=needs.linear)
-        kwargs["embedding"] = build_embedding_layer(feature_map, main_cfg, device=device, project_to=project_to)
+        kwargs["embedding"] = _layer("main embedding tables", feature_map, main_cfg, device, project_to=project_to)
     if needs.linear and not takes_linear_layer(needs, params):
         kwargs["linear"] = None
     elif needs.linear:
-        kwargs["linear"] = build_embedding_layer(
-            feature_map, linear_embedding_config(embedding_cfg, alone=not needs.embedding), device=device,
-            name_prefix="lin_",
-        )
+        linear_cfg = linear_embedding_config(embedding_cfg, alone=not needs.embedding)
+        kwargs["linear"] = _layer("first-order tables", feature_map, linear_cfg, device, name_prefix="lin_")
     return MODELS[name][1](**kwargs)
+
+
+def smallest_budget(name: str, params: Any, feature_map: FeatureMap, embedding_cfg: EmbeddingConfig) -> float | None:
+    """The smallest top-level ``embedding.budget`` with which every layer of model ``name`` builds
+    (bytes for a byte budget, else a fraction to 4 decimals); None without a budget, or when none works.
+
+    Found by building on the meta device (nothing is allocated), doubling then bisecting.
+    """
+    budget = embedding_cfg.budget
+    if budget is None:
+        return None
+
+    def builds(value: float) -> bool:
+        try:
+            _build(name, params, feature_map, dataclasses.replace(embedding_cfg, budget=value), torch.device("meta"))
+        except ConfigError:
+            return False
+        return True
+
+    if budget > 1:
+        lo, hi = int(budget), int(budget) * 2
+        while not builds(hi):
+            lo, hi = hi, hi * 2
+            if hi > 1 << 50:
+                return None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if builds(mid) else (mid, hi)
+        return float(hi)
+    lo_f, hi_f = budget, 1.0
+    if not builds(hi_f):
+        return None
+    while hi_f - lo_f > 1e-4:
+        mid_f = (lo_f + hi_f) / 2
+        lo_f, hi_f = (lo_f, mid_f) if builds(mid_f) else (mid_f, hi_f)
+    return math.ceil(hi_f * 1e4) / 1e4
+
+
+def build_ctr_model(
+    name: str, params: Any, feature_map: FeatureMap, embedding_cfg: EmbeddingConfig,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Build CTR model ``name`` from its checked ``params`` with its embedding layer(s) over
+    ``feature_map``'s sparse features (``recemb.models.registry.build_model`` calls this).
+
+    A layer that cannot be built is a ``ConfigError`` naming it (the main tables or the
+    first-order tables, and the feature group) and, for a budget too small, the smallest
+    ``embedding.budget`` that builds this model.
+    """
+    try:
+        return _build(name, params, feature_map, embedding_cfg, device)
+    except _BlockError as exc:
+        smallest = smallest_budget(name, params, feature_map, embedding_cfg)
+        hint = ""
+        if smallest is not None:
+            shown = f"{smallest:,.0f} bytes" if smallest > 1 else f"{smallest:g}"
+            hint = f"; the smallest embedding.budget this model ({name}) builds with is {shown}"
+        raise ConfigError(f"{exc}{hint}") from None
 
 
 def _register() -> None:
@@ -171,4 +240,4 @@ _register()
 
 __all__ = ["MODELS", "ModelConfig", "ModelNeeds", "build_ctr_model", "build_model", "check_model_config",
            "embedding_layers", "linear_embedding_config", "main_embedding_config", "model_names", "model_needs",
-           "takes_linear_layer"]
+           "smallest_budget", "takes_linear_layer"]

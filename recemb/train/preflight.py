@@ -1,0 +1,65 @@
+"""Every config error a run can hit, checked before anything is tracked, written or trained.
+
+``recemb config show`` and ``recemb train`` call ``check_run`` before an MLflow run or a
+run folder exists, so a mistake (an unknown ``embedding.kind``, a budget too small for one
+block, an optimizer the device cannot fuse) is a one-line ``ConfigError`` and not a FAILED
+run. The model is built on the meta device for this (no table is allocated).
+
+Example:
+    >>> check_run(load_experiment("configs/experiments/deepfm_synthetic_ctr.yaml",
+    ...                           ["embedding.kind=bogus"]), fm)                # doctest: +SKIP
+    Traceback (most recent call last):
+    recemb.errors.ConfigError: embedding.kind 'bogus' is unknown (known: ...)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recemb.config.experiment import ExperimentConfig
+from recemb.data.schema import FeatureMap
+from recemb.embeddings.sharding import (
+    check_initial_accumulator,
+    check_sparse_optimizer,
+    check_weight_decay,
+    table_sharding,
+)
+from recemb.models.registry import build_model, check_model_config
+from recemb.train.loop import resolve_device
+
+
+def planned_device(cfg: ExperimentConfig) -> torch.device:
+    """The device the run's ranks will train on.
+
+    In this process (``cluster.workers == 0``): ``train.device`` resolved here (``cuda``
+    without a GPU is a ``ConfigError``). On Ray workers, which get a GPU only for
+    ``train.device=cuda``: that device's type, unchecked here (the driver may have no GPU).
+    """
+    if cfg.cluster.workers <= 0:
+        return resolve_device(cfg.train.device)
+    return torch.device("cuda" if cfg.train.device == "cuda" else "cpu")
+
+
+def check_run(cfg: ExperimentConfig, feature_map: FeatureMap | None) -> None:
+    """Raise the ``ConfigError`` that building and sharding ``cfg`` would raise, without doing either.
+
+    Checks the model and embedding blocks (names, params, kinds, budgets, group features),
+    the sparse optimizer's settings on the planned device and, given the prepared data's
+    ``feature_map``, builds the model on the meta device: budgets too small for a block
+    fail there, naming the block.
+    """
+    check_model_config(cfg.model, cfg.embedding, feature_map)
+    device = planned_device(cfg)
+    emb = cfg.embedding
+    check_sparse_optimizer(emb.optimizer, device)
+    check_initial_accumulator(emb)
+    fused = True
+    if feature_map is not None:
+        model = build_model(cfg.model, feature_map, emb, device=torch.device("meta"))
+        requested = table_sharding(model)
+        # Only data-parallel tables run without FBGEMM's fused kernels ("auto" is planned fused here).
+        fused = not requested or any(kind != "data_parallel" for kind in requested.values())
+    check_weight_decay(emb, device, fused=fused)
+
+
+__all__ = ["check_run", "planned_device"]
