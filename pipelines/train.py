@@ -36,6 +36,11 @@ def quiet_logs() -> None:
 
 def _finish_tracking(tracker: Tracker, cfg: ExperimentConfig, result: TrainResult) -> None:
     tracker.log_metrics(result.steps, result.test, split="test")
+    # The best evaluation by train.monitor (whose checkpoint the test metrics come from), as
+    # best_valid_<metric>: what `recemb runs list` shows.
+    best = {k: v for k, v in result.best_valid.items() if k not in ("step", "epoch") and not k.startswith("lr_")}
+    if best:
+        tracker.log_metrics(int(result.best_valid.get("step", result.steps)), best, split="best_valid")
     tracker.set_tags({
         TAG_EMBEDDING_BYTES: result.embedding_bytes,
         TAG_FULL_BYTES: result.full_bytes,

@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("runs", help="tracked runs (MLflow)")
     rsub = p.add_subparsers(dest="runs_verb", required=True)
-    rl = rsub.add_parser("list", help="recent runs: id, name, variant, bytes, AUC")
+    rl = rsub.add_parser("list", help="recent runs: id, name, variant, bytes, best validation AUC, test AUC")
     rl.add_argument("--mlflow-uri")
     rl.add_argument("--limit", type=int, default=20)
     rl.set_defaults(func=_cmd_runs_list)

@@ -14,8 +14,10 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch.distributed as dist
 from mlflow import MlflowClient
 
 from recemb.config.experiment import EmbeddingConfig, ExperimentConfig
@@ -236,13 +238,13 @@ def test_list_runs_and_resolve_run(uri: str, cfg: ExperimentConfig) -> None:
     row = rows[1]
     assert row["name"] == cfg.expid and row["experiment"] == "synthetic_ctr"
     assert row["variant"] == "unified" and row["embedding_bytes"] == 3 * 1024 * 1024
-    assert row["valid_auc"] == pytest.approx(0.7123) and row["status"] == "FINISHED"
-    assert rows[0]["valid_auc"] is None and rows[0]["status"] == "RUNNING"
+    assert row["best_valid_auc"] == pytest.approx(0.7123) and row["status"] == "FINISHED"
+    assert rows[0]["best_valid_auc"] is None and rows[0]["status"] == "RUNNING"
     assert len(list_runs(uri, max_results=1)) == 1
 
     table = format_runs_table(rows).splitlines()
     assert table[0].split() == ["run_id", "name", "experiment", "status", "variant", "bytes",
-                                "valid_auc", "test_auc", "started"]
+                                "best_valid_auc", "test_auc", "started"]
     assert run_id in table[2] and "3.0 MiB" in table[2] and "0.7123" in table[2]
     assert format_runs_table([]) == "no runs"
 
@@ -252,6 +254,21 @@ def test_list_runs_and_resolve_run(uri: str, cfg: ExperimentConfig) -> None:
     assert info["artifact_uri"].endswith(f"{run_id}/artifacts")
     with pytest.raises(TrackingError, match="no MLflow run"):
         resolve_run(uri, "f" * 32)
+
+
+def test_runs_list_shows_the_best_validation_auc_not_the_last(uri: str, cfg: ExperimentConfig) -> None:
+    """A run's AUC rose, then fell (overfitting): the list shows its best; once the run logs
+    ``best_valid_auc`` (the monitored best, whose checkpoint gave the test metrics), that one."""
+    tracker = Tracker(uri)
+    run_id = tracker.start(cfg)
+    for step, auc in [(10, 0.70), (20, 0.74), (30, 0.72)]:
+        tracker.log_metrics(step, {"auc": auc, "logloss": 0.5}, split="valid")
+    assert list_runs(uri)[0]["best_valid_auc"] == pytest.approx(0.74)  # while it runs
+    tracker.log_metrics(10, {"auc": 0.70}, split="best_valid")  # e.g. monitor {logloss: -1} chose step 10
+    tracker.end()
+    row = list_runs(uri)[0]
+    assert row["run_id"] == run_id and row["best_valid_auc"] == pytest.approx(0.70)
+    assert "0.7000" in format_runs_table([row]).splitlines()[1]
 
 
 def test_reading_a_missing_store_creates_nothing(tmp_path: Path) -> None:
@@ -317,3 +334,17 @@ def test_a_running_process_group_decides_the_rank(uri: str, cfg: ExperimentConfi
     assert tracker.enabled
     run_id = tracker.start(cfg)
     assert MlflowClient(uri).get_run(run_id).data.tags["recemb.world_size"] == "4"
+
+
+def test_a_finished_training_run_lists_its_monitored_best(make_experiment: Any, tmp_path: Path) -> None:
+    from pipelines.train import run_train
+
+    uri = f"sqlite:///{tmp_path / 'runs.db'}"
+    try:
+        result = run_train(make_experiment("lr", "train.epochs=2", "train.monitor={logloss: -1}"), mlflow_uri=uri)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    row = list_runs(uri)[0]
+    assert row["best_valid_auc"] == pytest.approx(result.best_valid["auc"])
+    assert row["test_auc"] == pytest.approx(result.test["auc"])

@@ -546,8 +546,11 @@ def list_runs(uri: str | None = None, max_results: int = 20) -> list[dict[str, A
     """The most recent runs over all experiments, newest first, as plain rows.
 
     Each row: ``run_id``, ``name``, ``experiment``, ``status``, ``start_time`` (ISO, UTC),
-    ``variant``, ``embedding_bytes`` (int or None), ``valid_auc`` and ``test_auc`` (last
-    logged value or None). A sqlite store that does not exist yet has no runs.
+    ``variant``, ``embedding_bytes`` (int or None), ``best_valid_auc`` and ``test_auc`` (or None).
+    ``best_valid_auc`` is the validation AUC of the run's best evaluation by its monitored
+    score (``best_valid_auc``, logged when the run finishes: the checkpoint the test metrics
+    come from); for a run without it (still running, or stopped) the highest ``valid_auc``
+    logged so far. A sqlite store that does not exist yet has no runs.
 
     Example:
         >>> print(format_runs_table(list_runs("sqlite:////tmp/m.db")))   # doctest: +SKIP
@@ -575,10 +578,19 @@ def list_runs(uri: str | None = None, max_results: int = 20) -> list[dict[str, A
                 (run.info.start_time or 0) / 1000, tz=datetime.UTC).isoformat(timespec="seconds"),
             "variant": tags.get(TAG_VARIANT),
             "embedding_bytes": int(size) if size and size.isdigit() else None,
-            "valid_auc": metrics.get("valid_auc"),
+            "best_valid_auc": _best_valid_auc(client, run.info.run_id, metrics),
             "test_auc": metrics.get("test_auc"),
         })
     return rows
+
+
+def _best_valid_auc(client: Any, run_id: str, metrics: dict[str, float]) -> float | None:
+    if "best_valid_auc" in metrics:
+        return metrics["best_valid_auc"]
+    if "valid_auc" not in metrics:
+        return None
+    history = [m.value for m in client.get_metric_history(run_id, "valid_auc") if math.isfinite(m.value)]
+    return max(history) if history else None
 
 
 def _human_bytes(n: int | None) -> str:
@@ -598,9 +610,9 @@ def format_runs_table(rows: list[dict[str, Any]]) -> str:
     Example:
         >>> print(format_runs_table([{"run_id": "ab12", "name": "deepfm_x", "experiment": "x",
         ...     "status": "FINISHED", "start_time": "2026-01-01T00:00:00+00:00", "variant": "full",
-        ...     "embedding_bytes": 2048, "valid_auc": 0.75, "test_auc": None}]))
-        run_id  name      experiment  status    variant  bytes    valid_auc  test_auc  started
-        ab12    deepfm_x  x           FINISHED  full     2.0 KiB  0.7500     -         2026-01-01T00:00:00+00:00
+        ...     "embedding_bytes": 2048, "best_valid_auc": 0.75, "test_auc": None}]))
+        run_id  name      experiment  status    variant  bytes    best_valid_auc  test_auc  started
+        ab12    deepfm_x  x           FINISHED  full     2.0 KiB  0.7500          -         2026-01-01T00:00:00+00:00
     """
     if not rows:
         return "no runs"
@@ -608,10 +620,10 @@ def format_runs_table(rows: list[dict[str, Any]]) -> str:
     def auc(value: float | None) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    header = ["run_id", "name", "experiment", "status", "variant", "bytes", "valid_auc", "test_auc", "started"]
+    header = ["run_id", "name", "experiment", "status", "variant", "bytes", "best_valid_auc", "test_auc", "started"]
     table = [header] + [
         [str(r["run_id"]), str(r["name"]), str(r["experiment"]), str(r["status"]), str(r["variant"] or "-"),
-         _human_bytes(r["embedding_bytes"]), auc(r["valid_auc"]), auc(r["test_auc"]), str(r["start_time"])]
+         _human_bytes(r["embedding_bytes"]), auc(r["best_valid_auc"]), auc(r["test_auc"]), str(r["start_time"])]
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
