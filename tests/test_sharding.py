@@ -382,6 +382,7 @@ def test_check_sparse_optimizer_refuses_adam_on_cpu() -> None:
     with pytest.raises(ConfigError, match=r"'rmsprop' is unknown"):
         check_sparse_optimizer("rmsprop", torch.device("cpu"))
     check_sparse_optimizer("exact_rowwise_adagrad", torch.device("cpu"))
+    check_sparse_optimizer("adam", torch.device("cpu"), "data_parallel")  # unfused torch Adam: fine on CPU
 
 
 @pytest.mark.parametrize("rank", range(WORLD_SIZE))

@@ -21,7 +21,7 @@ All four score the same prepared training split and the same labelled test split
 
 Usage::
 
-    python tools/bench_anomaly.py                                  # 2 seeds, 5 epochs, 40k synthetic events
+    python tools/bench_anomaly.py                                  # 2 seeds, the configs' epochs, 100k synthetic events
     python tools/bench_anomaly.py --seeds 1 --epochs 2 --threads 2
 """
 
@@ -235,9 +235,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out/anomaly"))
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=5, help="epochs for both APEs (0: the configs' own)")
-    parser.add_argument("--synth-events", type=int, default=40_000)
-    parser.add_argument("--synth-test", type=int, default=10_000)
+    parser.add_argument("--epochs", type=int, default=0, help="epochs for both APEs (0: the configs' own)")
+    parser.add_argument("--synth-events", type=int, default=100_000)
+    parser.add_argument("--synth-test", type=int, default=20_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-synth", action="store_true")
     parser.add_argument("--skip-ids2017", action="store_true")

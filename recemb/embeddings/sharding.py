@@ -77,14 +77,19 @@ def ensure_process_group(backend: str = "gloo") -> dist.ProcessGroup:
     return dist.group.WORLD
 
 
-def check_sparse_optimizer(name: str, device: torch.device) -> None:
-    """Refuse a sparse optimizer that FBGEMM cannot fuse on ``device``."""
+def check_sparse_optimizer(name: str, device: torch.device, sharding: str = "auto") -> None:
+    """Refuse a sparse optimizer that FBGEMM cannot fuse on ``device``.
+
+    Adam on CPU is only refused for fused tables: ``data_parallel`` tables are updated by
+    ``torch.optim.Adam`` (``table_optimizer``), which suits small vocabularies (APE's entity types).
+    """
     if name not in SPARSE_OPTIMIZERS:
         raise ConfigError(f"embedding.optimizer '{name}' is unknown (known: {', '.join(SPARSE_OPTIMIZERS)})")
-    if name == "adam" and device.type == "cpu":
+    if name == "adam" and device.type == "cpu" and sharding != "data_parallel":
         raise ConfigError(
             "embedding.optimizer=adam: FBGEMM's fused Adam runs on GPU only; on CPU use "
-            "exact_rowwise_adagrad, exact_adagrad or exact_sgd"
+            "exact_rowwise_adagrad, exact_adagrad or exact_sgd, or embedding.sharding=data_parallel "
+            "(unfused torch Adam, for small tables)"
         )
 
 
@@ -162,7 +167,7 @@ def fused_params(cfg: EmbeddingConfig) -> dict[str, Any]:
 
 def apply_sparse_optimizer(model: nn.Module, cfg: EmbeddingConfig, device: torch.device) -> None:
     """Attach the fused (in-backward) optimizer to every embedding table of ``model``."""
-    check_sparse_optimizer(cfg.optimizer, device)
+    check_sparse_optimizer(cfg.optimizer, device, cfg.sharding)
     kwargs: dict[str, Any] = {"lr": cfg.lr}
     if cfg.optimizer != "exact_sgd":
         kwargs["eps"] = cfg.eps
