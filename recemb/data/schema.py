@@ -27,7 +27,7 @@ from recemb.io import write_text_atomic
 # 2: FeatureInfo.clip (dense clip bounds); version 1 maps read as before.
 FEATURE_MAP_VERSION = 2
 FeatureKind = Literal["dense", "sparse", "multihot"]
-SourceFormat = Literal["criteo", "avazu", "csv", "parquet", "events"]
+SourceFormat = Literal["criteo", "avazu", "csv", "parquet", "events", "libfm", "libffm"]
 NonFinite = Literal["reject", "clip"]
 
 # Names that become file or folder names (features -> vocab/<name>.parquet, dataset_id -> data/<id>):

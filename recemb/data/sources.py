@@ -33,9 +33,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from recemb.data import libfm
 from recemb.data.schema import SPLIT_NAMES, DatasetConfig
 from recemb.errors import ConfigError, DataError
 
+LIBFM_FORMATS = ("libfm", "libffm")
 CRITEO_COLUMNS = ["label"] + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]
 AVAZU_DERIVED = ("hour_of_day", "weekday")
 _CHUNK_BYTES = 4 << 20
@@ -80,6 +82,8 @@ class _Layout:
 
 
 def _layout(cfg: DatasetConfig) -> _Layout:
+    if cfg.format in LIBFM_FORMATS:  # one field per line (no tab or comma splits it): parsed by recemb.data.libfm
+        return _Layout("\x1f", False, False)
     if cfg.format == "criteo":
         return _Layout("\t", False, False)
     if cfg.format == "avazu":
@@ -197,8 +201,18 @@ def _check_unique(path: Path, names: list[str], where: str) -> list[str]:
     return names
 
 
+def _libfm_names(cfg: DatasetConfig, src: SourceFile) -> list[str]:
+    """Label and field names of a libFM/libFFM file: ``column_names``, else ``label, f0, f1, ...``."""
+    if cfg.column_names:
+        return list(cfg.column_names)
+    return libfm.default_names(libfm.sniff_fields(src.path, cfg.format, open_input), cfg.label or "label")
+
+
 def file_columns(cfg: DatasetConfig, src: SourceFile) -> list[str]:
-    """Column names of ``src`` as read (header, ``column_names`` or Criteo's fixed names)."""
+    """Column names of ``src`` as read (header, ``column_names`` or Criteo's fixed names;
+    for libFM/libFFM the label, each field and each field's ``_value``)."""
+    if cfg.format in LIBFM_FORMATS:
+        return libfm.columns_of(_libfm_names(cfg, src))
     if cfg.format == "parquet":
         return _check_unique(src.path, list(_parquet_schema(src.path).names), "Parquet schema")
     layout = _layout(cfg)
@@ -543,8 +557,9 @@ def _newlines_per_row(table: pa.Table) -> np.ndarray:
 def _csv_pass(cfg: DatasetConfig, src: SourceFile, columns: list[str], block_bytes: int,
               done: list[int]) -> Iterator[RawBlock]:
     layout = _layout(cfg)
-    names = file_columns(cfg, src)
-    read_cols = [c for c in columns if c in names]
+    fields = _libfm_names(cfg, src) if cfg.format in LIBFM_FORMATS else None
+    names = [libfm.LINE_COLUMN] if fields else file_columns(cfg, src)
+    read_cols = names if fields else [c for c in columns if c in names]
     # A quoted field may hold newlines; every column is read so that the lines a row spans
     # are known even when an unread column holds them.
     parse_cols = names if layout.quoting else read_cols
@@ -633,6 +648,10 @@ def _csv_pass(cfg: DatasetConfig, src: SourceFile, columns: list[str], block_byt
                     key = int(keys[first[r]])
                     fi = bad_utf8[key] if key == lines[r] else len(names)  # a later line of the row: field unknown
                     reasons.append(f"invalid UTF-8 in '{names[fi]}'" if fi < len(names) else "invalid UTF-8")
+                _merge_bad(block, rows, reasons)
+            if fields:
+                parsed, rows, reasons = libfm.parse_lines(block.table.column(libfm.LINE_COLUMN), cfg.format, fields)
+                block.table = parsed.select([c for c in columns if c in parsed.column_names])
                 _merge_bad(block, rows, reasons)
             if cfg.format == "avazu" and "hour" in block.table.column_names:
                 block.table, rows, reasons = _avazu_derive(block.table, block.lines)
