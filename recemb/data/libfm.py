@@ -1,7 +1,8 @@
 """libFM and libFFM lines as named columns: the classic sparse formats of the CTR literature.
 
 ``libfm``: ``label idx:val idx:val ...``; the ``k``-th token is field ``k`` (CTR sets in this
-format, such as Frappe or MovieLens in BARS, list one token per field in a fixed order).
+format, such as Frappe or MovieLens in BARS, list one token per field in a fixed order), or,
+with ``index_fields: {name: [first, last], ...}``, the field whose index range holds ``idx``.
 ``libffm``: ``label field:idx:val ...``; the token names its field. Each field becomes a
 column holding the token's ``idx`` (a categorical value, as a string) and a column
 ``<name>_value`` holding its ``val``; a field that occurs more than once in a row (a
@@ -71,10 +72,12 @@ def columns_of(names: list[str]) -> list[str]:
 
 
 def parse_lines(lines: pa.Array | pa.ChunkedArray, fmt: str, names: list[str],
-                ) -> tuple[pa.Table, np.ndarray, list[str]]:
+                ranges: list[tuple[int, int]] | None = None) -> tuple[pa.Table, np.ndarray, list[str]]:
     """Parse libFM/libFFM ``lines`` into ``columns_of(names)``; bad rows and their reasons.
 
-    Bad rows keep their place (all null) so row positions still match the lines.
+    ``ranges`` (libFM only): field ``k`` holds the global indices ``ranges[k][0]..ranges[k][1]``,
+    instead of the token's position. Bad rows keep their place (all null) so row positions
+    still match the lines.
     """
     if isinstance(lines, pa.ChunkedArray):
         lines = lines.combine_chunks()
@@ -121,9 +124,24 @@ def parse_lines(lines: pa.Array | pa.ChunkedArray, fmt: str, names: list[str],
         field[ok] = head[ok].astype(np.int64)
         idx_np, val_np = element(1), element(2)
     else:
-        offsets = rest.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-        field = np.arange(len(nparts), dtype=np.int64) - (offsets[parent] - offsets[0])
         idx_np, val_np = element(0), element(1)
+        if ranges is None:
+            offsets = rest.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+            field = np.arange(len(nparts), dtype=np.int64) - (offsets[parent] - offsets[0])
+        else:
+            is_num = np.array([h is not None and h.isdigit() for h in idx_np.tolist()], bool)
+            flag(parent[ok & ~is_num], "index not a whole number")
+            ok &= is_num
+            index = np.full(len(nparts), -1, np.int64)
+            index[ok] = idx_np[ok].astype(np.int64)
+            starts = np.array([a for a, _ in ranges], np.int64)
+            ends = np.array([b for _, b in ranges], np.int64)
+            order = np.argsort(starts)
+            pos = np.searchsorted(starts[order], index, side="right") - 1
+            field = np.where(pos >= 0, order[np.maximum(pos, 0)], -1)
+            inside = (pos >= 0) & (index <= ends[np.maximum(field, 0)])
+            flag(parent[ok & ~inside], "index in no field's range (index_fields)")
+            ok &= inside
     over = ok & (field >= fields)
     flag(parent[over], f"more fields than the {fields} named (column_names)")
     ok &= ~over

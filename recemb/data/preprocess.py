@@ -50,6 +50,7 @@ import yaml
 from recemb.config.loader import to_dict
 from recemb.data.hashing import hash_buckets, hash_strings_multi, row_uniform
 from recemb.data.schema import (
+    SPLIT_NAMES,
     SPLIT_VALUES,
     DatasetConfig,
     FeatureInfo,
@@ -122,6 +123,7 @@ class SplitPlan:
     cut_train: float | str | None = None
     cut_valid: float | str | None = None
     split_column: str | None = None
+    split_values: dict[str, list[str | int]] | None = None
     holdout: float = 0.0  # share of given train files' rows held out as valid (split.files without valid)
 
 
@@ -133,7 +135,7 @@ def plan_split(cfg: DatasetConfig, sources: Sequence[SourceFile]) -> SplitPlan:
     """
     sp = cfg.split
     plan = SplitPlan(train=sp.train, valid=sp.valid, seed=sp.seed, time_column=sp.time_column,
-                     split_column=sp.column)
+                     split_column=sp.column, split_values=sp.values)
     if sp.files is not None and not sp.files.get("valid"):
         plan.holdout = sp.valid
     if not sp.time_column:
@@ -503,10 +505,12 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
     tvals: Any = None
     if plan.split_column:
         tcol = as_string(table.column(plan.split_column).combine_chunks())
-        codes = _split_codes(tcol)
+        codes = _split_codes(tcol, plan.split_values)
+        expected = "train, valid or test" if plan.split_values is None else \
+            "one of split.values (" + ", ".join(str(v) for vs in plan.split_values.values() for v in vs) + ")"
         for r in np.flatnonzero(codes < 0).tolist():
             value = tcol[r].as_py()
-            reasons.setdefault(r, f"split column '{plan.split_column}' holds {value!r}, not train, valid or test"
+            reasons.setdefault(r, f"split column '{plan.split_column}' holds {value!r}, not {expected}"
                                if value is not None else f"missing split '{plan.split_column}'")
         tvals = codes
     elif plan.time_column:
@@ -555,12 +559,18 @@ def _clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, block: RawBlock
     return CleanBlock(m, split, label, count, dense, cats)
 
 
-def _split_codes(values: pa.Array) -> np.ndarray:
-    """A split column's values as codes 0/1/2 (``SPLIT_VALUES``, any case, trimmed); -1 otherwise."""
-    keys = pc.utf8_lower(pc.utf8_trim_whitespace(values))
-    names = list(SPLIT_VALUES)
-    index = pc.index_in(keys, value_set=pa.array(names)).to_numpy(zero_copy_only=False)
-    codes = np.array([SPLIT_VALUES[k] for k in names] + [-1], np.int8)
+def _split_codes(values: pa.Array, mapping: dict[str, list[str | int]] | None = None) -> np.ndarray:
+    """A split column's values as codes 0/1/2; -1 otherwise. By ``mapping`` (split -> values,
+    matched exactly after trimming) when given, else ``SPLIT_VALUES`` (any case)."""
+    keys = pc.utf8_trim_whitespace(values)
+    if mapping is None:
+        keys = pc.utf8_lower(keys)
+        table = dict(SPLIT_VALUES)
+    else:
+        table = {str(v).strip(): SPLIT_NAMES.index(split) for split, vs in mapping.items() for v in vs}
+    names = list(table)
+    index = pc.index_in(keys, value_set=pa.array(names, pa.string())).to_numpy(zero_copy_only=False)
+    codes = np.array([table[k] for k in names] + [-1], np.int8)
     return codes[np.where(np.isnan(index.astype(np.float64)), len(names), index).astype(np.int64)]
 
 

@@ -137,7 +137,9 @@ class SplitSpec:
     - ratios (default): ``train``/``valid``/``test`` sum to 1; each row's seeded uniform decides.
     - ``time_column``: the earliest ``train`` share of rows by time is train, then ``valid``, then test.
     - ``column``: the data names each row's split (values ``train``; ``valid``, ``validation``,
-      ``val`` or ``dev``; ``test``; any case); rows with another value are rejected with it.
+      ``val`` or ``dev``; ``test``; any case), or ``values`` maps each split to the column's
+      values that mean it (``{train: ["0", "1"], test: ["2"]}``); rows with another value are
+      rejected with it.
     - ``files``: given split files, ``{train: [...], valid: [...], test: [...]}`` (files or
       globs; ``train`` required). Without ``valid`` files, a ``valid`` share of the train
       files' rows (seeded per row; 0 = none) is held out for validation; the ``train`` and
@@ -153,6 +155,7 @@ class SplitSpec:
     test: float = 0.1
     time_column: str | None = None
     column: str | None = None
+    values: dict[str, list[str | int]] | None = None
     files: dict[str, list[str]] | None = None
     seed: int = 0
 
@@ -162,6 +165,16 @@ class SplitSpec:
         if len(rules) > 1:
             raise ValueError(f"split takes one rule, got {' and '.join(rules)}")
         parts = (self.train, self.valid, self.test)
+        if self.values is not None:
+            if self.column is None:
+                raise ValueError("split.values maps values of split.column; set split.column too")
+            unknown = sorted(set(self.values) - set(SPLIT_NAMES))
+            if unknown:
+                raise ValueError(f"split.values has '{unknown[0]}'; splits are {', '.join(SPLIT_NAMES)}")
+            seen = [str(v) for vs in self.values.values() for v in vs]
+            twice = sorted({v for v in seen if seen.count(v) > 1})
+            if twice:
+                raise ValueError(f"split.values lists '{twice[0]}' under two splits")
         if self.files is not None:
             unknown = sorted(set(self.files) - set(SPLIT_NAMES))
             if unknown:
@@ -202,6 +215,7 @@ class DatasetConfig:
     header: bool = True
     column_names: list[str] | None = None
     count_column: str | None = None
+    index_fields: dict[str, list[int]] | None = None
     split: SplitSpec = field(default_factory=SplitSpec)
     output: str = ""
     shard_rows: int = 262_144
@@ -226,6 +240,15 @@ class DatasetConfig:
             raise ValueError("shard_rows must be >= 1 and block_bytes >= 1024")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError("max_reject_fraction must be in [0, 1]")
+        if self.index_fields is not None:
+            if self.format != "libfm":
+                raise ValueError("index_fields assigns libFM indices to fields; it needs format: libfm")
+            spans = sorted((r[0], r[1], name) for name, r in self.index_fields.items() if len(r) == 2)
+            if len(spans) != len(self.index_fields) or any(a > b for a, b, _ in spans):
+                raise ValueError("index_fields maps each field to [first, last] indices (first <= last)")
+            for (_, end, left), (start, _, right) in zip(spans, spans[1:], strict=False):
+                if start <= end:
+                    raise ValueError(f"index_fields: the ranges of '{left}' and '{right}' overlap")
         if self.split.files is not None and self.paths:
             raise ValueError("list the input files either in paths or under split.files, not both")
         if self.split.files is None and not self.paths:

@@ -203,6 +203,8 @@ def _check_unique(path: Path, names: list[str], where: str) -> list[str]:
 
 def _libfm_names(cfg: DatasetConfig, src: SourceFile) -> list[str]:
     """Label and field names of a libFM/libFFM file: ``column_names``, else ``label, f0, f1, ...``."""
+    if cfg.index_fields:
+        return [cfg.label or "label", *cfg.index_fields]
     if cfg.column_names:
         return list(cfg.column_names)
     return libfm.default_names(libfm.sniff_fields(src.path, cfg.format, open_input), cfg.label or "label")
@@ -650,7 +652,9 @@ def _csv_pass(cfg: DatasetConfig, src: SourceFile, columns: list[str], block_byt
                     reasons.append(f"invalid UTF-8 in '{names[fi]}'" if fi < len(names) else "invalid UTF-8")
                 _merge_bad(block, rows, reasons)
             if fields:
-                parsed, rows, reasons = libfm.parse_lines(block.table.column(libfm.LINE_COLUMN), cfg.format, fields)
+                ranges = [(r[0], r[1]) for r in cfg.index_fields.values()] if cfg.index_fields else None
+                parsed, rows, reasons = libfm.parse_lines(block.table.column(libfm.LINE_COLUMN), cfg.format, fields,
+                                                          ranges)
                 block.table = parsed.select([c for c in columns if c in parsed.column_names])
                 _merge_bad(block, rows, reasons)
             if cfg.format == "avazu" and "hour" in block.table.column_names:
