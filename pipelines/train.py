@@ -26,12 +26,15 @@ from recemb.errors import ConfigError, RecembError
 from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, TAG_WORLD_SIZE, Tracker
 from recemb.train.loop import TrainResult, epoch_train_rows, few_steps_warning, train
 from recemb.train.preflight import check_run
+from recemb.train.quiet import quiet_known_warnings
 
 
 def quiet_logs() -> None:
-    """torchrec and fbgemm log at INFO by default; keep the console readable."""
+    """torchrec and fbgemm log at INFO by default; keep the console readable: WARNING and up,
+    without the known-harmless library warnings (``recemb.train.quiet``)."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
+    quiet_known_warnings()
 
 
 def _finish_tracking(tracker: Tracker, cfg: ExperimentConfig, result: TrainResult) -> None:
