@@ -51,7 +51,7 @@ def check_run(cfg: ExperimentConfig, feature_map: FeatureMap | None) -> None:
     check_model_config(cfg.model, cfg.embedding, feature_map)
     device = planned_device(cfg)
     emb = cfg.embedding
-    check_sparse_optimizer(emb.optimizer, device)
+    check_sparse_optimizer(emb.optimizer, device, emb.sharding)
     check_initial_accumulator(emb)
     fused = True
     if feature_map is not None:
