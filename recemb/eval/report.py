@@ -193,7 +193,8 @@ def _auc_vs_bytes(result: ABResult) -> tuple[str, dict[str, Any]]:
     for i, a in enumerate(result.arms):
         b = max(a.embedding_bytes, 1)
         ax.scatter([b], [a.metrics["auc"]], color=f"C{i}", s=40)
-        ax.annotate(a.name, (b, a.metrics["auc"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(a.name, (b, a.metrics["auc"]), textcoords="offset points", xytext=(5, 4 if i % 2 == 0 else -11),
+                    fontsize=8)  # alternate above and below: arms of similar bytes and AUC
         data[a.name] = {"embedding_bytes": a.embedding_bytes, "auc": a.metrics["auc"]}
     ax.set_xscale("log")
     ax.set(xlabel="embedding bytes (log)", ylabel="AUC", title="AUC vs embedding bytes")

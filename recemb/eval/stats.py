@@ -156,8 +156,11 @@ def _auc_index(scores: np.ndarray, n_min: int, minority_is_positive: bool) -> _A
     """``scores`` in ``resample_order``: the first ``n_min`` rows are the smaller class."""
     order = np.argsort(scores[:n_min], kind="stable")
     sorted_scores = scores[:n_min][order]
-    lo = np.searchsorted(sorted_scores, scores[n_min:], "left")
-    hi = np.searchsorted(sorted_scores, scores[n_min:], "right")
+    major = np.argsort(scores[n_min:], kind="stable")  # sorted queries: each search starts where the last ended
+    queries = scores[n_min:][major]
+    lo, hi = np.empty(len(major), np.int64), np.empty(len(major), np.int64)
+    lo[major] = np.searchsorted(sorted_scores, queries, "left")
+    hi[major] = np.searchsorted(sorted_scores, queries, "right")
     mid = np.zeros(len(scores))
     mid[n_min:] = (lo + hi) / 2
     return _AucIndex(torch.from_numpy(order), torch.from_numpy(lo),
