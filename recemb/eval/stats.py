@@ -395,7 +395,8 @@ def paired_bootstrap(
     auc, logloss, ne, calibration; anomaly: auc, ap. ``block`` resamples are drawn at a
     time (default: about 32M weights per block), as a ``[rows, block]`` matrix whose rows
     follow ``resample_order``. Weighted sums run in float32: counts of weights exactly,
-    other columns centred (their errors are far below the intervals).
+    other columns centred (their errors are far below the intervals). The arms run as
+    ``torch.get_num_threads()`` parallel tasks, torch kept to one thread meanwhile (restored after).
 
     Example:
         >>> y = np.array([0, 1, 0, 1, 1, 0] * 50, float); s = np.stack([y * 2 - 1.0, np.zeros(300)])
