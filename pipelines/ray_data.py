@@ -70,10 +70,23 @@ class RayDataSource:
             if train:
                 self._maybe_fail()
             batch = arrow_to_batch(table, self.feature_map)  # type: ignore[arg-type]
-            if train and self.poster is not None:
+            if train:
                 rows += batch.batch_size
-                self.poster.rows(epoch, rows, batch.batch_size)
+                self.train_rows_seen(epoch, rows, batch.batch_size)
             yield batch
+
+    def train_rows_seen(self, epoch: int, rows_in_epoch: int, batch_rows: int) -> None:
+        """Progress of this rank's training rows (posted to the driver's board from rank 0).
+
+        Sources that draw the training rows themselves (``CountSampledSource``) call it too,
+        with ``before_train_batch``, so progress and failure injection see their batches.
+        """
+        if self.poster is not None:
+            self.poster.rows(epoch, rows_in_epoch, batch_rows)
+
+    def before_train_batch(self) -> None:
+        """The failure-injection hook, once per training batch (see ``FailureInjection``)."""
+        self._maybe_fail()
 
     def _maybe_fail(self) -> None:
         self._train_batches += 1

@@ -107,12 +107,21 @@ class CountSampledSource:
         table, p = self._load()
         index = sample_rows(p, self.rows_per_epoch(), self.seed, epoch)
         step = batch_size * self.world_size
+        # The wrapped source's training hooks (Ray: progress board, failure injection), if it has them.
+        before = getattr(self.inner, "before_train_batch", None)
+        seen = getattr(self.inner, "train_rows_seen", None)
+        rows = 0
         for start in range(0, len(index), step):
             part = index[start:start + step]
             per = len(part) // self.world_size
             if per == 0:
                 return
+            if before is not None:
+                before()
             mine = part[self.rank * per:(self.rank + 1) * per]
+            rows += len(mine)
+            if seen is not None:
+                seen(epoch, rows, len(mine))
             yield arrow_to_batch(table.take(pa.array(mine)), self.feature_map)
 
     def batches(self, split: str, batch_size: int, epoch: int) -> Iterable[Batch]:
