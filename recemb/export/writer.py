@@ -58,6 +58,7 @@ from recemb.export.record import find_source_run, record_export
 from recemb.integrity import FileDigest, file_sha256, write_sidecar
 from recemb.io import replace_folder, write_json_atomic
 from recemb.models.registry import build_model, embedding_layers
+from recemb.serving.lookup import stored_arrays
 from recemb.serving.transforms import apply_transform
 from recemb.train.checkpoint import read_meta, verify_checkpoint
 from recemb.train.restore import locate_checkpoint
@@ -345,6 +346,17 @@ def _table_entries(spec: ModelSpec, records: list[RankPieces], wanted: set[str],
     return out
 
 
+def _stored_part(part: PartSpec, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``tensors`` (a layer's, relative keys) with ``part``'s own replaced by their stored form
+    (``recemb.serving.lookup.stored_arrays``: e.g. DPQ's codes without its query table)."""
+    own = {k[len(part.prefix):]: v for k, v in tensors.items() if k.startswith(part.prefix)}
+    stored = stored_arrays(part.plan, own) if own else own
+    if stored is own:
+        return tensors
+    rest = {k: v for k, v in tensors.items() if not k.startswith(part.prefix)}
+    return {**rest, **{part.prefix + k: v for k, v in stored.items()}}
+
+
 def _feature_rule(info: FeatureInfo) -> dict[str, Any]:
     """How serving turns a raw value of ``info`` into ids (and what unknown or missing values get)."""
     if info.kind == "dense" and info.boundaries is None:
@@ -416,6 +428,8 @@ def finish_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     for layer in spec.layers:
         mine = {k[len(layer.name) + 1:]: v for k, v in dense.items()
                 if spec.layer_of(k) is layer and k not in table_keys}
+        for part in layer.parts:
+            mine = _stored_part(part, mine)
         layer_file = None
         if mine:
             layer_file = f"layers/{layer.name}.safetensors"

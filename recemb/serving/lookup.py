@@ -30,8 +30,10 @@ from recemb.serving.transforms import PhysicalIds, apply_transform, load_twins
 Arrays = dict[str, np.ndarray]
 NpCombiner = Callable[[VariantPlan, str, Arrays, Arrays], np.ndarray]
 NpModule = Callable[[VariantPlan, Arrays, str, np.ndarray, np.ndarray], np.ndarray]
+NpStored = Callable[[VariantPlan, Arrays], Arrays]
 _NP_COMBINERS: dict[str, NpCombiner] = {}
 _NP_MODULES: dict[str, NpModule] = {}
+_NP_STORED: dict[str, NpStored] = {}
 
 
 def register_np_combiner(kind: str) -> Callable[[NpCombiner], NpCombiner]:
@@ -54,6 +56,26 @@ def register_np_module(kind: str) -> Callable[[NpModule], NpModule]:
         return fn
 
     return wrap
+
+
+def register_np_stored(kind: str) -> Callable[[NpStored], NpStored]:
+    """Decorator: how module variant ``kind``'s trained tensors are stored in a bundle,
+    ``fn(plan, tensors) -> arrays`` (e.g. DPQ keeps codes and codebooks, not its query table;
+    DeepLight keeps CSR rows); ``kind``'s numpy lookup reads those arrays."""
+
+    def wrap(fn: NpStored) -> NpStored:
+        _NP_STORED[kind] = fn
+        return fn
+
+    return wrap
+
+
+def stored_arrays(plan: VariantPlan, tensors: Arrays) -> Arrays:
+    """What a bundle keeps of a module variant's tensors (keys relative to its layer): its registered
+    stored form, or the tensors as they are (every other variant)."""
+    load_twins()
+    fn = _NP_STORED.get(plan.kind) if plan.capabilities.storage == "module" else None
+    return tensors if fn is None else fn(plan, tensors)
 
 
 @register_np_combiner("identity")
