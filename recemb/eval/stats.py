@@ -141,13 +141,19 @@ def resample_order(labels: np.ndarray) -> np.ndarray:
 @dataclass
 class _AucIndex:
     """One arm's AUC under weights, prepared once (rows in ``resample_order``): the smaller class's rows in
-    score order, and for each row of the larger class how many of them score below it (``lo``) or not
+    score order, and for each row ``j`` of the larger class how many of them score below it (``lo``) or not
     above it (``hi``). ``sum_j w_j * count below j`` is then ``sum_j w_j mid_j`` (a GEMM column) plus
-    ``sum_j w_j (D(lo_j) + D(hi_j)) / 2``, ``D(k)`` the weight of the first ``k`` minority rows minus ``k``."""
+    ``sum_j w_j (D(lo_j) + D(hi_j)) / 2``, ``D(k)`` the weight of the first ``k`` minority rows minus ``k``.
+
+    The second sum reads one row per ``j`` from the prefix sums ``D``: ``D(lo_j)`` when no minority score
+    ties ``j``'s, else a row appended after ``D`` holding ``(D(start) + D(end)) / 2`` of its tie group
+    (``index`` says which row; ``starts``/``ends`` are the tied groups, one appended row each).
+    """
 
     minority_order: torch.Tensor  # int64 positions (< n_min) by ascending score
-    lo: torch.Tensor  # int64 per majority row
-    hi: torch.Tensor | None  # None when no majority score ties a minority score
+    index: torch.Tensor  # int64 per majority row: its row of D, or of the appended tie rows
+    starts: torch.Tensor  # int64 tie groups of minority scores that a majority score equals: [start, end)
+    ends: torch.Tensor
     mid: np.ndarray  # (lo + hi) / 2 per row, 0 for minority rows
     minority_is_positive: bool
 
@@ -163,21 +169,25 @@ def _auc_index(scores: np.ndarray, n_min: int, minority_is_positive: bool) -> _A
     hi[major] = np.searchsorted(sorted_scores, queries, "right")
     mid = np.zeros(len(scores))
     mid[n_min:] = (lo + hi) / 2
-    return _AucIndex(torch.from_numpy(order), torch.from_numpy(lo),
-                     None if np.array_equal(lo, hi) else torch.from_numpy(hi), mid, minority_is_positive)
+    tied = lo != hi  # a tied row's group is fixed by its lo: the minority scores equal to its own
+    starts, first = np.unique(lo[tied], return_index=True)
+    ends = hi[tied][first]
+    index = lo.copy()
+    index[tied] = _padded(n_min) + 1 + np.searchsorted(starts, lo[tied])
+    return _AucIndex(torch.from_numpy(order), torch.from_numpy(index), torch.from_numpy(starts),
+                     torch.from_numpy(ends), mid, minority_is_positive)
 
 
 class _AucWork:
-    """Buffers reused by every arm and block: the centred minority weights, their prefix sums, a gather."""
+    """One arm's buffers, reused by every block: the centred minority weights, their prefix sums, a gather."""
 
     CHUNK = 16384  # majority rows gathered, weighted and summed at a time: the gather stays in cache
 
-    def __init__(self, n_min: int, block: int) -> None:
+    def __init__(self, n_min: int, block: int, idx: _AucIndex) -> None:
         self.n_min = n_min
         self.x = torch.zeros(_padded(n_min), block)  # rows past n_min stay 0
-        self.d = torch.zeros(_padded(n_min) + 1, block)  # row 0 stays 0: D(0)
+        self.d = torch.zeros(_padded(n_min) + 1 + len(idx.starts), block)  # row 0 stays 0: D(0)
         self.below = torch.empty(self.CHUNK, block)
-        self.other = torch.empty(self.CHUNK, block)
 
     def term(self, wf: torch.Tensor, idx: _AucIndex) -> np.ndarray:
         """``sum_j w_j (D(lo_j) + D(hi_j)) / 2`` per resample (the columns of ``wf`` ``[rows, b]``, whose
@@ -185,20 +195,20 @@ class _AucWork:
         b = wf.shape[1]
         x, d = self.x[:, :b], self.d[:, :b]
         torch.index_select(wf[:self.n_min], 0, idx.minority_order, out=x[:self.n_min])
-        _prefix_sums(x, d[1:])  # centred: D(k) is of order sqrt(k), so float32 sums below stay exact enough
+        rows = len(x) + 1
+        _prefix_sums(x, d[1:rows])  # centred: D(k) is of order sqrt(k), so float32 sums below stay exact enough
+        if len(idx.starts):
+            torch.add(d.index_select(0, idx.starts), d.index_select(0, idx.ends), out=d[rows:])
+            d[rows:] *= 0.5
         major = wf[self.n_min:]
         acc = torch.zeros(b)
-        for start in range(0, len(idx.lo), self.CHUNK):
-            end = min(start + self.CHUNK, len(idx.lo))
+        for start in range(0, len(idx.index), self.CHUNK):
+            end = min(start + self.CHUNK, len(idx.index))
             below = self.below[:end - start, :b]
-            torch.index_select(d, 0, idx.lo[start:end], out=below)
-            if idx.hi is not None:
-                other = self.other[:end - start, :b]
-                torch.index_select(d, 0, idx.hi[start:end], out=other)
-                below += other
+            torch.index_select(d, 0, idx.index[start:end], out=below)
             below *= major[start:end]
             acc += below.sum(0)
-        return acc.double().numpy() * (1.0 if idx.hi is None else 0.5)
+        return acc.double().numpy()
 
 
 @dataclass
@@ -334,7 +344,7 @@ def _replicates(positive: np.ndarray, cols: dict[str, np.ndarray], aucs: list[_A
         block -= block % 16  # whole cache lines per row of weights
     rng = np.random.default_rng(seed)
     buffers = [(np.empty(n * block, np.uint8), torch.empty(n * block)) for _ in range(2)]  # this block, the next
-    works = [_AucWork(n_min, block) for _ in range(arms)]
+    works = [_AucWork(n_min, block, idx) for idx in aucs]
     sizes = [min(block, resamples - start) for start in range(0, resamples, block)]
 
     def fill(k: int, b: int) -> torch.Tensor:
