@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from recemb.eval.metrics import anomaly_metrics
+from recemb.models.anomaly.frequency import frequency_scores, type_counts
 
 REPO = Path(__file__).resolve().parents[1]
 IDS2017 = REPO.parent / "shared" / "data" / "ids2017"
@@ -80,19 +81,6 @@ def read_split(data: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def metrics(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     m = anomaly_metrics(torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels))
     return m["auc"], m["ap"]
-
-
-def type_counts(ids: np.ndarray, counts: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-    return [np.bincount(ids[:, t], weights=counts, minlength=s) for t, s in enumerate(sizes)]
-
-
-def frequency_scores(train: np.ndarray, counts: np.ndarray, sizes: list[int], test: np.ndarray) -> np.ndarray:
-    """Sum over types of ``-log((count + 1) / (total + V))`` (count-weighted, add-one smoothing)."""
-    score = np.zeros(len(test))
-    for t, c in enumerate(type_counts(train, counts, sizes)):
-        p = (c + 1.0) / (c.sum() + len(c))
-        score -= np.log(p[test[:, t]])
-    return score
 
 
 def iforest_scores(train: np.ndarray, counts: np.ndarray, sizes: list[int], test: np.ndarray,
