@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,6 +228,33 @@ def table_parameter_bytes(tables: list[EmbeddingBagConfig]) -> int:
     return sum(t.num_embeddings * t.embedding_dim * BYTES_PER_FLOAT for t in tables)
 
 
+FBGEMM_WIDTH = 4  # FBGEMM's fused kernels need table widths (and column shards) divisible by this
+
+
+def fbgemm_width(dim: int) -> int:
+    """The physical width a ``dim``-wide table gets: ``dim`` rounded up to a multiple of ``FBGEMM_WIDTH``.
+
+    Example:
+        >>> [fbgemm_width(d) for d in (1, 4, 10, 16)]
+        [4, 4, 12, 16]
+    """
+    return -(-dim // FBGEMM_WIDTH) * FBGEMM_WIDTH
+
+
+def padded_tables(tables: list[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
+    """``tables`` with every width padded to ``fbgemm_width`` (the rest unchanged)."""
+    return [t if t.embedding_dim == fbgemm_width(t.embedding_dim)
+            else dataclasses.replace(t, embedding_dim=fbgemm_width(t.embedding_dim)) for t in tables]
+
+
+@torch.fx.wrap
+def unpad(pooled: KeyedTensor, widths: dict[str, int]) -> KeyedTensor:
+    """``pooled`` with each key's block cut back to ``widths[key]`` columns (keys not listed stay whole)."""
+    parts = pooled.to_dict()
+    keys = pooled.keys()
+    return KeyedTensor.from_tensor_list(keys, [parts[k][:, :widths[k]] if k in widths else parts[k] for k in keys])
+
+
 def table_configs(plan: VariantPlan) -> list[EmbeddingBagConfig]:
     """torchrec configs of ``plan``'s physical tables (sum pooling; normal init where the plan says)."""
     configs = []
@@ -246,6 +274,15 @@ class TableEmbeddingLayer(EmbeddingLayer):
     Bytes are computed from the table configs, so they are right on the meta
     device and after sharding as well. ``from_plan`` builds one from a variant's plan
     (which it keeps as ``plan``: the sharding and export read it).
+
+    FBGEMM's fused kernels run only widths divisible by 4. Before sharding, ``pad_for_fbgemm``
+    holds a table of another width (``embedding.dim=10``) ``fbgemm_width`` wide (12:
+    ``physical_tables``, what the collection then holds) and its lookups are cut back to the
+    width the plan gives (``tables``) before the combiner. The padding columns get no gradient
+    and count in the bytes (``parameter_bytes`` is physical; ``padding_bytes`` says how many);
+    checkpoints keep the plan's widths (``recemb.train.checkpoint``). Row-wise Adagrad
+    averages squared gradients over the physical width, so a padded row's steps are
+    ``sqrt(12/10)`` times those of an unpadded one. Unsharded, any width runs as it is.
     """
 
     @classmethod
@@ -275,6 +312,8 @@ class TableEmbeddingLayer(EmbeddingLayer):
         self.dims = dict(dims)
         self.full_rows = dict(full_rows)
         self.tables = list(tables)
+        self.physical_tables = list(self.tables)  # pad_for_fbgemm widens them
+        self.widths: dict[str, int] = {}  # lookup keys of padded tables -> their plan's width
         self.transform = transform or IdentityTransform()
         # Weighted: the transform's KJT carries a weight per id (e.g. ROBE's sign hash).
         self.ebc = EmbeddingBagCollection(tables=self.tables, is_weighted=is_weighted, device=device)
@@ -283,12 +322,57 @@ class TableEmbeddingLayer(EmbeddingLayer):
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
         physical = kjt if self._identity else self.transform(kjt)
-        return in_order(self.combiner(self.ebc(physical)), self.features)
+        pooled = self.ebc(physical)
+        if self.widths:
+            pooled = unpad(pooled, self.widths)
+        return in_order(self.combiner(pooled), self.features)
 
     def parameter_bytes(self) -> int:
         dense = sum(p.numel() * p.element_size() for p in self.combiner.parameters())
         dense += sum(b.numel() * b.element_size() for b in self.transform.buffers())
-        return table_parameter_bytes(self.tables) + dense
+        return table_parameter_bytes(self.physical_tables) + dense
+
+    def padding_bytes(self) -> int:
+        """Bytes of the padding columns that widths not divisible by 4 need (0 for most layers)."""
+        return table_parameter_bytes(self.physical_tables) - table_parameter_bytes(self.tables)
+
+    def pad_for_fbgemm(self) -> dict[str, int]:
+        """Hold every table ``fbgemm_width`` wide (call before sharding); returns the padded tables'
+        plan widths by table name (empty: nothing needed padding). Weights already in the layer
+        (not on the meta device) are kept in the first columns."""
+        physical = padded_tables(self.tables)
+        if physical == self.physical_tables:
+            return {}
+        old = self.ebc
+        self.ebc = EmbeddingBagCollection(tables=physical, is_weighted=old.is_weighted(), device=old.device)
+        if old.device.type != "meta":
+            with torch.no_grad():
+                for t in self.tables:
+                    self.ebc.embedding_bags[t.name].weight[:, :t.embedding_dim].copy_(
+                        old.embedding_bags[t.name].weight)
+        self.physical_tables = physical
+        padded = {t.name: t.embedding_dim for t in self.tables if t.embedding_dim != fbgemm_width(t.embedding_dim)}
+        self.widths = {k: t.embedding_dim for t in self.tables if t.name in padded for k in t.feature_names}
+        return padded
+
+
+def pad_for_fbgemm(model: nn.Module) -> dict[str, int]:
+    """``TableEmbeddingLayer.pad_for_fbgemm`` on every table layer of ``model`` (before sharding).
+
+    Returns the model state key of every padded table's weight (``<layer>.ebc.embedding_bags.
+    <table>.weight``) with its plan width, for checkpoints to keep that width.
+
+    Example:
+        >>> pad_for_fbgemm(model)                                        # doctest: +SKIP
+        {'model.embedding.ebc.embedding_bags.t_C1.weight': 10, ...}
+    """
+    out: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TableEmbeddingLayer):
+            prefix = f"{name}." if name else ""
+            for table, width in module.pad_for_fbgemm().items():
+                out[f"{prefix}ebc.embedding_bags.{table}.weight"] = width
+    return out
 
 
 class ProjectedLayer(EmbeddingLayer):

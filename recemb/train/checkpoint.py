@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,10 @@ class TrainState:
     """What a checkpoint holds: the model and optimizers' tensors, by name.
 
     ``tensors()`` flattens them into one ``name -> tensor`` mapping (values may
-    be ShardedTensors); the optimizers' non-tensor settings go to JSON.
+    be ShardedTensors); the optimizers' non-tensor settings go to JSON. ``widths``: model
+    state keys of tables held padded for FBGEMM (``recemb.embeddings.base.pad_for_fbgemm``)
+    and their plan widths: their weights and per-column optimizer state are saved that
+    wide, so a checkpoint looks the same whether or not training padded its tables.
     """
 
     model: torch.nn.Module
@@ -61,6 +64,17 @@ class TrainState:
     fused_optimizer: Any | None = None
     table_optimizer: torch.optim.Optimizer | None = None
     aux_optimizer: torch.optim.Optimizer | None = None
+    widths: dict[str, int] = field(default_factory=dict)
+
+    def width_of(self, key: str, value: Any) -> int | None:
+        """The plan width of checkpoint tensor ``key`` when it is a padded table's weight or per-column
+        optimizer state (``model/<k>``, ``fused/<k>/...``), else None."""
+        if not self.widths or value.dim() != 2:
+            return None
+        kind, _, rest = key.partition("/")
+        state_key = rest if kind == "model" else rest.split("/", 1)[0] if kind == "fused" else ""
+        width = self.widths.get(state_key)
+        return width if width is not None and value.shape[1] > width else None
 
     def plain_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The unfused optimizers by checkpoint prefix (dense, data-parallel tables, aux groups)."""
@@ -119,9 +133,17 @@ def save_checkpoint(
     shapes: dict[str, list[int]] = {}
     for key, value in state.tensors().items():
         shapes[key] = list(value.shape)
+        width = state.width_of(key, value)
+        if width is not None:
+            shapes[key][1] = width
         for offsets, local in local_pieces(value):
             if rank != 0 and not _is_distributed(value):
                 continue
+            if width is not None:  # the plan's columns only (a column shard may hold none)
+                keep = min(local.shape[1], width - offsets[1])
+                if keep <= 0:
+                    continue
+                local = local[:, :keep]
             name = key + _SEP + ",".join(str(o) for o in offsets)
             tensors[name] = local.detach().to("cpu").contiguous().clone()
     # Each rank's own RNG states (dropout draws differ by rank): rank r restores rank r's.
@@ -378,16 +400,21 @@ def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
     missing = [k for k in targets if k not in full]
     if missing:
         raise DataError(f"{path}: checkpoint lacks '{missing[0]}' (model or optimizer changed?)")
+    widths = {key: state.width_of(key, target) for key, target in targets.items()}
     for key, target in targets.items():
-        if tuple(full[key].shape) != tuple(target.shape):
+        shape = list(target.shape)
+        if widths[key] is not None:
+            shape[1] = widths[key]
+        if list(full[key].shape) != shape:
             raise DataError(f"{path}: tensor '{key}' has shape {list(full[key].shape)} in the checkpoint but "
-                            f"{list(target.shape)} in the model (model or feature map changed?)")
+                            f"{shape} in the model (model or feature map changed?)")
     groups = meta["param_groups"]
     absent = [prefix for prefix in state.plain_optimizers() if not isinstance(groups.get(prefix), list)]
     if absent:
         raise DataError(f"{path}/{META}: field 'param_groups' has no list for optimizer '{absent[0]}' "
                         f"(model or optimizer changed?)")
-    copy_full_into(targets, full)
+    copy_full_into({k: v for k, v in targets.items() if widths[k] is None}, full)
+    _copy_padded({k: v for k, v in targets.items() if widths[k] is not None}, full)
     for prefix, optimizer in state.plain_optimizers().items():
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in full.items():
@@ -406,6 +433,18 @@ def load_checkpoint(path: str | Path, state: TrainState) -> dict[str, Any]:
         mine = {"torch": torch.tensor(meta["torch_rng"], dtype=torch.uint8)}
     _set_rng_states(str(path), mine)
     return meta
+
+
+def _copy_padded(targets: dict[str, Any], full: dict[str, torch.Tensor]) -> None:
+    """Copy plan-wide tensors into the first columns of padded targets' local pieces (the padding
+    columns, which no lookup reads, keep what they hold)."""
+    with torch.no_grad():
+        for key, target in targets.items():
+            source = full[key]
+            for (row, col), local in local_pieces(target):
+                keep = min(local.shape[1], source.shape[1] - col)
+                if keep > 0:
+                    local[:, :keep].copy_(source[row:row + local.shape[0], col:col + keep])
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -37,6 +37,7 @@ from recemb.config.experiment import ExperimentConfig, TrainConfig
 from recemb.data.batch import Batch, BatchSource, ParquetSource, epoch_steps, split_rows
 from recemb.data.resample import CountSampledSource
 from recemb.data.schema import FeatureMap
+from recemb.embeddings.base import pad_for_fbgemm
 from recemb.embeddings.sharding import (
     ensure_process_group,
     plan_to_dict,
@@ -302,6 +303,7 @@ def train(
 
     model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")),
                        embedding_l2=cfg.embedding.l2)
+    padded = pad_for_fbgemm(model)  # widths FBGEMM cannot run (embedding.dim=10) are held 12 wide
     layers = list(embedding_layers(model.model).values())
     emb_bytes = sum(layer.parameter_bytes() for layer in layers)
     full_bytes = sum(layer.full_bytes() for layer in layers)
@@ -311,7 +313,7 @@ def train(
     table_opt = table_optimizer(dmp, cfg.embedding)
     aux_opt = aux_optimizer(dmp)
     state = TrainState(model=dmp, dense_optimizer=opt, fused_optimizer=dmp.fused_optimizer,
-                       table_optimizer=table_opt, aux_optimizer=aux_opt)
+                       table_optimizer=table_opt, aux_optimizer=aux_opt, widths=padded)
     # Built before a checkpoint is loaded: the starting rates are the configured ones.
     rates, push_rates = run_rates(dmp, opt, table_opt, dmp.fused_optimizer)
     sampled = tc.counts == "sample"
@@ -332,6 +334,11 @@ def train(
         ratio = emb_bytes / full_bytes if full_bytes else float("nan")
         print(f"[embedding] kind={cfg.embedding.kind} budget={cfg.embedding.budget} bytes={emb_bytes:,} "
               f"full={full_bytes:,} ratio={ratio:.4f}", flush=True)
+        padding = sum(m.padding_bytes() for layer in layers for m in layer.modules()
+                      if callable(getattr(m, "padding_bytes", None)))
+        if padding:
+            print(f"[embedding] tables whose width is not a multiple of 4 are held padded to one for FBGEMM: "
+                  f"{padding:,} of the bytes above are padding", flush=True)
         log.info("sharding plan:\n%s", sharded.plan)
 
     start_step, start_epoch, skip_rows = 0, 0, 0

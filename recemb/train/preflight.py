@@ -15,15 +15,19 @@ Example:
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recemb.config.experiment import ExperimentConfig
 from recemb.data.schema import FeatureMap
+from recemb.embeddings.base import FBGEMM_WIDTH, pad_for_fbgemm
 from recemb.embeddings.sharding import (
     check_initial_accumulator,
     check_sparse_optimizer,
     check_weight_decay,
     table_sharding,
 )
+from recemb.errors import ConfigError
 from recemb.models.registry import build_model, check_model_config
 from recemb.train.loop import resolve_device
 
@@ -56,10 +60,30 @@ def check_run(cfg: ExperimentConfig, feature_map: FeatureMap | None) -> None:
     fused = True
     if feature_map is not None:
         model = build_model(cfg.model, feature_map, emb, device=torch.device("meta"))
+        pad_for_fbgemm(model)  # as training does
+        check_table_widths(model, cfg.embedding.kind)
         requested = table_sharding(model)
         # Only data-parallel tables run without FBGEMM's fused kernels ("auto" is planned fused here).
         fused = not requested or any(kind != "data_parallel" for kind in requested.values())
     check_weight_decay(emb, device, fused=fused)
 
 
-__all__ = ["check_run", "planned_device"]
+def check_table_widths(model: nn.Module, kind: str) -> None:
+    """Refuse tables FBGEMM cannot run: widths not divisible by 4 that no layer padded.
+
+    Table-backed variants pad such widths themselves (``recemb.embeddings.base.fbgemm_width``);
+    a variant with its own collection (``pruned``) does not, and torchrec would stop with an
+    assertion deep in sharding.
+    """
+    narrow = [(t.name, t.embedding_dim) for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+              for t in m.embedding_bag_configs() if t.embedding_dim % FBGEMM_WIDTH]
+    if narrow:
+        name, dim = narrow[0]
+        raise ConfigError(
+            f"table '{name}' is {dim} wide ({len(narrow)} such tables), and FBGEMM's kernels run only widths "
+            f"divisible by {FBGEMM_WIDTH}; embedding.kind={kind} does not pad its tables: set embedding.dim "
+            f"(and any groups' dim) to a multiple of {FBGEMM_WIDTH} (4, 8, 12, 16, ...)"
+        )
+
+
+__all__ = ["check_run", "check_table_widths", "planned_device"]
