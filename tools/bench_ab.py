@@ -1,9 +1,12 @@
 """Speed of the paired bootstrap: every metric (AUC, log loss, NE, calibration) of 3 arms, 1,000 resamples.
 
 Synthetic rows (30% positives, arms = signal + independent noise, one arm rounded so it has
-ties) at several row counts; each size runs ``recemb.eval.stats.paired_bootstrap`` once and
-prints the seconds and the cost per row-resample-arm, so growth with rows is visible. On
-2 shared cores the figures move with the machine's load (printed).
+ties) at several row counts; each size runs ``recemb.eval.stats.paired_bootstrap``
+``--repeat`` times and prints the fastest run's wall seconds, its CPU seconds (all threads;
+less sensitive to other work on the machine than wall time), the cost per
+row-resample-arm and the time per row relative to the smallest size, so growth with rows is
+visible (linear in rows plus the per-arm sorts). On 2 shared cores the wall figures move
+with the machine's load (printed).
 
 Usage::
 
@@ -14,7 +17,10 @@ Usage::
 ``--synthetic-ab DIR`` instead generates and prepares synthetic CTR data (``--synth-rows``), trains a
 DeepFM with full tables, unified and hashed at 1/100 of their bytes (one epoch each, in this
 process), exports the full run as an int8 bundle and runs ``pipelines.ab.run_ab`` on the test split
-(report and MLflow store under DIR).
+(report and MLflow store under DIR; data, runs and bundle are reused when DIR has them). It prints
+the Markdown summary, each arm's metrics and bytes, and per treatment and id class (head, torso,
+tail) the delta AUC over the features: row-weighted mean, median, the worst feature with its
+interval, and the verdicts of the slices' Holm family.
 """
 
 from __future__ import annotations
