@@ -1,10 +1,11 @@
-"""Tests for the sparse-row variant ``deeplight`` (``recemb.embeddings.deeplight``).
+"""Tests for the sparse-row variants ``deeplight`` and ``pep`` (``recemb.embeddings.deeplight``/``pep``).
 
 CSR bytes and the budget (met within 5%, too small refused), the CSR codec and the top-k rule
-(torch and numpy bit for bit), the numpy twins (single- and multi-hot, after training),
-DeepLight's damped schedule (pruned weights stay zero, the served mask always at the target),
-the meta build, two gloo ranks against one process on the global batch, and DCNv2 trained end
-to end and exported (bundle bytes equal the achieved bytes, lookups and scores equal the model's).
+(torch and numpy bit for bit), the numpy twins (single- and multi-hot, every threshold scope,
+after training in both PEP phases), DeepLight's damped schedule (pruned weights stay zero, the
+served mask always at the target), PEP's thresholds, mask and lottery-ticket rewind, the meta
+build, two gloo ranks against one process on the global batch, and DCNv2 trained end to end
+and exported (bundle bytes equal the achieved bytes, lookups and scores equal the model's).
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ from recemb.config.experiment import EmbeddingConfig
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.budget import BudgetError
 from recemb.embeddings.deeplight import MagnitudePrunedLayer, SparseRowLayer, csr_bytes, sparsity_at
+from recemb.embeddings.pep import SoftThresholdLayer
 from recemb.embeddings.registry import build_embedding_layer
 from recemb.embeddings.rowwise import top_k_mask
 from recemb.errors import ConfigError
 from recemb.serving.variants.deeplight import csr_encode, csr_rows, stored_csr, top_k_np
+from recemb.serving.variants.pep import stored_pep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH_VOCAB = [11, 252, 6302, 25196, 26, 632, 13870, 24188, 64, 1586, 21569, 25189, 159, 3982, 24791, 17, 399,
                9764, 25500, 41, 1001, 18212, 24400, 101, 2513, 23371]
-MODULES = ["recemb.embeddings.deeplight", "recemb.serving.variants.deeplight"]
-KINDS = ["deeplight"]
+MODULES = ["recemb.embeddings.deeplight", "recemb.embeddings.pep", "recemb.serving.variants.deeplight",
+           "recemb.serving.variants.pep"]
+KINDS = ["deeplight", "pep"]
 
 
 def bench_map() -> FeatureMap:
@@ -131,8 +135,12 @@ def test_top_k_is_the_same_in_torch_and_numpy_ties_included() -> None:
 TWIN_CASES: list[tuple[str, dict[str, Any]]] = [
     ("deeplight", {"budget": 0.2}),
     ("deeplight", {"params": {"sparsity": 0.5}}),
+    ("pep", {"budget": 0.2, "params": {"threshold": "global", "threshold_init": -7.0}}),
+    ("pep", {"budget": 0.2, "params": {"threshold": "field", "threshold_init": -7.0}}),
+    ("pep", {"budget": 0.2, "params": {"threshold": "dimension", "threshold_init": -7.0}}),
+    ("pep", {"budget": 0.2, "params": {"threshold": "field_dimension", "threshold_init": -7.0}}),
 ]
-TWIN_IDS = ["deeplight", "deeplight-sparsity"]
+TWIN_IDS = ["deeplight", "deeplight-sparsity", "pep-global", "pep-field", "pep-dimension", "pep-field-dimension"]
 
 
 @pytest.mark.parametrize("multihot", [False, True], ids=["single", "multi"])
@@ -141,15 +149,26 @@ def test_numpy_twins_equal_the_torch_layer(kind: str, kwargs: dict[str, Any], mu
     check_twins(kind, multihot, **kwargs)
 
 
-def test_trained_layers_store_exactly_their_bytes() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_trained_layers_store_exactly_their_bytes(kind: str) -> None:
     fm = feature_map(True)
-    layer = layer_of("deeplight", fm, params={"damping_steps": 1, "prune_every": 1})
+    params = {"damping_steps": 1, "prune_every": 1} if kind == "deeplight" else {"search_steps": 3,
+                                                                                  "threshold_init": -7.0}
+    layer = layer_of(kind, fm, params=params)
+    opt = torch.optim.Adam([p for p in layer.parameters()], lr=0.05) if kind == "pep" else None
     for seed in range(5):
-        step(layer, fm, seed)
-    check_twins("deeplight", True, layer=layer)
-    stored = stored_csr(layer.plan, {k: v.numpy() for k, v in layer.state_dict().items()})
+        step(layer, fm, seed, opt)
+        if seed == 1:  # pep: still searching
+            check_twins(kind, True, layer=layer)
+    check_twins(kind, True, layer=layer)
+    state = {k: v.numpy() for k, v in layer.state_dict().items()}
+    stored = (stored_csr if kind == "deeplight" else stored_pep)(layer.plan, state)
     assert set(stored) == {"indptr", "indices", "values"}
-    assert sum(a.nbytes for a in stored.values()) == layer.parameter_bytes()  # exactly nnz values
+    payload = sum(a.nbytes for a in stored.values())
+    if kind == "deeplight":  # exactly nnz values
+        assert payload == layer.parameter_bytes()
+    else:  # at most nnz: the thresholds may prune more than the budget asks
+        assert payload <= layer.parameter_bytes() and stored["values"].size == int(layer.kept.sum())
 
 
 # ---------------------------------------------------------------- DeepLight
@@ -187,6 +206,48 @@ def test_sparsity_schedule() -> None:
     assert values[-1] < 0.9 and sparsity_at(23_000, 0.9, 0.99, 100) > 0.81
 
 
+# ---------------------------------------------------------------- PEP
+
+
+@pytest.mark.parametrize("rewind", [True, False])
+def test_pep_thresholds_learn_then_the_mask_is_fixed_and_weights_rewound(rewind: bool) -> None:
+    fm = feature_map(True)
+    layer = layer_of("pep", fm, params={"search_steps": 3, "threshold_init": -7.0, "threshold_lr": 0.05,
+                                        "rewind": rewind})
+    assert isinstance(layer, SoftThresholdLayer)
+    assert layer.thresholds.shape == (len(fm.sparse_features), 8)
+    assert layer.optimizer_groups()[0]["lr"] == 0.05
+    opt = torch.optim.Adam([layer.thresholds], lr=0.05)
+    g = float(torch.sigmoid(torch.tensor(-7.0)))  # 9e-4, about the rows' init std (1e-3)
+    under = layer.weight.abs() <= g
+    assert bool(under.any()) and not bool(under.all())
+    before = layer.weight.clone()
+    step(layer, fm, 0, opt)
+    assert layer.thresholds.grad is not None and float(layer.thresholds.grad.abs().sum()) > 0
+    assert bool((layer.weight[under] == before[under]).all())  # under their threshold: no gradient
+    assert not layer.retraining
+    step(layer, fm, 1, opt)
+    layer.eval()
+    kjt = as_kjt(random_ids(fm, 16, seed=9))
+    with torch.no_grad():
+        served = layer(kjt).values()  # the searched model as it serves: soft-thresholded, masked
+    step(layer, fm, 2, opt)
+    assert layer.retraining and int(layer.updates) == 3
+    kept = layer.kept.clone()
+    assert int(kept.sum()) <= layer.nnz
+    if rewind:
+        torch.testing.assert_close(layer.weight, layer.initial_rows() * kept, rtol=0, atol=0)  # the lottery ticket
+        assert bool((layer.row_sq_grad == layer.update.initial_accumulator).all())
+    else:  # the searched weights, as they served, go on training
+        assert bool((layer.weight[~kept] == 0).all()) and bool((layer.weight[kept] != 0).all())
+        assert not torch.equal(layer.weight, layer.initial_rows() * kept)
+        assert served.abs().sum() > 0
+    for seed in (3, 4):
+        step(layer, fm, seed, opt)
+    assert torch.equal(layer.kept, kept)  # fixed while retraining
+    assert bool((layer.weight[~kept] == 0).all()) and bool((layer.weight != layer.initial_rows() * kept).any())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_meta_build_materialises_deterministically(kind: str) -> None:
     fm = feature_map(False)
@@ -210,7 +271,9 @@ DIM = 8
 STEPS = 4
 LOCAL = 16
 LR = 0.5
-PARAMS = {"deeplight": {"optimizer": "sgd", "damping": 0.5, "damping_steps": 1, "prune_every": 1}}
+PARAMS = {"deeplight": {"optimizer": "sgd", "damping": 0.5, "damping_steps": 1, "prune_every": 1},
+          "pep": {"optimizer": "sgd", "search_steps": 2, "threshold_init": -7.0, "threshold_lr": 0.05,
+                  "mask_every": 1}}
 
 
 class _Tiny(nn.Module):
@@ -251,7 +314,9 @@ def _concat(parts: list[tuple[KeyedJaggedTensor, torch.Tensor]]) -> tuple[KeyedJ
 
 
 def _run(model: nn.Module, batches: list[tuple[KeyedJaggedTensor, torch.Tensor]]) -> list[np.ndarray]:
-    opts = [torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)]
+    aux = [p for m in model.modules() if isinstance(m, SoftThresholdLayer) for p in m.parameters()]
+    dense = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in aux)]
+    opts = [torch.optim.SGD(dense, lr=LR)] + ([torch.optim.Adam(aux, lr=0.05)] if aux else [])
     out = []
     for kjt, labels in batches:
         logits = model(kjt)
@@ -313,7 +378,8 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(two_ranks: list[di
 
 
 @pytest.mark.usefixtures("no_process_group")
-@pytest.mark.parametrize(("kind", "params"), [("deeplight", "{damping_steps: 2, prune_every: 2}")])
+@pytest.mark.parametrize(("kind", "params"), [("deeplight", "{damping_steps: 2, prune_every: 2}"),
+                                              ("pep", "{search_steps: 15, threshold_init: -8.0}")])
 def test_dcnv2_trains_and_its_bundle_serves_it(make_experiment: Any, kind: str, params: str, tmp_path: Path) -> None:
     """DCNv2 at 1/10 of the bytes (dim 16: at dim 8 the row pointers alone take 1/8): it learns, and
     its fp32 bundle (CSR rows) gives the trained model's embeddings and scores."""
@@ -337,7 +403,10 @@ def test_dcnv2_trains_and_its_bundle_serves_it(make_experiment: Any, kind: str, 
     bundle_dir = export_bundle(result.output_dir, tmp_path / "bundle", record=False)
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     assert manifest["bytes"]["tables_payload"] == 0
-    assert manifest["bytes"]["layers_payload"] == result.embedding_bytes
+    if kind == "deeplight":
+        assert manifest["bytes"]["layers_payload"] == result.embedding_bytes
+    else:
+        assert manifest["bytes"]["layers_payload"] <= result.embedding_bytes
     bundle = Bundle.open(bundle_dir)
     model, _ = load_trained_model(resolve_checkpoint(result.output_dir))
     fm = FeatureMap.load(cfg.data_dir)
