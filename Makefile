@@ -26,6 +26,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+bench: $(STAMP)
+	$(BIN)/python tools/run_benches.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
