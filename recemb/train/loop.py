@@ -337,7 +337,7 @@ def train(
         padding = sum(m.padding_bytes() for layer in layers for m in layer.modules()
                       if callable(getattr(m, "padding_bytes", None)))
         if padding:
-            print(f"[embedding] tables whose width is not a multiple of 4 are held padded to one for FBGEMM: "
+            print(f"[embedding] FBGEMM runs table widths divisible by 4 only: narrower ones are held padded, "
                   f"{padding:,} of the bytes above are padding", flush=True)
         log.info("sharding plan:\n%s", sharded.plan)
 
