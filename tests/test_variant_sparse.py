@@ -421,3 +421,28 @@ def test_dcnv2_trains_and_its_bundle_serves_it(make_experiment: Any, kind: str, 
         logits = model(batch).numpy()
     probs = bundle.score_prepared(table)
     assert float(np.abs(probs - torch.sigmoid(torch.from_numpy(logits)).numpy()).max()) <= 1e-6
+
+
+@pytest.mark.usefixtures("no_process_group")
+def test_pep_resumed_across_its_phase_switch_equals_one_run(make_experiment: Any, tmp_path: Path) -> None:
+    """Stopped while searching and resumed, a run retrains on the same mask from the same rewound rows: the
+    phase is in the layer's state (its update count), not in the process."""
+    from recemb.train.loop import train
+    from recemb.train.restore import load_trained_model
+
+    over = ["embedding.kind=pep", "embedding.budget=0.1", "embedding.dim=16", "expid=pep_resume",
+            "embedding.params={search_steps: 10, threshold_init: -8.0, mask_every: 1}", "train.epochs=1"]
+    with in_process_run():
+        whole = train(make_experiment("dcnv2", *over, output_dir=tmp_path / "whole"))
+    cfg = make_experiment("dcnv2", *over, output_dir=tmp_path / "parts")
+    with in_process_run():
+        first = train(cfg, stop_after_steps=6)  # still searching
+    with in_process_run():
+        parts = train(cfg, resume=first.output_dir)
+    assert parts.steps == whole.steps > 10
+    for key in ("auc", "logloss"):
+        assert abs(parts.test[key] - whole.test[key]) < 1e-6, (key, parts.test, whole.test)
+    layers = [_layer(load_trained_model(Path(r.output_dir) / "checkpoints" / "last")[0]) for r in (whole, parts)]
+    assert all(isinstance(layer, SoftThresholdLayer) and layer.retraining for layer in layers)
+    for name, value in layers[0].state_dict().items():
+        torch.testing.assert_close(layers[1].state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
