@@ -24,7 +24,7 @@ from recemb.embeddings.sharding import ensure_process_group, local_pieces, shard
 from recemb.errors import ConfigError
 from recemb.models.registry import build_model
 from recemb.train.loop import TrainResult, run_steps, train
-from recemb.train.schedule import LrScheduler, optimizer_rates, run_rates
+from recemb.train.schedule import LrScheduler, optimizer_rates, run_rates, self_updating_rates
 
 MakeExperiment = Callable[..., ExperimentConfig]  # the conftest fixture
 TRAIN_ROWS = 16_030
@@ -298,3 +298,14 @@ def test_docstring_examples() -> None:
 
     result = doctest.testmod(recemb.train.schedule)
     assert result.attempted and result.failed == 0
+
+
+def test_tables_that_update_themselves_follow_the_schedule() -> None:
+    """lowprec tables run their own row update with their own ``lr``: the schedule sets it too."""
+    from recemb.embeddings.registry import build_embedding_layer
+
+    layer = build_embedding_layer(feature_map(), EmbeddingConfig(kind="lowprec", dim=8, lr=0.2))
+    rates = self_updating_rates(layer)
+    assert [(r.name, r.base) for r in rates] == [("embedding", 0.2)]
+    LrScheduler(LrSchedule(kind="linear", final_fraction=0.5), total_steps=10, rates=rates).apply(step=10)
+    assert layer.lr == pytest.approx(0.1)
