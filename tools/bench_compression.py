@@ -59,6 +59,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     # OptEmbed: supernet + evolutionary dim search + retrain on pruned tables (recemb search);
     # its bytes are whatever the search reaches. Settings: configs/experiments/optembed_synthetic_ctr.yaml.
     "optembed": ("search", {}, False),
+    # Product quantization (codes + codebooks; 4-bit codes reach 1/100, nothing reaches 1/1000 at dim 16)
+    # and sparse rows (CSR; the int32 row pointers alone are 1/16 of full at dim 16: 1/10 only).
+    "dpq": ("dpq", {}, True),
+    "mgqe": ("mgqe", {"hot_share": 0.1, "cold_centroids": 16}, True),
+    "deeplight": ("deeplight", {}, True),
+    "pep": ("pep", {"search_steps": 100, "threshold_init": -8.0, "threshold_lr": 0.01}, True),
     "lowprec": ("lowprec", {"bits": 8}, False),
     "lowprec16": ("lowprec", {"bits": 16}, False),
     # Post-training row-wise quantisation of the trained ``full`` run's tables (no training of its own).
