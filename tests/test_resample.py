@@ -73,3 +73,15 @@ def fm_rows(fm: FeatureMap, root: Path) -> int:
     import pyarrow.parquet as pq
 
     return sum(pq.read_metadata(root / f).num_rows for f in fm.shards["train"])
+
+
+def test_sampled_epoch_cuts_batches_as_epoch_steps(tmp_path: Path) -> None:
+    from recemb.data.batch import epoch_steps
+
+    fm, root = _events(tmp_path)
+    for rows, batch, world in ((1000, 64, 1), (1001, 64, 2), (700, 256, 1), (130, 64, 2)):
+        got = [list(CountSampledSource(ParquetSource(fm, root), fm, root, epoch_rows=rows, rank=r, world_size=world)
+                    .batches("train", batch, 0)) for r in range(world)]
+        assert len(got[0]) == epoch_steps(rows, batch, world)
+        assert min(b.batch_size for b in got[0]) > 1  # no 1-row batch (batch norm)
+

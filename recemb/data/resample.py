@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recemb.data.batch import Batch, BatchSource, arrow_to_batch
+from recemb.data.batch import Batch, BatchSource, arrow_to_batch, joins_previous
 from recemb.data.schema import FeatureMap
 from recemb.errors import DataError
 
@@ -111,8 +111,11 @@ class CountSampledSource:
         before = getattr(self.inner, "before_train_batch", None)
         seen = getattr(self.inner, "train_rows_seen", None)
         rows = 0
-        for start in range(0, len(index), step):
-            part = index[start:start + step]
+        parts = [index[start:start + step] for start in range(0, len(index), step)]
+        # The same cut as ParquetBatches (and epoch_steps): a small last batch joins the one before.
+        if len(parts) > 1 and len(parts[-1]) < step and joins_previous(len(parts[-1]) // self.world_size, batch_size):
+            parts[-2:] = [np.concatenate(parts[-2:])]
+        for part in parts:
             per = len(part) // self.world_size
             if per == 0:
                 return
