@@ -68,6 +68,16 @@ def _cmd_search(args: argparse.Namespace) -> None:
         "search": {k: v for k, v in summary["search"].items() if k != "history"}}, indent=2))
 
 
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from pipelines.tune import format_trials, run_tune
+
+    result = run_tune(args.config, args.space, trials=args.trials, overrides=args.overrides, workers=args.workers,
+                      out=args.out, mlflow_uri=args.mlflow_uri, address=args.address, seed=args.seed,
+                      grace_period=args.grace_period, overwrite=args.overwrite)
+    print(format_trials(result))
+    print(f"[tune] {len(result.trials)} trials in {result.seconds:.1f} s; parent MLflow run {result.parent_run_id}")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pipelines.evaluate import run_evaluate
 
@@ -175,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. search.generations=5")
     p.set_defaults(func=_cmd_search)
 
+    p = sub.add_parser("tune", help="hyperparameter search on Ray Tune (ASHA stops bad trials early); "
+                                    "each trial an MLflow child run")
+    p.add_argument("--config", required=True, type=Path, help="experiment YAML (configs/experiments/...)")
+    p.add_argument("--space", required=True, type=Path,
+                   help="search space YAML: override key -> distribution (configs/tune/...)")
+    p.add_argument("--trials", type=int, default=8, help="trials to run (default: 8)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="trials at a time, cluster.cpus_per_worker CPUs each (default: 2)")
+    p.add_argument("--out", type=Path, help="results folder (default: tune-out/<expid>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier search in --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of the trials' draws (default: 0)")
+    p.add_argument("--grace-period", type=int, default=1,
+                   help="evaluations every trial gets before ASHA may stop it (default: 1)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides of every trial, e.g. train.epochs=8")
+    p.set_defaults(func=_cmd_tune)
+
     p = sub.add_parser("evaluate", help="score a split with a trained model on Ray Data; metrics (+ predictions)")
     p.add_argument("--run", required=True,
                    help="checkpoint folder, run folder (runs/<expid>: best, else last) or MLflow run id")
@@ -225,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", required=True, help="run id, run folder, checkpoint folder or export bundle folder")
     p.add_argument("--treatment", action="append", required=True, dest="treatments",
                    help="as --control; repeat for more")
-    p.add_argument("--data", required=True, type=Path, help="prepared data folder (feature_map.json)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="prepared data folder, or a raw file in the dataset's format (--split then does not apply)")
     p.add_argument("--split", default="test", help="split of --data (default: test)")
     p.add_argument("--slice", action="append", default=[], dest="slices", metavar="COLUMN",
                    help="slice by this column; repeatable")
