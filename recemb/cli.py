@@ -7,6 +7,8 @@ Example:
     $ recemb synth ctr --rows 100000 --out data/synthetic/ctr.tsv
     $ recemb prepare --config configs/datasets/synthetic_ctr.yaml --overwrite
     $ recemb search --config configs/experiments/optembed_synthetic_ctr.yaml
+    $ recemb tune --config configs/experiments/deepfm_synthetic_ctr.yaml --space configs/tune/deepfm_small.yaml \
+        --trials 16 --workers 2 train.epochs=8
     $ recemb config show --config configs/experiments/deepfm_synthetic_ctr.yaml train.epochs=2
     $ recemb export --run runs/deepfm_synthetic_ctr --out bundles/deepfm --dtype int8
     $ recemb score --bundle bundles/deepfm --data data/synthetic/ctr.tsv --out scores.parquet
