@@ -286,8 +286,11 @@ def test_evaluate_an_anomaly_model_reports_anomaly_metrics(ray_local: Any, ape_r
                                                            tmp_path: Path) -> None:
     out = run_evaluate(ape_run.output_dir, "test", predictions=tmp_path / "preds.parquet", workers=1)
     assert out["family"] == "anomaly"
+    # The trainer scores through the sharded (data-parallel, FBGEMM dense kernel) tables, evaluate
+    # through the unsharded model: float32 sums in another order may swap one near-tied pair,
+    # which moves AUC by 1 / (anomalies x normals) ~ 2e-6 here.
     for key in ("auc", "ap", "precision_at_k", "recall_at_k", "anomaly_rate"):
-        assert out["metrics"][key] == pytest.approx(ape_run.test[key], abs=1e-6), key
+        assert out["metrics"][key] == pytest.approx(ape_run.test[key], abs=2e-5), key
     assert "logloss" not in out["metrics"] and out["metrics"]["unlabelled"] == 0
     preds = pq.read_table(out["predictions"])
     assert preds.column_names == ["shard", "row", "label", "anomaly_score"]
