@@ -373,7 +373,8 @@ def test_train_loop_on_synthetic_events_reaches_auc(tmp_path: Path, one_rank: No
 
     scored = run_score(None, raw / "test.csv", tmp_path / "scores.parquet", batch_rows=4096, run=result.output_dir)
     assert scored["family"] == "anomaly" and scored["skipped_rows"] == 0
-    assert abs(scored["metrics"]["auc"] - test["auc"]) < 1e-6 and abs(scored["metrics"]["ap"] - test["ap"]) < 1e-6
+    # (within 2e-5: the served float32 sums may swap one near-tied pair against the trainer's kernel)
+    assert abs(scored["metrics"]["auc"] - test["auc"]) < 2e-5 and abs(scored["metrics"]["ap"] - test["ap"]) < 2e-5
     table = pq.read_table(tmp_path / "scores.parquet").to_pydict()
     types = {"user", "host", "process", "port", "action"}
     assert {"line", "label", "anomaly_score", "top_pair_a", "top_pair_b", "top_pair_term"} <= set(table)
