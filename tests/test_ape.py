@@ -6,6 +6,7 @@ end-to-end runs of ``recemb.train.loop.train`` on synthetic events and (when pre
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_ranks
+from dist_utils import in_process_run, run_ranks
 from scipy.stats import chisquare
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -346,8 +347,11 @@ def _run(config: str, data_dir: Path, tmp: Path, *overrides: str) -> Any:
 
 
 @pytest.fixture
-def one_rank(no_process_group: None) -> None:
-    return None
+def one_rank(no_process_group: None) -> Iterator[None]:
+    """One process, one torch thread (``in_process_run``): APE's small steps gain nothing from a
+    second thread, and spinning OpenMP threads slow a busy 2-core machine several times over."""
+    with in_process_run():
+        yield
 
 
 def test_train_loop_on_synthetic_events_reaches_auc(tmp_path: Path, one_rank: None) -> None:
