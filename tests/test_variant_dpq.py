@@ -162,7 +162,7 @@ def test_stored_form_round_trips_after_training(kind: str, kwargs: dict[str, Any
     for f in part.features:
         ids = torch.arange(part.full_rows[f])
         with torch.no_grad():
-            want = part.rows_of(ids + part.offsets[f], torch.ones_like(ids))
+            want = part.served_rows(ids + part.offsets[f], [(part.features.index(f), 0, len(ids))])
         np.testing.assert_array_equal(code_rows(part.plan, stored, f, ids.numpy()), want.numpy(), err_msg=f)
 
 

@@ -197,8 +197,9 @@ class MagnitudePrunedLayer(SparseRowLayer):
         return self
 
     def rows_of(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return self.query(rows) * self.mask.index_select(0, rows)
+        return self.query(rows) * self.mask.index_select(0, rows)
+
+    def served_rows(self, rows: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
         return self.weight.index_select(0, rows) * self.kept.index_select(0, rows)
 
     def after_update(self, rows: torch.Tensor) -> None:

@@ -142,9 +142,8 @@ def solve_layout(vocab: dict[str, int], hot: dict[str, int], dim: int, target: i
 
     With a target: for each candidate D (the divisors of ``dim``, or ``subspaces``) the largest K that
     fits with D everywhere; the pair with the most code bits per row, ``D * log2(K)``, wins (ties: the
-    larger K; on the synthetic data D=4, K=256 beat D=8, K=16 at 1/10 by 0.001 AUC). Then the bytes
-    left over go to finer codes: the largest features (most rows first) move to the next divisor
-    of ``dim``, repeatedly, while the total fits.
+    larger K). Then the bytes left over go to finer codes: the largest features (most rows first)
+    move to the next divisor of ``dim``, repeatedly, while the total fits.
 
     Example:
         >>> solve_layout({"a": 10_000}, {"a": 10_000}, 16, 64_000, None, 256, 256)
@@ -293,20 +292,32 @@ class ProductQuantizedLayer(RowTableLayer):
                 code = self._scores(i, q[a:b], part[a:b]).argmin(-1).t().to(torch.uint8)
                 self.codes[part[a:b], : code.shape[1]] = code
 
+    def _pick(self, i: int, code: torch.Tensor) -> torch.Tensor:
+        """``[n, D, dim / D]`` centroids of feature ``i`` at ``code [n, D]`` (one ``index_select``)."""
+        book = self.book(i)
+        d, k = book.shape[0], book.shape[1]
+        index = code + torch.arange(d, device=code.device).unsqueeze(0) * k
+        return book.reshape(d * k, -1).index_select(0, index.reshape(-1)).view(code.shape[0], d, -1)
+
+    def served_rows(self, rows: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Codebook rows at the stored codes (the query table is not read)."""
+        out = torch.empty(rows.numel(), self.dim, device=rows.device)
+        codes = self.codes.index_select(0, rows).to(torch.int64)
+        for i, a, b in blocks:
+            out[a:b] = self._pick(i, codes[a:b, : self.subspaces[self.features[i]]]).reshape(-1, self.dim)
+        return out
+
     def rows_of(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        train = self.training and torch.is_grad_enabled()
-        q = self.query(rows) if train else None
+        q = self.query(rows)
+        codes = self.codes.index_select(0, rows).to(torch.int64)
         outs, loss = [], self.codebook.new_zeros(())
         for i, a, b in self.feature_slices(rows):
             book = self.book(i)
             d = book.shape[0]
-            code = self.codes[rows[a:b], :d].to(torch.int64)  # [n, D]
-            c = book[torch.arange(d, device=rows.device).unsqueeze(0), code]  # [n, D, sub]
-            if q is None:
-                outs.append(c.reshape(-1, self.dim))
-                continue
+            code = codes[a:b, :d]  # [n, D]
             qf = q[a:b].view(-1, d, self.dim // d)
             if self.keys is None:  # vq: the centroid forward, the query's gradient straight through
+                c = self._pick(i, code)  # [n, D, sub]
                 outs.append((c + qf - qf.detach()).reshape(-1, self.dim))
                 n = counts[a:b].to(qf.dtype)
                 loss = loss + self.codebook_weight * ((qf.detach() - c).pow(2).sum((1, 2)) * n).sum() + \
@@ -315,7 +326,7 @@ class ProductQuantizedLayer(RowTableLayer):
                 soft = torch.softmax(-self._scores(i, q[a:b], rows[a:b]) / self.temperature, dim=-1)  # [D, n, K]
                 hard = F.one_hot(code.t(), self.centroids).to(soft.dtype)
                 outs.append(torch.einsum("dnk,dks->nds", hard + soft - soft.detach(), book).reshape(-1, self.dim))
-        if train and self.keys is None:
+        if self.keys is None and torch.is_grad_enabled():
             self._vq_loss = loss / self._batch
         return torch.cat(outs)
 

@@ -108,8 +108,11 @@ class SoftThresholdLayer(SparseRowLayer):
         g = torch.sigmoid(self.thresholds)
         return g.index_select(0, feature) if g.shape[0] > 1 else g.expand(feature.numel(), -1)
 
-    def _soft(self, v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        feature = torch.searchsorted(self.bounds, rows, right=True) - 1
+    def _soft(self, v: torch.Tensor, rows: torch.Tensor, feature: torch.Tensor | None = None) -> torch.Tensor:
+        """``sign(v) * relu(|v| - g(s))`` for rows ``v`` at stacked ``rows`` (of features ``feature``, found from
+        ``rows`` when not given)."""
+        if feature is None:
+            feature = torch.searchsorted(self.bounds, rows, right=True) - 1
         return torch.sign(v) * torch.relu(v.abs() - self._threshold_of(feature))
 
     def _refresh_kept(self) -> None:
@@ -123,15 +126,18 @@ class SoftThresholdLayer(SparseRowLayer):
             self.kept.copy_(top_k_mask(score, min(self.nnz, int(above.sum()))).view_as(self.kept))
 
     def rows_of(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        training = self.training
         if self.retraining:
-            v = self.query(rows) if training else self.weight.index_select(0, rows)
-            out = v * self.kept.index_select(0, rows)
             # DDP runs a static graph: the thresholds stay in it (with no effect) once the search is over.
-            return out + 0.0 * self.thresholds.sum() if training else out
-        if training:
-            return self._soft(self.query(rows), rows)
-        return self._soft(self.weight.index_select(0, rows), rows) * self.kept.index_select(0, rows)
+            return self.query(rows) * self.kept.index_select(0, rows) + 0.0 * self.thresholds.sum()
+        return self._soft(self.query(rows), rows)
+
+    def served_rows(self, rows: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
+        w = self.weight.index_select(0, rows)
+        if not self.retraining:
+            feature = torch.repeat_interleave(torch.tensor([i for i, _, _ in blocks], device=rows.device),
+                                              torch.tensor([b - a for _, a, b in blocks], device=rows.device))
+            w = self._soft(w, rows, feature)
+        return w * self.kept.index_select(0, rows)
 
     def after_update(self, rows: torch.Tensor) -> None:
         """Refresh ``kept`` while searching; at ``search_steps`` fix it and rewind the weights (and Adagrad's

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -133,8 +134,9 @@ class _RowLookup(torch.autograd.Function):
 class RowTableLayer(EmbeddingLayer, abc.ABC):
     """One stacked fp32 table (``weight``) over ``rows``' features, updated in backward; see the module docstring.
 
-    Subclasses give ``rows_of(rows, counts)`` (the output rows of distinct stacked rows, with ``query`` for the
-    differentiable gathered rows in training) and may override ``after_update(rows)`` and ``reset_buffers``.
+    Subclasses give ``rows_of(rows, counts)`` (training: the output rows of distinct stacked rows, with
+    ``query`` for the differentiable gathered rows) and ``served_rows(rows, blocks)`` (evaluation: every
+    id's row as served, no sort), and may override ``after_update(rows)`` and ``reset_buffers``.
     ``init_std`` is per feature; ``seed`` fixes the initial rows.
     """
 
@@ -199,8 +201,13 @@ class RowTableLayer(EmbeddingLayer, abc.ABC):
 
     @abc.abstractmethod
     def rows_of(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``[len(rows), dim]`` output rows of distinct, sorted stacked ``rows`` (``counts``: how often the
-        batch looks each up)."""
+        """Training: ``[len(rows), dim]`` output rows of distinct, sorted stacked ``rows`` (``counts``: how
+        often the batch looks each up)."""
+
+    @abc.abstractmethod
+    def served_rows(self, rows: torch.Tensor, blocks: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Evaluation: ``[len(rows), dim]`` rows as served, for stacked ``rows`` as the batch has them
+        (repeats, any order within a feature), in ``blocks`` ``(feature index, start, end)`` by feature."""
 
     def after_update(self, rows: torch.Tensor) -> None:
         """Runs after each row update with the updated rows (all ranks' distinct rows); nothing by default."""
@@ -235,8 +242,15 @@ class RowTableLayer(EmbeddingLayer, abc.ABC):
         lengths = kjt.lengths().to(torch.int64)
         offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=rows.device)
         torch.cumsum(lengths, 0, out=offsets[1:])
-        distinct, inverse, counts = torch.unique(rows, return_inverse=True, return_counts=True)
-        out_rows = self.rows_of(distinct, counts)
+        if self.training:  # distinct rows: one update and one output row per row of the table
+            distinct, inverse, counts = torch.unique(rows, return_inverse=True, return_counts=True)
+            out_rows = self.rows_of(distinct, counts)
+        else:  # no sort: every id's served row, in place
+            starts = [0, *itertools.accumulate(kjt.length_per_key())]
+            blocks = [(self.features.index(k), starts[i], starts[i + 1]) for i, k in enumerate(keys)
+                      if starts[i + 1] > starts[i]]
+            out_rows = self.served_rows(rows, blocks)
+            inverse = torch.arange(rows.numel(), device=rows.device)
         pooled = F.embedding_bag(inverse, out_rows, offsets, mode="sum", include_last_offset=True)
         out = pooled.view(len(keys), batch, self.dim).transpose(0, 1).reshape(batch, len(keys) * self.dim)
         return in_order(KeyedTensor(keys=list(keys), length_per_key=[self.dim] * len(keys), values=out),
