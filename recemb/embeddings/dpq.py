@@ -353,7 +353,8 @@ def hot_rows_of(spec: VariantSpec, share: float | None) -> dict[str, int]:
     """Rows per feature that may take every centroid: all (``share`` None), else the top ``share`` of each
     feature's ids by training count. Preparation numbers ids by count (id 0 is the OOV bucket, which
     collects every rare value), so these are ids ``0..n-1``; a feature whose counts are known but not in id
-    order is refused."""
+    order is refused. Without counts (a hashed feature, a feature map not read from disk) the prefix is
+    taken all the same, and is then no frequency split."""
     out = {}
     for f, rows in spec.vocab.items():
         if share is None:
