@@ -7,12 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
+from dist_utils import in_process_run
 
 from pipelines.demo import run_demo
 
 
 @pytest.mark.usefixtures("no_process_group")
 def test_demo_whole_life_tiny(tmp_path: Path) -> None:
+    with in_process_run():  # in-process training: one torch thread
+        _check_two_runs(tmp_path)
+
+
+def _check_two_runs(tmp_path: Path) -> None:
     first = run_demo(tmp_path, rows=20_000, events=4_000, workers=0, ape_epochs=3)
     assert first["rejected_rows"] == {"ctr": 3, "events": 2}  # the injected bad rows, quarantined
     assert Path(first["ab"]["report"]).is_file() and first["ab"]["verdicts"]
