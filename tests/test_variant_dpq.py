@@ -397,3 +397,28 @@ def test_deepfm_trains_and_its_bundle_serves_it(make_experiment: Any, kind: str,
         logits = model(batch).numpy()
     probs = bundle.score_prepared(table)
     assert float(np.abs(probs - torch.sigmoid(torch.from_numpy(logits)).numpy()).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["dpq", "deeplight"])
+def test_row_update_follows_the_scheduled_rate(kind: str) -> None:
+    """``train.lr_schedule`` sets the row tables' rate (``self_updating_rates``), and the update uses it."""
+    from recemb.embeddings.rowwise import RowTableLayer
+    from recemb.train.schedule import self_updating_rates
+
+    fm = feature_map(True)
+    layer = build_embedding_layer(fm, EmbeddingConfig(kind=kind, dim=8, lr=0.05, budget=0.3,
+                                                      params={"optimizer": "sgd"}))
+    table = next(m for m in layer.modules() if isinstance(m, RowTableLayer))
+    (rate,) = self_updating_rates(layer)
+    assert rate.base == 0.05
+    moves = []
+    for value in (0.0, 0.05, 0.1):
+        rate.set(value)
+        before = table.weight.clone()
+        kjt = as_kjt(random_ids(fm, 32, seed=4))
+        layer.train()
+        out = layer(kjt)
+        torch.manual_seed(0)
+        (out.values() * torch.randn_like(out.values())).sum().backward()
+        moves.append((table.weight - before).abs().sum().item())
+    assert moves[0] == 0 and moves[1] > 0 and moves[2] == pytest.approx(2 * moves[1], rel=0.05)

@@ -136,7 +136,8 @@ class RowTableLayer(EmbeddingLayer, abc.ABC):
 
     Subclasses give ``rows_of(rows, counts)`` (training: the output rows of distinct stacked rows, with
     ``query`` for the differentiable gathered rows) and ``served_rows(rows, blocks)`` (evaluation: every
-    id's row as served, no sort), and may override ``after_update(rows)`` and ``reset_buffers``.
+    id's row as served, no sort), and may override ``after_update(rows)`` and ``reset_buffers``. ``lr`` is
+    the row update's current rate (``train.lr_schedule`` sets it, as for ``lowprec``).
     ``init_std`` is per feature; ``seed`` fixes the initial rows.
     """
 
@@ -148,6 +149,7 @@ class RowTableLayer(EmbeddingLayer, abc.ABC):
         self.full_rows = dict(rows)
         self.dim = dim
         self.update = update
+        self.lr = update.lr  # the rate in use: train.lr_schedule scales it (self_updating_rates)
         self.init_std = dict(init_std)
         self.seed = seed
         self.offsets = stack_offsets(rows)
@@ -221,9 +223,9 @@ class RowTableLayer(EmbeddingLayer, abc.ABC):
             if self.update.optimizer == "rowwise_adagrad":
                 acc = self.row_sq_grad.index_select(0, rows) + grads.pow(2).mean(dim=1)
                 self.row_sq_grad.index_copy_(0, rows, acc)
-                step = grads * (self.update.lr / (acc.sqrt() + self.update.eps)).unsqueeze(1)
+                step = grads * (self.lr / (acc.sqrt() + self.update.eps)).unsqueeze(1)
             else:
-                step = grads * self.update.lr
+                step = grads * self.lr
             self.weight.index_add_(0, rows, step, alpha=-1.0)
             self.updates += 1
             self.after_update(rows)
