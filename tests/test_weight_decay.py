@@ -143,6 +143,9 @@ def test_weight_decay_refusals() -> None:
     check_weight_decay(EmbeddingConfig(weight_decay=1e-4), cpu, fused=False)
     with pytest.raises(ConfigError, match=r"lowprec tables update themselves without weight decay; use embedding.l2"):
         check_weight_decay(EmbeddingConfig(kind="lowprec", weight_decay=1e-4), torch.device("meta"), fused=False)
+    for kind in ("dpq", "mgqe", "deeplight", "pep"):  # row tables: their own update, no decay (was ignored)
+        with pytest.raises(ConfigError, match=rf"{kind} tables update themselves without weight decay"):
+            check_weight_decay(EmbeddingConfig(kind=kind, weight_decay=1e-4), torch.device("meta"), fused=False)
 
 
 def test_embedding_l2_and_initial_accumulator_are_validated() -> None:

@@ -50,6 +50,8 @@ UNFUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "exact_sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
 }
+# Variants whose tables update themselves in backward (no torch or FBGEMM optimizer, no weight decay).
+SELF_UPDATING_KINDS = frozenset({"lowprec", "dpq", "mgqe", "deeplight", "pep"})
 _ROW_WISE = [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
 
 
@@ -102,15 +104,17 @@ def check_weight_decay(cfg: EmbeddingConfig, device: torch.device | None = None,
     Adam only decoupled; exact Adagrad and SGD have none. Its CPU row-wise Adagrad
     kernel (fbgemm-gpu-cpu 1.8.0) takes the setting and leaves the rows as without it
     (``tests/test_weight_decay.py`` pins this), so on CPU the loss-side
-    ``embedding.l2`` is the way to regularise the tables. ``lowprec`` tables run their
-    own update, which has no weight decay.
+    ``embedding.l2`` is the way to regularise the tables. ``lowprec`` tables and the row
+    tables of ``dpq``/``mgqe``/``deeplight``/``pep`` run their own update, which has no
+    weight decay.
     """
     if not cfg.weight_decay:
         return
-    if "lowprec" in {cfg.kind, *(g.kind for g in cfg.groups)}:
+    own = sorted(SELF_UPDATING_KINDS & {cfg.kind, *(g.kind for g in cfg.groups)})
+    if own:
         raise ConfigError(
-            f"embedding.weight_decay={cfg.weight_decay}: lowprec tables update themselves without weight decay; "
-            "use embedding.l2"
+            f"embedding.weight_decay={cfg.weight_decay}: {'/'.join(own)} tables update themselves without weight "
+            "decay; use embedding.l2"
         )
     if not fused:
         return
