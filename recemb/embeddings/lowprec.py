@@ -107,7 +107,7 @@ def stochastic_round(x: torch.Tensor, generator: torch.Generator | None = None) 
     return torch.floor(x.float() + u)
 
 
-def _gather_rows(ids: torch.Tensor, grads: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_rows(ids: torch.Tensor, grads: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's (unique ids, row gradients), summed per id and divided by the world size.
 
     The result is bit-identical on every rank: the same concatenation (rank order)
@@ -287,7 +287,7 @@ class LowPrecEmbeddingLayer(EmbeddingLayer):
             grads = torch.zeros(uniq.numel(), self.dim, dtype=torch.float32, device=grad_rows.device)
             grads.index_add_(0, inverse, grad_rows.float())
             if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-                uniq, grads = _gather_rows(uniq, grads, self.process_group)
+                uniq, grads = gather_rows(uniq, grads, self.process_group)
             if self.adagrad:
                 acc = self.row_sq_grad.index_select(0, uniq) + grads.pow(2).mean(dim=1)
                 self.row_sq_grad.index_copy_(0, uniq, acc)

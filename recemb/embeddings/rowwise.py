@@ -36,7 +36,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import EmbeddingLayer, in_order
 from recemb.embeddings.hashing import salted_seed
-from recemb.embeddings.lowprec import stack_offsets
+from recemb.embeddings.lowprec import gather_rows, stack_offsets
 from recemb.errors import ConfigError
 
 OPTIMIZERS = ("rowwise_adagrad", "sgd")
@@ -88,31 +88,6 @@ def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     tie = score == cut
     need = k - int(above.sum())
     return above | (tie & (torch.cumsum(tie.to(torch.int64), 0) <= need))
-
-
-def gather_rows(ids: torch.Tensor, grads: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's ``(ids, row gradients)``: distinct ids (sorted) and their gradients summed, divided
-    by the world size (the gradient of the global batch's mean loss). Identical on every rank."""
-    world = dist.get_world_size(group)
-    device = ids.device
-    size = torch.tensor([ids.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    most = max(int(s) for s in sizes)
-    pad_ids = torch.zeros(most, dtype=ids.dtype, device=device)
-    pad_ids[: ids.numel()] = ids
-    pad_grads = torch.zeros(most, grads.shape[1], dtype=grads.dtype, device=device)
-    pad_grads[: ids.numel()] = grads
-    all_ids = [torch.empty_like(pad_ids) for _ in range(world)]
-    all_grads = [torch.empty_like(pad_grads) for _ in range(world)]
-    dist.all_gather(all_ids, pad_ids, group=group)
-    dist.all_gather(all_grads, pad_grads, group=group)
-    cat_ids = torch.cat([t[: int(n)] for t, n in zip(all_ids, sizes, strict=True)])
-    cat_grads = torch.cat([t[: int(n)] for t, n in zip(all_grads, sizes, strict=True)])
-    uniq, inverse = torch.unique(cat_ids, return_inverse=True)
-    summed = torch.zeros(uniq.numel(), grads.shape[1], dtype=grads.dtype, device=device).index_add_(
-        0, inverse, cat_grads)
-    return uniq, summed / world
 
 
 class _RowLookup(torch.autograd.Function):
