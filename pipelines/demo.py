@@ -139,7 +139,8 @@ def _export(folder: Path, runs: dict[str, Any], data: Path) -> dict[str, Any]:
     model, _ = load_trained_model(locate_checkpoint(runs[best].output_dir).path, fm)
     with torch.no_grad():
         reference = model.predict(arrow_to_batch(table, fm)).float().numpy()
-    served = Bundle.open(bundle_dir).logits_of(Bundle.open(bundle_dir).encode_prepared(table))
+    bundle = Bundle.open(bundle_dir)
+    served = bundle.logits_of(bundle.encode_prepared(table))
     gap = float(np.max(np.abs(served - reference))) if len(reference) else 0.0
     auc = scored.get("metrics", {}).get("auc", float("nan"))
     print(f"[demo]   exported '{best}' to {bundle_dir}; served test AUC {auc:.4f} (trained run: "
