@@ -12,6 +12,7 @@ from dist_utils import in_process_run
 from pipelines.demo import run_demo
 
 
+@pytest.mark.slow  # ~2 minutes: outside `make test`, but .ci/run runs it after the suite
 @pytest.mark.usefixtures("no_process_group")
 def test_demo_whole_life_tiny(tmp_path: Path) -> None:
     with in_process_run():  # in-process training: one torch thread
