@@ -39,7 +39,14 @@ from recemb.embeddings.hashing import salted_seed
 from recemb.embeddings.lowprec import stack_offsets
 from recemb.embeddings.plan import BYTES_PER_FLOAT, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_module_assembler, register_variant
-from recemb.embeddings.rowwise import RowTableLayer, RowUpdate, resolve_update, row_init_std, top_k_mask
+from recemb.embeddings.rowwise import (
+    RowTableLayer,
+    RowUpdate,
+    resolve_update,
+    row_init_std,
+    row_table_args,
+    top_k_mask,
+)
 from recemb.errors import ConfigError
 
 
@@ -145,14 +152,8 @@ class SparseRowLayer(RowTableLayer):
 
     def __init__(self, plan: VariantPlan, persistent: bool, device: torch.device | None = None) -> None:
         p = plan.params
-        rows = {f: plan.full_rows[f] for f in plan.features}
-        if p["offsets"] != stack_offsets(rows):
-            raise ValueError(f"{plan.kind} plan: offsets {p['offsets']} are not the features stacked in order")
-        dims = set(plan.dims.values())
-        if len(dims) != 1:
-            raise ValueError(f"{plan.kind} plans have one dim for all features, got {sorted(dims)}")
-        update = RowUpdate(p["optimizer"], p["lr"], p["eps"], p["initial_accumulator"])
-        super().__init__(rows, dims.pop(), update, dict(p["init_std"]), p["init_seed"], device)
+        rows, dim, update = row_table_args(plan)
+        super().__init__(rows, dim, update, dict(p["init_std"]), p["init_seed"], device)
         self.nnz = int(p["nnz"])
         self.register_buffer("kept", torch.empty(self.total_rows, self.dim, dtype=torch.bool, device=device),
                              persistent=persistent)

@@ -56,7 +56,7 @@ from recemb.embeddings.hashing import salted_seed
 from recemb.embeddings.lowprec import stack_offsets
 from recemb.embeddings.plan import Capabilities, VariantPlan
 from recemb.embeddings.registry import VariantSpec, assemble, register_module_assembler, register_variant
-from recemb.embeddings.rowwise import RowTableLayer, RowUpdate, resolve_update, row_init_std
+from recemb.embeddings.rowwise import RowTableLayer, RowUpdate, resolve_update, row_init_std, row_table_args
 from recemb.errors import ConfigError
 
 MAX_CENTROIDS = 256  # codes are uint8
@@ -212,14 +212,8 @@ class ProductQuantizedLayer(RowTableLayer):
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> ProductQuantizedLayer:
         p = plan.params
-        rows = {f: plan.full_rows[f] for f in plan.features}
-        if p["offsets"] != stack_offsets(rows):
-            raise ValueError(f"{plan.kind} plan: offsets {p['offsets']} are not the features stacked in order")
-        dims = set(plan.dims.values())
-        if len(dims) != 1:
-            raise ValueError(f"{plan.kind} plans have one dim for all features, got {sorted(dims)}")
-        update = RowUpdate(p["optimizer"], p["lr"], p["eps"], p["initial_accumulator"])
-        return cls(rows, dims.pop(), dict(p["subspaces"]), p["centroids"], p["cold_centroids"], dict(p["hot_rows"]),
+        rows, dim, update = row_table_args(plan)
+        return cls(rows, dim, dict(p["subspaces"]), p["centroids"], p["cold_centroids"], dict(p["hot_rows"]),
                    p["relaxation"], p["temperature"], p["commitment"], p["codebook_weight"], update,
                    dict(p["init_std"]), p["init_seed"], device)
 

@@ -90,6 +90,19 @@ def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tie & (torch.cumsum(tie.to(torch.int64), 0) <= need))
 
 
+def row_table_args(plan: Any) -> tuple[dict[str, int], int, RowUpdate]:
+    """A row-table plan's stacked rows per feature, its one dim and its row update, checked:
+    the plan's ``offsets`` must be the features stacked in order and every feature one dim."""
+    p = plan.params
+    rows = {f: plan.full_rows[f] for f in plan.features}
+    if p["offsets"] != stack_offsets(rows):
+        raise ValueError(f"{plan.kind} plan: offsets {p['offsets']} are not the features stacked in order")
+    dims = set(plan.dims.values())
+    if len(dims) != 1:
+        raise ValueError(f"{plan.kind} plans have one dim for all features, got {sorted(dims)}")
+    return rows, dims.pop(), RowUpdate(p["optimizer"], p["lr"], p["eps"], p["initial_accumulator"])
+
+
 class _RowLookup(torch.autograd.Function):
     """Forward: the table's rows at ``rows`` (distinct); backward: the layer updates them, nothing flows on."""
 
@@ -238,4 +251,4 @@ class RowTableLayer(EmbeddingLayer, abc.ABC):
         return super().parameter_bytes()
 
 
-__all__ = ["OPTIMIZERS", "RowTableLayer", "RowUpdate", "gather_rows", "resolve_update", "row_init_std", "top_k_mask"]
+__all__ = ["OPTIMIZERS", "RowTableLayer", "RowUpdate", "gather_rows", "resolve_update", "row_table_args", "row_init_std", "top_k_mask"]
