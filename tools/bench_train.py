@@ -21,11 +21,17 @@ Table sizes (``--settings``): ``mincount`` and ``full`` are the prepared synthet
 C1..C26 at min_count 10 and 1; ``4m`` and ``20m`` spread the full-vocabulary ids over bigger
 tables (~4.2M and ~20M rows in all) by a multiplicative hash (same id skew).
 
+``--device cuda`` (``auto``: CUDA when visible) runs every variant on the GPU: the batches are
+moved there before timing, the fused tables are FBGEMM's CUDA kernels over a one-rank nccl
+group, and timers are read after ``torch.cuda.synchronize()``; ``kernel`` then times the
+CUDA table-batched kernel. The CPU figures are unchanged by the option.
+
 Usage::
 
     python tools/bench_train.py                                    # synth + prepare + all sizes
     python tools/bench_train.py --settings full --profile          # with a profile of the fused step
     python tools/bench_train.py --settings 4m --threads 1 --variants fused ceiling
+    python tools/bench_train.py --device cuda --settings full 4m --rows 300000
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ NUM_SPARSE = 26
 DIM = 16
 BATCH = 4096
 MLP_SIZES = [400, 400, 400]
+CPU = torch.device("cpu")
 # setting -> (min_count of C1..C26, total rows to spread the ids over; 0 = the prepared vocabularies)
 SETTINGS = {"mincount": (10, 0), "full": (1, 0), "4m": (1, 4_200_000), "20m": (1, 20_000_000)}
 
@@ -59,25 +66,25 @@ SETTINGS = {"mincount": (10, 0), "full": (1, 0), "4m": (1, 4_200_000), "20m": (1
 # ----------------------------------------------------------------------------- data
 
 
-def synth_tsv(rows: int, seed: int = 0) -> Path:
-    """The synthetic Criteo-format TSV (generated once per row count and seed)."""
+def synth_tsv(rows: int, seed: int = 0, root: Path = DATA) -> Path:
+    """The synthetic Criteo-format TSV in ``root`` (generated once per row count and seed)."""
     from recemb.data.synthetic import CtrSynthConfig, generate_ctr
 
-    path = DATA / f"ctr_{rows}_{seed}.tsv"
+    path = root / f"ctr_{rows}_{seed}.tsv"
     if not Path(f"{path}.json").exists():
         generate_ctr(CtrSynthConfig(rows=rows, seed=seed), path)
     return path
 
 
-def prepared(rows: int, min_count: int, seed: int = 0) -> Path:
-    """``configs/datasets/synthetic_ctr.yaml`` over ``synth_tsv`` with C1..C26 at ``min_count``."""
+def prepared(rows: int, min_count: int, seed: int = 0, root: Path = DATA) -> Path:
+    """``configs/datasets/synthetic_ctr.yaml`` over ``synth_tsv`` with C1..C26 at ``min_count``, in ``root``."""
     from recemb.data.preprocess import prepare_dataset
     from recemb.data.schema import load_dataset_config
 
-    out = DATA / f"synth_{rows}_{seed}_mc{min_count}"
+    out = root / f"synth_{rows}_{seed}_mc{min_count}"
     if (out / "feature_map.json").exists():
         return out
-    tsv = synth_tsv(rows, seed)
+    tsv = synth_tsv(rows, seed, root)
     cfg = load_dataset_config(REPO / "configs/datasets/synthetic_ctr.yaml", {"paths": [str(tsv)]})
     for spec in cfg.features:
         if spec.kind == "sparse":
@@ -227,8 +234,24 @@ class MergedDeepFM(nn.Module):
 # ----------------------------------------------------------------------------- steps
 
 
-def fused_step(fm: Any, variant: str = "fused") -> tuple[Any, Any]:
-    """(model, step) trained exactly like ``recemb.train.loop.train`` (same step body)."""
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (refused without a visible GPU) or ``auto`` (CUDA when visible)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_train --device cuda: torch sees no CUDA device (use cpu or auto)")
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; timers must not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fused_step(fm: Any, variant: str = "fused", device: torch.device = CPU) -> tuple[Any, Any]:
+    """(model, step) trained exactly like ``recemb.train.loop.train`` (same step body) on ``device``
+    (a one-rank gloo group on CPU, nccl on CUDA, as the trainer picks)."""
     from recemb.config.experiment import EmbeddingConfig, ModelConfig, TrainConfig
     from recemb.embeddings.sharding import ensure_process_group, shard_model
     from recemb.models.registry import build_model
@@ -246,12 +269,12 @@ def fused_step(fm: Any, variant: str = "fused") -> tuple[Any, Any]:
     overrides = {}
     if variant == "fused-tw":  # every table whole on the one rank instead of the planner's choice
         overrides = {t: "table_wise" for t in _table_names(model)}
-    dmp = shard_model(model, emb, torch.device("cpu"), ensure_process_group(), batch_size=BATCH,
-                      overrides=overrides).model
+    pg = ensure_process_group("nccl" if device.type == "cuda" else "gloo")
+    dmp = shard_model(model, emb, device, pg, batch_size=BATCH, overrides=overrides).model
     opt = dense_optimizer(dmp, tc)
 
     def step(batch: Any, _ids: Any) -> float:
-        batch = batch.to(torch.device("cpu"))
+        batch = batch.to(device)
         loss, _ = dmp(batch)
         opt.zero_grad()
         loss.backward()
@@ -261,14 +284,14 @@ def fused_step(fm: Any, variant: str = "fused") -> tuple[Any, Any]:
     return dmp, step
 
 
-def kernel_step(vocab: list[int], threads: int = 0) -> Any:
+def kernel_step(vocab: list[int], threads: int = 0, device: torch.device = CPU) -> Any:
     """Only FBGEMM's work in the fused step: the CPU table-batched kernel (row-wise Adagrad) over
     the same tables, forward and backward with the in-backward update, nothing around it.
 
     ``1 / (1 / ceiling + 1 / kernel)`` is then the most a fused model can reach (everything but
     the kernels free), so ``kernel`` says how much of the fused/ceiling gap the kernels alone
     explain. ``threads`` > 0 runs it at that intra-op thread count (FBGEMM's CPU backward does
-    not use more than one)."""
+    not use more than one). On CUDA it is the GPU kernel over tables in device memory."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -279,10 +302,13 @@ def kernel_step(vocab: list[int], threads: int = 0) -> Any:
     from recemb.config.experiment import EmbeddingConfig
 
     cfg = EmbeddingConfig()
+    cuda = device.type == "cuda"
+    where = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if cuda else (EmbeddingLocation.HOST, ComputeDevice.CPU)
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [(v, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU) for v in vocab],
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=cfg.lr, eps=cfg.eps)
-    upstream = torch.full((BATCH, len(vocab) * DIM), 1e-4)
+        [(v, DIM, *where) for v in vocab],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=cfg.lr, eps=cfg.eps,
+        **({"device": device} if cuda else {}))
+    upstream = torch.full((BATCH, len(vocab) * DIM), 1e-4, device=device)
 
     def step(batch: Any, _ids: Any) -> float:
         previous = torch.get_num_threads()
@@ -322,28 +348,36 @@ def torch_step(model: nn.Module, lr: float = 1e-3) -> Any:
 
 
 def time_steps(step: Any, batches: list[Any], ids: list[torch.Tensor], warmup: int,
-               steps: int) -> tuple[float, float]:
+               steps: int, device: torch.device = CPU) -> tuple[float, float]:
     """(samples per wall second, samples per CPU second of this process) over ``steps`` steps
     after ``warmup`` steps, cycling through the batches. The CPU figure is steadier on a busy
-    machine; with one thread it is the single-core throughput."""
+    machine; with one thread it is the single-core throughput. On CUDA the device is
+    synchronised before each timer is read."""
     n = len(batches)
     for i in range(warmup):
         step(batches[i % n], ids[i % n])
+    synchronize(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(steps):
         step(batches[(warmup + i) % n], ids[(warmup + i) % n])
+    synchronize(device)
     return steps * BATCH / (time.perf_counter() - t0), steps * BATCH / (time.process_time() - c0)
 
 
-def profile_fused(step: Any, batches: list[Any], ids: list[torch.Tensor], steps: int = 10) -> str:
+def profile_fused(step: Any, batches: list[Any], ids: list[torch.Tensor], steps: int = 10,
+                  device: torch.device = CPU) -> str:
     from torch.profiler import ProfilerActivity, profile
 
+    n = len(batches)
     for i in range(3):
-        step(batches[i], ids[i])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batches[i % n], ids[i % n])
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         for i in range(steps):
-            step(batches[i % len(batches)], ids[i % len(batches)])
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            step(batches[i % n], ids[i % n])
+        synchronize(device)
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=25)
 
 
 # ----------------------------------------------------------------------------- one setting
@@ -352,11 +386,13 @@ def profile_fused(step: Any, batches: list[Any], ids: list[torch.Tensor], steps:
 def run_setting(setting: str, rows: int, args: argparse.Namespace) -> dict[str, Any]:
     """Build every model for one table size and time them in interleaved rounds."""
     torch.manual_seed(0)
+    device = resolve_device(args.device)
     min_count, spread = SETTINGS[setting]
-    fm, batches = load_batches(prepared(rows, min_count), args.batches)
+    fm, batches = load_batches(prepared(rows, min_count, root=Path(args.data)), args.batches)
     if spread:
         fm, batches = enlarge(fm, batches, spread)
-    ids = [dense_ids(b) for b in batches]
+    ids = [dense_ids(b).to(device) for b in batches]
+    batches = [b.to(device) for b in batches]
     vocab = [fm.feature(f).num_embeddings for f in fm.sparse_features]
     num_dense = len(fm.dense_features)
     variants = args.variants
@@ -364,13 +400,13 @@ def run_setting(setting: str, rows: int, args: argparse.Namespace) -> dict[str, 
     t = time.perf_counter()
     for v in variants:
         if v.startswith("fused"):
-            steps[v] = fused_step(fm, v)[1]
+            steps[v] = fused_step(fm, v, device)[1]
         elif v == "plain":
-            steps[v] = torch_step(PlainDeepFM(vocab, num_dense))
+            steps[v] = torch_step(PlainDeepFM(vocab, num_dense).to(device))
         elif v == "ceiling":
-            steps[v] = torch_step(CeilingDeepFM(len(vocab), num_dense))
+            steps[v] = torch_step(CeilingDeepFM(len(vocab), num_dense).to(device))
         elif v.startswith("kernel"):  # kernel, kernel-1t (one thread)
-            steps[v] = kernel_step(vocab, threads=1 if v == "kernel-1t" else 0)
+            steps[v] = kernel_step(vocab, threads=1 if v == "kernel-1t" else 0, device=device)
     build_s = time.perf_counter() - t
     best: dict[str, float] = {v: 0.0 for v in variants}
     best_cpu: dict[str, float] = {v: 0.0 for v in variants}
@@ -378,17 +414,17 @@ def run_setting(setting: str, rows: int, args: argparse.Namespace) -> dict[str, 
     load0 = os.getloadavg()
     for _ in range(args.rounds):
         for v in variants:
-            sps, cps = time_steps(steps[v], batches, ids, args.warmup, args.steps)
+            sps, cps = time_steps(steps[v], batches, ids, args.warmup, args.steps, device)
             runs[v].append(sps)
             best[v] = max(best[v], sps)
             best_cpu[v] = max(best_cpu[v], cps)
     result: dict[str, Any] = {
-        "setting": setting, "rows": total_rows(fm), "vocab": vocab, "build_s": build_s,
+        "setting": setting, "device": str(device), "rows": total_rows(fm), "vocab": vocab, "build_s": build_s,
         "samples_per_s": best, "samples_per_cpu_s": best_cpu, "runs": runs,
         "threads": torch.get_num_threads(), "load_avg_before": load0, "load_avg": os.getloadavg(),
     }
     if args.profile and "fused" in steps:
-        result["profile"] = profile_fused(steps["fused"], batches, ids)
+        result["profile"] = profile_fused(steps["fused"], batches, ids, device=device)
     return result
 
 
@@ -424,6 +460,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (best one counts)")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table of fused")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                    help="where the models train (auto: CUDA when visible); default cpu")
+    ap.add_argument("--data", default=str(DATA), help="folder of the synthetic and prepared data")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(OUT / "bench_train.json"))
     args = ap.parse_args()
@@ -432,13 +471,15 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(run_setting(args.settings[0], args.rows, args)), flush=True)
         return
+    resolve_device(args.device)  # refuse cuda without a GPU before any data is made
     for s in args.settings:  # data first, so the timed children only read it
-        prepared(args.rows, SETTINGS[s][0])
+        prepared(args.rows, SETTINGS[s][0], root=Path(args.data))
     results = []
     for s in args.settings:
         cmd = [sys.executable, __file__, "--child", "--settings", s, "--rows", str(args.rows),
                "--batches", str(args.batches), "--warmup", str(args.warmup), "--steps", str(args.steps),
-               "--rounds", str(args.rounds), "--threads", str(args.threads), "--variants", *args.variants]
+               "--rounds", str(args.rounds), "--threads", str(args.threads), "--device", args.device,
+               "--data", args.data, "--variants", *args.variants]
         if args.profile:
             cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -454,7 +495,7 @@ def main() -> None:
         results.append(r)
     if results:
         print(f"samples/s (wall, best of {args.rounds} interleaved rounds of {args.steps} steps, "
-              f"{results[0]['threads']} threads)")
+              f"{results[0]['threads']} threads, {results[0]['device']})")
         print_table(results)
         print("samples per CPU-second of the process")
         print_table(results, "samples_per_cpu_s")
