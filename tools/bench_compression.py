@@ -66,6 +66,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "deeplight": ("deeplight", {}, True),
     "pep": ("pep", {"search_steps": 100, "threshold_init": -8.0, "threshold_lr": 0.01}, True),
     "autodim": ("autodim", {"search_steps": 100, "arch_every": 2, "arch_lr": 0.01}, True),  # down to 1/16 (width 1)
+    "autosrh": ("autosrh", {"search_steps": 100}, True),  # any budget: dims of rare groups go first, rows to zero
     "lowprec": ("lowprec", {"bits": 8}, False),
     "lowprec16": ("lowprec", {"bits": 16}, False),
     # Post-training row-wise quantisation of the trained ``full`` run's tables (no training of its own).
