@@ -65,10 +65,11 @@ class Batch(Pipelineable):
             self.weights.record_stream(stream)
 
     def pin_memory(self) -> Batch:
-        """Pinned-memory copy, for fast host-to-device transfer."""
+        """Pinned-memory copy, for fast (and, with ``to(..., non_blocking=True)``, overlapped)
+        host-to-device transfer; needs a CUDA build of torch."""
         return Batch(
             dense=self.dense.pin_memory(),
-            sparse=self.sparse.pin(),
+            sparse=self.sparse.pin_memory(),
             labels=self.labels.pin_memory(),
             weights=None if self.weights is None else self.weights.pin_memory(),
         )
