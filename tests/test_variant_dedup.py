@@ -216,6 +216,25 @@ def test_gradients_reach_the_rows_and_the_table_is_deduplicated_on_schedule() ->
     assert not torch.equal(layer.weight, deduped)
 
 
+def test_row_update_follows_the_scheduled_rate_and_refuses_weight_decay() -> None:
+    """``train.lr_schedule`` sets the table's rate (``self_updating_rates``); its own update has no weight decay."""
+    from recemb.embeddings.sharding import check_weight_decay
+    from recemb.train.schedule import self_updating_rates
+
+    fm = feature_map(True)
+    layer = layer_of(fm, params={"optimizer": "sgd", "dedup_every": 0})
+    (rate,) = self_updating_rates(layer)
+    moves = []
+    for value in (0.0, 0.05, 0.1):
+        rate.set(value)
+        before = layer.weight.clone()
+        step(layer, fm, 4)
+        moves.append((layer.weight - before).abs().sum().item())
+    assert moves[0] == 0 and moves[1] > 0 and moves[2] == pytest.approx(2 * moves[1], rel=0.05)
+    with pytest.raises(ConfigError, match="dedup tables update themselves"):
+        check_weight_decay(EmbeddingConfig(kind="dedup", budget=0.1, weight_decay=1e-4), torch.device("cpu"))
+
+
 def test_meta_build_materialises_deterministically() -> None:
     fm = feature_map(False)
     cpu = layer_of(fm)

@@ -51,7 +51,7 @@ UNFUSED_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
 }
 # Variants whose tables update themselves in backward (no torch or FBGEMM optimizer, no weight decay).
-SELF_UPDATING_KINDS = frozenset({"lowprec", "dpq", "mgqe", "deeplight", "pep", "autosrh", "autodim"})
+SELF_UPDATING_KINDS = frozenset({"lowprec", "dpq", "mgqe", "deeplight", "pep", "autosrh", "autodim", "dedup"})
 _ROW_WISE = [ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
 
 
