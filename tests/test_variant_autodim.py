@@ -120,6 +120,14 @@ def test_bad_params_are_refused() -> None:
             build_embedding_layer(fm, EmbeddingConfig(kind="autodim", dim=8, budget=0.3, params=params))
 
 
+def test_weight_decay_is_refused() -> None:
+    """The rows update themselves (no torch or FBGEMM optimizer): a weight decay would be ignored."""
+    from recemb.embeddings.sharding import check_weight_decay
+
+    with pytest.raises(ConfigError, match="update themselves"):
+        check_weight_decay(EmbeddingConfig(kind="autodim", budget=0.1, weight_decay=0.01))
+
+
 # ---------------------------------------------------------------- twins and the stored form
 
 
@@ -329,9 +337,11 @@ def test_two_ranks_train_like_one_process_on_the_global_batch() -> None:
 
 
 @pytest.mark.usefixtures("no_process_group")
-def test_dcnv2_trains_and_its_bundle_serves_it(make_experiment: Any, tmp_path: Path) -> None:
+def test_dcnv2_trains_resumes_and_its_bundle_serves_it(make_experiment: Any, tmp_path: Path) -> None:
     """DCNv2 at 1/10 of the bytes: it learns, the searched widths meet the budget, and its bundle (per-field
-    tables and transforms) gives the trained model's embeddings and scores."""
+    tables and transforms) gives the trained model's embeddings and scores. Stopped while searching and
+    resumed, the run fixes the same widths and retrains from the same rewound rows: the phase is in the
+    layer's state (its update counts), not in the process."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -343,21 +353,22 @@ def test_dcnv2_trains_and_its_bundle_serves_it(make_experiment: Any, tmp_path: P
     from recemb.train.loop import train
     from recemb.train.restore import load_trained_model, resolve_checkpoint
 
-    cfg = make_experiment("dcnv2", "embedding.kind=autodim", "embedding.budget=0.1", "embedding.dim=16",
-                          "embedding.params={search_steps: 12, arch_every: 2, arch_lr: 0.05}", "expid=dcnv2_autodim",
-                          "train.epochs=1")
+    over = ["embedding.kind=autodim", "embedding.budget=0.1", "embedding.dim=16", "expid=dcnv2_autodim",
+            "embedding.params={search_steps: 10, arch_every: 2, arch_lr: 0.05}", "train.epochs=1"]
     with in_process_run():
-        result = train(cfg)
+        result = train(make_experiment("dcnv2", *over, output_dir=tmp_path / "whole"))
     assert result.test["auc"] > 0.6, result.test
     assert 0.95 * result.full_bytes <= 10 * result.embedding_bytes <= result.full_bytes
     model, _ = load_trained_model(resolve_checkpoint(result.output_dir))
     layer = _layer(model)
     assert layer.retraining and 0.95 * layer.target <= layer.parameter_bytes() <= layer.target
+
     bundle_dir = export_bundle(result.output_dir, tmp_path / "bundle", record=False)
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     assert manifest["bytes"]["tables_payload"] == 0
     assert manifest["bytes"]["layers_payload"] == layer.parameter_bytes()
     bundle = Bundle.open(bundle_dir)
+    cfg = make_experiment("dcnv2", *over, output_dir=tmp_path / "parts")
     fm = FeatureMap.load(cfg.data_dir)
     table = pa.concat_tables([pq.read_table(Path(cfg.data_dir) / s) for s in fm.shards["test"]])
     batch = arrow_to_batch(table, fm)
@@ -371,27 +382,15 @@ def test_dcnv2_trains_and_its_bundle_serves_it(make_experiment: Any, tmp_path: P
     probs = bundle.score_prepared(table)
     assert float(np.abs(probs - torch.sigmoid(torch.from_numpy(logits)).numpy()).max()) <= 1e-5
 
-
-@pytest.mark.usefixtures("no_process_group")
-def test_resumed_across_the_phase_switch_equals_one_run(make_experiment: Any, tmp_path: Path) -> None:
-    """Stopped while searching and resumed, a run fixes the same widths and retrains from the same rewound
-    rows: the phase is in the layer's state (its update counts), not in the process."""
-    from recemb.train.loop import train
-    from recemb.train.restore import load_trained_model
-
-    over = ["embedding.kind=autodim", "embedding.budget=0.1", "embedding.dim=16", "expid=autodim_resume",
-            "embedding.params={search_steps: 10, arch_every: 2, arch_lr: 0.05}", "train.epochs=1"]
-    with in_process_run():
-        whole = train(make_experiment("dcnv2", *over, output_dir=tmp_path / "whole"))
-    cfg = make_experiment("dcnv2", *over, output_dir=tmp_path / "parts")
     with in_process_run():
         first = train(cfg, stop_after_steps=5)  # still searching, after an architecture batch
     with in_process_run():
         parts = train(cfg, resume=first.output_dir)
-    assert parts.steps == whole.steps > 10
+    assert parts.steps == result.steps > 10
     for key in ("auc", "logloss"):
-        assert abs(parts.test[key] - whole.test[key]) < 1e-6, (key, parts.test, whole.test)
-    layers = [_layer(load_trained_model(Path(r.output_dir) / "checkpoints" / "last")[0]) for r in (whole, parts)]
-    assert all(layer.retraining for layer in layers)
-    for name, value in layers[0].state_dict().items():
-        torch.testing.assert_close(layers[1].state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
+        assert abs(parts.test[key] - result.test[key]) < 1e-6, (key, parts.test, result.test)
+    resumed = _layer(load_trained_model(Path(parts.output_dir) / "checkpoints" / "last")[0])
+    last = _layer(load_trained_model(Path(result.output_dir) / "checkpoints" / "last")[0])
+    assert resumed.retraining and torch.equal(resumed.chosen, last.chosen)
+    for name, value in last.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=1e-6, msg=name)
