@@ -33,15 +33,25 @@ kernel, row-wise Adagrad, instead): that is how this script is proven without a 
 ``--device auto`` (the default) picks CUDA when torch sees one.
 
 What a GPU machine needs (the README's "GPU variant" install): Python >= 3.11, a CUDA build
-of ``torch==2.13.0``, the CUDA ``fbgemm-gpu==1.8.0`` (not ``fbgemm-gpu-cpu`` nor the
-``1.8.0+cpustub`` of the CPU install), ``torchrec==1.8.0``, the rest of requirements.txt
-(pyarrow, ray, mlflow-skinny, ...) and ``pip install --no-deps -e .``; nccl comes with torch.
+of torch 2.13 and the CUDA ``fbgemm-gpu==1.8.0`` (not ``fbgemm-gpu-cpu``, nor the
+``fbgemm-gpu 1.8.0+cpustub`` of the CPU install; fbgemm 1.8 is built against torch 2.13),
+``torchrec==1.8.0`` and the rest of requirements.txt (pyarrow, ray, mlflow-skinny, ...)::
 
-This workplace's device machine (nvidia-h200, one GPU) has python3.12 with torch 2.11+cu130
-but no torchrec, fbgemm-gpu, ray or mlflow, reaches no package index, and takes only 64 MiB of
-files per call, so the CUDA fbgemm-gpu wheel (~500 MB) cannot be carried there: on it, ``env``
-reports what is missing and every other step is skipped with that reason. With one GPU,
-``shard`` runs one rank (nccl cannot put two ranks on one GPU).
+    python3.11 -m venv .venv
+    .venv/bin/pip install torch==2.13.0 --index-url <PyTorch's CUDA wheel index for your CUDA version>
+    .venv/bin/pip install fbgemm-gpu==1.8.0 torchrec==1.8.0 \
+        $(grep -v -E '^(#|torch==|fbgemm)' requirements.txt) -r requirements-dev.txt
+    .venv/bin/pip install --no-deps -e .
+
+nccl comes with the CUDA torch. ``shard`` and ``pipeline`` run 2 ranks when 2 GPUs are visible.
+
+This workplace's device machine (``nvidia-h200``: one H200) lacks that stack: its python3.12
+has torch 2.11.0+cu130 (not 2.13) and no torchrec, fbgemm-gpu, ray or mlflow (it has pyarrow,
+pandas, pyyaml, torchmetrics and pyre-extensions); it reaches no package
+index, and a call carries at most 64 MiB of files, so the CUDA fbgemm-gpu wheel (~500 MB) cannot
+be brought there. On it, ``env`` reports what is missing and every other step is skipped with
+that reason, in seconds. With one GPU, ``shard`` runs one rank (nccl cannot put two ranks on one
+GPU).
 
 Usage::
 
@@ -86,7 +96,9 @@ class Row:
     """One line of the table: a step (or one case of it) on a device, its status and figure.
 
     ``status`` is ``ok``, ``failed`` or ``skipped``; ``why`` says why it is not ``ok``;
-    ``data`` keeps the numbers behind ``figure`` (and ``env``'s facts) for ``--json``.
+    ``seconds`` is the step's wall time (a case's own, without the step's start-up, where a
+    step has several rows); ``data`` keeps the numbers behind ``figure`` (and ``env``'s facts)
+    for ``--json``.
     """
 
     step: str
@@ -126,9 +138,8 @@ class Sizes:
 SIZES = {
     "tiny": Sizes(),
     "cpu": Sizes(features=8, rows=2_000, dim=16, batch=256, mlp=(64, 32),
-                 shardings=("auto", "table_wise", "row_wise", "column_wise", "table_row_wise"), adam_steps=8,
-                 pipe_batch=1024, pipe_warmup=3, pipe_steps=20, pipe_rounds=2, bench_rows=60_000,
-                 bench_batches=6, bench_steps=5),
+                 shardings=("auto", "row_wise", "column_wise"), adam_steps=8,
+                 pipe_batch=1024, pipe_warmup=3, pipe_steps=20, pipe_rounds=2, bench_batches=4, bench_steps=3),
     "gpu": Sizes(features=26, rows=100_000, dim=16, batch=2048, mlp=(400, 400, 400),
                  shardings=("auto", "table_wise", "row_wise", "column_wise", "table_row_wise"), adam_steps=20,
                  pipe_batch=8192, pipe_warmup=10, pipe_steps=100, pipe_rounds=2, bench_rows=300_000,
@@ -416,24 +427,29 @@ def shard_rank(rank: int, world: int, device: Any, pg: Any, opts: Options) -> di
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from recemb.config.experiment import EmbeddingConfig
-    from recemb.embeddings.sharding import plan_to_dict
+    from recemb.embeddings.sharding import plan_to_dict, table_optimizer
 
     sizes, lr = opts.sizes, 0.5
     fm = toy_feature_map(sizes)
     batches = [toy_batch(fm, sizes.batch, 0, r) for r in range(world)]
     out: dict[str, Any] = {}
     for kind in sizes.shardings:
+        t0 = time.perf_counter()
         emb = EmbeddingConfig(dim=sizes.dim, sharding=kind, optimizer="exact_sgd", lr=lr)
         reference, (sharded,) = build_pair(fm, sizes, emb, device, pg)
         dmp = sharded.model
         loss, (_, logits, _) = dmp(batches[rank].to(device))
         loss.backward()  # the fused SGD updates this rank's table shards here
+        unfused = table_optimizer(dmp, emb)  # data_parallel tables (the planner may pick it): as the loop does
+        if unfused is not None:
+            unfused.step()
         ref_losses = [reference(b)[0] for b in batches]
         ref_logits = reference(batches[rank])[1][1]
         (sum(ref_losses) / world).backward()
         ref_params = dict(reference.named_parameters())
-        grad = max((_max_diff(p.grad, ref_params[n].grad) for n, p in in_backward_optimizer_filter(
-            dmp.named_parameters()) if p.grad is not None), default=float("nan"))
+        grads = [_max_diff(p.grad, ref_params[n].grad) for n, p in in_backward_optimizer_filter(
+            dmp.named_parameters()) if p.grad is not None and n in ref_params]
+        grad = max(grads, default=float("nan"))  # nan (a failure) when no dense gradient was compared
         rows = 0.0
         with torch.no_grad():
             expected = {k: p - lr * p.grad for k, p in reference.state_dict(keep_vars=True).items()
@@ -446,6 +462,7 @@ def shard_rank(rank: int, world: int, device: Any, pg: Any, opts: Options) -> di
         if rank == 0:
             print(f"[shard] {kind}: compared on {world} rank(s)", flush=True)
         out[kind] = {"forward": _max_diff(logits, ref_logits), "grad": grad, "rows": rows,
+                     "seconds": time.perf_counter() - t0,
                      "planned": sorted({t["sharding_type"] for ts in plan.values() for t in ts.values()}),
                      "kernels": sorted({t["compute_kernel"] for ts in plan.values() for t in ts.values()})}
     return out
@@ -466,6 +483,7 @@ def step_shard(opts: Options) -> list[Row]:
         bad = [k for k, v in worst.items() if not v <= tol]
         rows.append(Row(f"shard {kind}", where, "failed" if bad else "ok", figure,
                         why=f"{', '.join(bad)} differ from the unsharded model" if bad else "",
+                        seconds=per_rank[0][kind]["seconds"],
                         data={**worst, "planned": per_rank[0][kind]["planned"]}))
     return rows
 
@@ -478,7 +496,7 @@ def step_adam(opts: Options) -> list[Row]:
     import torch
 
     from recemb.config.experiment import EmbeddingConfig, TrainConfig
-    from recemb.embeddings.sharding import check_sparse_optimizer
+    from recemb.embeddings.sharding import check_sparse_optimizer, plan_to_dict
     from recemb.errors import ConfigError
     from recemb.train.loop import dense_optimizer
 
@@ -493,7 +511,8 @@ def step_adam(opts: Options) -> list[Row]:
     optimizer, lr = ("adam", 0.01) if cuda else ("exact_rowwise_adagrad", 0.1)
     fm = toy_feature_map(sizes)
     batches = [toy_batch(fm, sizes.batch, s, 0) for s in range(2)]
-    emb = EmbeddingConfig(dim=sizes.dim, optimizer=optimizer, lr=lr)
+    # table_wise: the fused kernel for sure (``auto`` may pick data_parallel for small tables, unfused)
+    emb = EmbeddingConfig(dim=sizes.dim, sharding="table_wise", optimizer=optimizer, lr=lr)
 
     def run(rank: int, world: int, device: Any, pg: Any, o: Options) -> dict[str, Any]:
         _, (sharded,) = build_pair(fm, sizes, emb, device, pg)
@@ -519,12 +538,15 @@ def step_adam(opts: Options) -> list[Row]:
                 seen += int(hit.sum()) if offsets[1] == 0 else 0  # count each row once over column shards
                 moved_seen += int((moved & hit).sum()) if offsets[1] == 0 else 0
                 moved_unseen += int((moved & ~hit).sum())
-        return {"losses": losses, "seen": seen, "moved_seen": moved_seen, "moved_unseen": moved_unseen}
+        kernels = sorted({t["compute_kernel"] for ts in plan_to_dict(sharded.plan).values() for t in ts.values()})
+        return {"losses": losses, "seen": seen, "moved_seen": moved_seen, "moved_unseen": moved_unseen,
+                "kernels": kernels}
 
     r = on_ranks(run, dataclasses.replace(opts, ranks=1))[0]
     first, last = r["losses"][0], min(r["losses"][-2:])
     figure = (f"{note}loss {first:.4f} -> {last:.4f} in {sizes.adam_steps} steps; rows moved: "
-              f"{r['moved_seen']}/{r['seen']} of the ids seen, {r['moved_unseen']} others")
+              f"{r['moved_seen']}/{r['seen']} of the ids seen, {r['moved_unseen']} others; kernel "
+              f"{'/'.join(r['kernels'])}")
     problems = []
     if not last < first:
         problems.append("the loss did not fall")
@@ -547,7 +569,8 @@ def pipeline_rank(rank: int, world: int, device: Any, pg: Any, opts: Options) ->
 
     sizes = opts.sizes
     fm = toy_feature_map(sizes)
-    emb = EmbeddingConfig(dim=sizes.dim)
+    # row_wise: every table has an input dist to overlap (bucketize + all-to-all), and stays fused
+    emb = EmbeddingConfig(dim=sizes.dim, sharding="row_wise")
     _, (plain, piped) = build_pair(fm, sizes, emb, device, pg, copies=2)
     host = [toy_batch(fm, sizes.pipe_batch, s, rank) for s in range(8)]
     if device.type == "cuda":
@@ -616,7 +639,7 @@ def step_pipeline(opts: Options) -> list[Row]:
     pipelined = per_rank[0]["pipelined"]
     figure = (f"plain {plain:,.0f}/s, pipeline {piped:,.0f}/s = {piped / plain:.2f}x; {pipelined} sharded "
               f"modules pipelined; max abs loss diff {diff:.1e} over {per_rank[0]['steps']} steps (batch "
-              f"{sizes.pipe_batch}/rank, best of {sizes.pipe_rounds} x {sizes.pipe_steps})")
+              f"{sizes.pipe_batch}/rank, row_wise tables, best of {sizes.pipe_rounds} x {sizes.pipe_steps})")
     problems = []
     if not diff <= tol:
         problems.append(f"losses differ from the plain loop's by {diff:.1e}")
@@ -754,17 +777,18 @@ class ChildRunner:
                "--ranks", str(o.ranks), "--work", str(o.work), "--threads", str(o.threads)]
         log = o.work / f"{name}.log"
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            output, _ = self.proc.communicate(timeout=limit)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            self.kill()
-            output, _ = self.proc.communicate()
-            timed_out = True
+        with log.open("w") as sink:  # a file, not a pipe: what a killed step printed is still there
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                         start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                self.proc.wait(timeout=limit)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self.proc.wait()
+                timed_out = True
         seconds = time.perf_counter() - t0
-        log.write_text(output)
+        output = log.read_text(errors="replace")
         for line in output.splitlines():
             if line.startswith("[env] "):
                 print(line, flush=True)
@@ -774,7 +798,8 @@ class ChildRunner:
         tail = [ln for ln in output.strip().splitlines() if ln.strip()][-3:]
         why = (f"timed out after {limit:.0f} s" if timed_out else f"exited {self.proc.returncode} without a result")
         print(f"[{name}] {why}; last lines of {log}:\n  " + "\n  ".join(tail), flush=True)
-        return [Row(name, o.device, "failed", why=f"{why}: {' | '.join(tail)[-240:]}", seconds=seconds)]
+        last = f": {' | '.join(tail)[-240:]}" if tail else " (it printed nothing)"
+        return [Row(name, o.device, "failed", why=why + last, seconds=seconds)]
 
 
 def format_table(rows: list[Row]) -> str:
