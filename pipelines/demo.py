@@ -104,7 +104,10 @@ def _train_ctr(folder: Path, data: Path, uri: str, workers: int, address: str, s
     for name, extra in (("full", []), ("unified", ["embedding.kind=unified", "embedding.budget=0.01"])):
         cfg = load_experiment(CONFIGS / "experiments" / "deepfm_synthetic_ctr.yaml", [
             f"data_dir={data}", f"train.output_dir={folder / 'runs'}", f"train.seed={seed}",
-            f"expid=demo_deepfm_{name}", "embedding.sharding=row_wise", f"train.progress={workers == 0}", *extra])
+            f"expid=demo_deepfm_{name}", "embedding.sharding=row_wise", f"train.progress={workers == 0}",
+            # One epoch at today's batch: base.yaml's recipe (early stopping over up to 20 epochs,
+            # batch from the rows) would take several times the demo's ~5 minutes on 2 cores.
+            "train.epochs=1", "train.batch_size=4096", *extra])
         result = run_train(cfg, workers=workers, address=address, mlflow_uri=uri)
         runs[name] = result
         print(f"[demo]   {name}: test AUC {result.test.get('auc', float('nan')):.4f}, "

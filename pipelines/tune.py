@@ -40,7 +40,7 @@ from recemb.errors import ConfigError, RecembError
 from recemb.io import write_json_atomic, write_text_atomic
 from recemb.search_space import SearchSpace, apply_overrides, check_space, load_space, override_words
 from recemb.tracking import TAG_WORLD_SIZE, Tracker
-from recemb.train.loop import epoch_train_rows, monitor_score, train
+from recemb.train.loop import epoch_train_rows, monitor_score, resolved_batch_size, train
 from recemb.train.preflight import check_run
 
 TAG_TUNE_ROLE = "recemb.tune"
@@ -145,7 +145,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], parent_run_id: str, 
 def evaluations(cfg: ExperimentConfig, train_rows: int) -> int:
     """How many validation evaluations a run of ``cfg`` makes at most (ASHA's ``max_t``)."""
     tc = cfg.train
-    per_epoch = epoch_steps(train_rows, tc.batch_size, 1)
+    per_epoch = epoch_steps(train_rows, resolved_batch_size(tc, train_rows, 1), 1)
     steps = tc.epochs * per_epoch
     if tc.max_steps:
         steps = min(steps, tc.max_steps)

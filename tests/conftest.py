@@ -25,8 +25,10 @@ SYNTH_VOCAB_SCALE = 0.002
 
 # Small and fast settings for end-to-end runs on a CPU (16k training rows -> 31 steps an epoch).
 # A fixed sharding type spares the planner its search (2 s of every run); ``auto`` picks it too.
+# One epoch unless a test asks for more: base.yaml trains up to 20 with early stopping.
 SMALL_RUN = [
     "train.progress=false",
+    "train.epochs=1",
     "train.batch_size=512",
     "train.eval_batch_size=4096",
     "embedding.dim=8",

@@ -197,6 +197,42 @@ def configs_dir(tmp_path: Path) -> Path:
     return root
 
 
+def test_an_inherited_accumulator_is_ignored_for_sgd(configs_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """base.yaml's Adagrad accumulator means nothing for SGD: dropped with a note, not refused;
+    set in the experiment's own file or on the command line, it is kept (preflight refuses it)."""
+    from recemb.embeddings.sharding import check_initial_accumulator
+
+    _write(configs_dir / "experiments" / "base.yaml", {"embedding": {"optimizer": "exact_rowwise_adagrad",
+                                                                     "initial_accumulator": 1e-6}})
+    _write(configs_dir / "experiments" / "sgd.yaml",
+           {"base": "base.yaml", "dataset_id": "toy", "embedding": {"optimizer": "exact_sgd"}})
+    with caplog.at_level("WARNING", logger="recemb.config"):
+        cfg = load_experiment(configs_dir / "experiments" / "sgd.yaml")
+    assert (cfg.embedding.optimizer, cfg.embedding.initial_accumulator) == ("exact_sgd", 0.0)
+    check_initial_accumulator(cfg.embedding)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"[config] {configs_dir / 'experiments' / 'sgd.yaml'}: embedding.initial_accumulator=1e-06 (inherited) "
+        "means nothing for embedding.optimizer=exact_sgd: ignored"]
+    # The same from the command line, with the base file's own optimizer.
+    exp = configs_dir / "experiments" / "exp.yaml"
+    _write(exp, {"base": "base.yaml", "dataset_id": "toy"})
+    assert load_experiment(exp).embedding.initial_accumulator == 1e-6  # Adagrad: kept
+    assert load_experiment(exp, ["embedding.optimizer=adam"]).embedding.initial_accumulator == 0.0
+    # Asked for explicitly: kept, and refused before a run starts.
+    for own, given in (({"embedding": {"optimizer": "exact_sgd", "initial_accumulator": 0.1}}, []),
+                       ({}, ["embedding.optimizer=exact_sgd", "embedding.initial_accumulator=0.1"])):
+        _write(exp, {"base": "base.yaml", "dataset_id": "toy", **own})
+        cfg = load_experiment(exp, given)
+        assert cfg.embedding.initial_accumulator == 0.1
+        with pytest.raises(ConfigError, match="initial_accumulator=0.1 needs an Adagrad optimizer"):
+            check_initial_accumulator(cfg.embedding)
+
+
+def test_the_shipped_base_trains_sgd_without_edits() -> None:
+    cfg = load_experiment(DEEPFM, ["embedding.optimizer=exact_sgd"])
+    assert cfg.embedding.initial_accumulator == 0.0
+
+
 def test_base_chain_merges_in_order(configs_dir: Path) -> None:
     cfg = load_experiment(configs_dir / "experiments" / "exp.yaml", ["train.patience=1"])
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.patience) == (5, 200, 1)

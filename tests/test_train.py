@@ -179,24 +179,25 @@ def test_resume_matches_an_uninterrupted_run(make_experiment: MakeExperiment, tm
         torch.testing.assert_close(b_state[key], a_state[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("patience", [0, 2])
+@pytest.mark.parametrize("patience", [1, 2])
 def test_early_stopping_when_validation_does_not_improve(
     make_experiment: MakeExperiment, tmp_path: Path, patience: int
 ) -> None:
-    """A monitor weighting AUC by 0 scores every evaluation 0, so only the first one improves.
+    """A monitor weighting AUC by 0 scores every evaluation 0, so only the first one improves:
+    ``train.patience=p`` stops at the p-th evaluation that does not improve (1 + p in all).
 
     (``count`` is no longer a metric ``train.monitor`` may name, so the constant score comes from a zero weight.)
     """
     cfg = make_experiment("lr", "train.eval_every_steps=1", "train.max_steps=1000", "train.epochs=5",
                           f"train.patience={patience}", "train.monitor={auc: 0}")
     result = run_train(cfg)
-    assert result.steps == patience + 2
-    assert [h["step"] for h in result.history] == list(range(1, patience + 3))
+    assert result.steps == patience + 1
+    assert [h["step"] for h in result.history] == list(range(1, patience + 2))
     assert result.best_valid["step"] == 1
     out = Path(result.output_dir) / "checkpoints"
     assert read_meta(out / "best")["step"] == 1
-    assert read_meta(out / "last")["step"] == patience + 2
-    assert read_meta(out / "last")["extra"]["bad_evals"] == patience + 1
+    assert read_meta(out / "last")["step"] == patience + 1
+    assert read_meta(out / "last")["extra"]["bad_evals"] == patience
 
     # Resuming a run that stopped early trains no further and reports the same result.
     again = run_train(cfg, resume=result.output_dir)
@@ -282,6 +283,16 @@ def test_resume_from_a_damaged_checkpoint_is_refused(make_experiment: MakeExperi
 def resume_meta(cfg: ExperimentConfig, rows: int = 0, world_size: int = 1) -> dict[str, Any]:
     """The parts of a checkpoint's meta that ``check_resume`` reads."""
     return {"config": cfg.to_dict(), "world_size": world_size, "epoch": 0, "extra": {"rows_in_epoch": rows}}
+
+
+def test_patience_counts_epochs_and_zero_never_stops(make_experiment: MakeExperiment) -> None:
+    """At the end of epochs as within them: ``patience=1`` stops at the first epoch that does not
+    improve; ``patience=0`` trains until ``max_steps`` (or the last epoch) whatever the scores."""
+    one = run_train(make_experiment("lr", "train.epochs=4", "train.patience=1", "train.monitor={auc: 0}"))
+    assert [h["epoch"] for h in one.history] == [0, 1] and one.epochs_run == 2
+    never = run_train(make_experiment("lr", "train.eval_every_steps=1", "train.max_steps=4", "train.epochs=5",
+                                      "train.patience=0", "train.monitor={auc: 0}", "expid=never"))
+    assert never.steps == 4 and len(never.history) == 4
 
 
 def test_resume_rules_name_real_config_keys(make_experiment: MakeExperiment) -> None:

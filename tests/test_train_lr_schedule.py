@@ -106,7 +106,7 @@ def test_plateau_drops_after_patience_evaluations_down_to_min_lr() -> None:
 
 def test_none_leaves_every_rate_alone() -> None:
     opt = sgd(0.3)
-    schedule = LrScheduler(LrSchedule(), total_steps=0, rates=optimizer_rates("dense", opt))
+    schedule = LrScheduler(LrSchedule(kind="none"), total_steps=0, rates=optimizer_rates("dense", opt))
     opt.param_groups[0]["lr"] = 0.25  # whatever set it, a schedule of kind none does not touch it
     schedule.apply(step=5)
     assert opt.param_groups[0]["lr"] == 0.25 and not schedule.active
@@ -115,7 +115,9 @@ def test_none_leaves_every_rate_alone() -> None:
 def test_lr_schedule_config() -> None:
     cfg = from_dict(TrainConfig, {"lr_schedule": {"kind": "linear"}})
     assert cfg.lr_schedule == LrSchedule(kind="linear", final_fraction=0.0)
-    assert TrainConfig().lr_schedule.kind == "none"  # the default: today's constant rates
+    # The default: decay on plateau (x0.1 at the first evaluation without improvement, down to 1e-6).
+    assert TrainConfig().lr_schedule == LrSchedule(kind="plateau", factor=0.1, patience=1, min_lr=1e-6)
+    assert from_dict(TrainConfig, {"lr_schedule": {"kind": "none"}}).lr_schedule.kind == "none"
     for bad, message in [({"kind": "cosine"}, r"'lr_schedule\.kind' must be one of"),
                          ({"factor": 1.0}, r"factor must be in \(0, 1\)"),
                          ({"final_fraction": 1.5}, r"final_fraction must be in \[0, 1\]"),
@@ -215,9 +217,13 @@ def test_linear_schedule_sets_dense_and_table_rates_on_one_rank(make_experiment:
             assert rates == []  # data-parallel tables run no FBGEMM kernel; the history checked their optimizer
 
 
-def test_default_schedule_keeps_the_history_as_before(make_experiment: MakeExperiment) -> None:
-    result = run_train(make_experiment("lr", "train.max_steps=3"))
+def test_constant_rates_keep_the_history_as_before(make_experiment: MakeExperiment) -> None:
+    result = run_train(make_experiment("lr", "train.max_steps=3", "train.lr_schedule={kind: none}"))
     assert not any(k.startswith("lr_") for k in result.history[-1])
+    # The default (plateau) records the rates each evaluation ran at.
+    result = run_train(make_experiment("lr", "train.max_steps=3", "expid=plateau"))
+    assert result.history[-1]["lr_dense"] == pytest.approx(1e-3)
+    assert result.history[-1]["lr_embedding"] == pytest.approx(0.01)
 
 
 def lr_worker(rank: int, world_size: int, cfg_data: dict[str, Any]) -> dict[str, Any]:

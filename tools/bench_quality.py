@@ -103,22 +103,23 @@ def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
     from torch import nn
 
     from recemb.config.experiment import TrainConfig
-    from recemb.data.batch import ParquetBatches
+    from recemb.data.batch import ParquetBatches, split_rows
     from recemb.data.schema import FeatureMap
     from recemb.eval.metrics import MetricAccumulator
-    from recemb.train.loop import seed_everything
+    from recemb.train.loop import resolved_batch_size, seed_everything
 
     tc = TrainConfig(seed=int(spec.get("seed", 0)))
     seed_everything(tc.seed)
     root = Path(spec["data_dir"])
     fm = FeatureMap.load(root / "feature_map.json")
+    batch_size = resolved_batch_size(tc, split_rows(fm, root, "train"))  # the batch train() picks
     vocab = [fm.feature(f).num_embeddings for f in fm.sparse_features]
     model = PlainDeepFM(vocab, len(fm.dense_features), init_std=spec.get("init_std", 1e-4))
     opt = torch.optim.Adam(model.parameters(), lr=spec.get("lr", 1e-3))
     t0 = time.perf_counter()
     samples = 0
     for epoch in range(spec.get("epochs", 1)):
-        it = ParquetBatches(fm, "train", tc.batch_size, root=root, shuffle_rows=tc.shuffle_rows,
+        it = ParquetBatches(fm, "train", batch_size, root=root, shuffle_rows=tc.shuffle_rows,
                             seed=tc.seed, drop_last=True)
         it.set_epoch(epoch)
         for batch in it:

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from recemb.errors import ConfigError
 
 ShardingType = Literal["auto", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]
 SparseOptimizer = Literal["exact_rowwise_adagrad", "exact_adagrad", "exact_sgd", "adam"]
+log = logging.getLogger("recemb.config")
 
 
 @dataclass
@@ -120,9 +122,13 @@ class LrSchedule:
     - ``linear``: after ``s`` of the run's ``T`` optimizer steps, each rate is
       ``lr * (1 - (1 - final_fraction) * s / T)`` (``T``: epochs x steps per epoch, capped by
       ``train.max_steps``), so it reaches ``final_fraction * lr`` when the run ends.
-    - ``plateau``: when ``patience`` validation evaluations in a row have not improved the
-      monitored score (``train.monitor``), every rate is multiplied by ``factor``, but not
-      below ``min_lr`` (a rate that starts below ``min_lr`` stays where it is).
+    - ``plateau`` (the default): at the ``patience``-th validation evaluation in a row that has
+      not improved the monitored score (``train.monitor``), every rate is multiplied by
+      ``factor``, but not below ``min_lr`` (a rate that starts below ``min_lr`` stays where
+      it is); the count then starts again. ``patience`` counts evaluations as
+      ``train.patience`` does: with the defaults (``patience: 1`` here, ``train.patience: 2``)
+      the first evaluation that does not improve divides the rates by 10 and a second one in
+      a row stops the run (FuxiCTR's and the BARS benchmark's recipe).
 
     Settings of the other kinds are ignored.
 
@@ -131,11 +137,11 @@ class LrSchedule:
           lr_schedule: {kind: plateau, factor: 0.1, patience: 1, min_lr: 1.0e-6}
     """
 
-    kind: Literal["none", "linear", "plateau"] = "none"
+    kind: Literal["none", "linear", "plateau"] = "plateau"
     final_fraction: float = 0.0
     factor: float = 0.1
     patience: int = 1
-    min_lr: float = 0.0
+    min_lr: float = 1e-6
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.final_fraction <= 1.0:
@@ -161,10 +167,21 @@ class TrainConfig:
     ``counts`` says how a data set's ``count`` column trains: ``weight`` (each row once per
     epoch, its loss weighted by its count) or ``sample`` (rows drawn with probability
     ``count / total``, unit weights: ``recemb.data.resample``; for aggregated event logs);
-    ``epoch_rows`` is how many rows a sampled epoch draws (0: the train split's rows)."""
+    ``epoch_rows`` is how many rows a sampled epoch draws (0: the train split's rows).
 
-    epochs: int = 1
-    batch_size: int = 4096
+    The defaults train until validation stops improving, without tuning: up to ``epochs``
+    epochs, evaluated after each; ``patience`` is how many evaluations in a row may fail to
+    improve the monitored score: the ``patience``-th such evaluation stops the run (0: never
+    stop early); the best evaluation's checkpoint is restored for the test metrics; the
+    ``plateau`` schedule divides every learning rate (dense and tables) by 10 at the first
+    evaluation that does not improve. ``batch_size: 0`` (the default) picks the batch from the
+    train rows (``recemb.train.loop.auto_batch_size``): the largest power of two, from 64 up to
+    4,096, that still gives every epoch ``AUTO_BATCH_STEPS`` (100) optimizer steps, so small
+    data gets many steps an epoch (50k rows: batch 256) and large data today's 4,096; the run
+    prints the batch it chose and saves it in its ``config.yaml``."""
+
+    epochs: int = 20
+    batch_size: int = 0
     eval_batch_size: int = 16384
     dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     dense_lr: float = 1e-3
@@ -184,8 +201,10 @@ class TrainConfig:
     epoch_rows: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("epochs, batch_size and eval_batch_size must be >= 1")
+        if self.epochs < 1 or self.eval_batch_size < 1:
+            raise ValueError("epochs and eval_batch_size must be >= 1")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 1, or 0 to pick it from the train rows, got {self.batch_size}")
         if not self.dense_lr > 0:
             raise ValueError(f"dense_lr must be > 0, got {self.dense_lr}")
         if not (self.dense_weight_decay >= 0 and self.clip_grad_norm >= 0):
@@ -319,18 +338,62 @@ def _read_with_base(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(_read_with_base(base_path, (*seen, path.resolve())), data)
 
 
+# Embedding settings that mean something for some sparse optimizers only: name -> those optimizers.
+OPTIMIZER_ONLY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "initial_accumulator": ("exact_rowwise_adagrad", "exact_adagrad"),
+}
+
+
+def drop_inherited_settings(data: dict[str, Any], own: dict[str, Any], where: str) -> list[str]:
+    """Reset embedding settings that ``data`` inherited from a ``base`` file and that mean nothing
+    for its ``embedding.optimizer`` (``OPTIMIZER_ONLY_SETTINGS``); returns a note for each.
+
+    ``own`` is what the experiment file itself and the command line set: a setting given there
+    is kept, so that ``check_initial_accumulator`` refuses it (asked for explicitly, an Adagrad
+    accumulator for SGD is a mistake worth a message); one inherited from ``base.yaml``'s Adagrad
+    defaults is not the user's choice, and is set back to its dataclass default here.
+
+    Example:
+        >>> data = {"embedding": {"optimizer": "exact_sgd", "initial_accumulator": 1e-6}}
+        >>> drop_inherited_settings(data, {"embedding": {"optimizer": "exact_sgd"}}, "exp.yaml")
+        ['exp.yaml: embedding.initial_accumulator=1e-06 (inherited) means nothing for embedding.optimizer=exact_sgd: ignored']
+        >>> data["embedding"]
+        {'optimizer': 'exact_sgd'}
+    """
+    emb, own_emb = data.get("embedding"), own.get("embedding")
+    if not isinstance(emb, dict):
+        return []
+    own_emb = own_emb if isinstance(own_emb, dict) else {}
+    optimizer = emb.get("optimizer", EmbeddingConfig.optimizer)
+    notes = []
+    for key, optimizers in OPTIMIZER_ONLY_SETTINGS.items():
+        value = emb.get(key)
+        if key in own_emb or optimizer in optimizers:
+            continue
+        if value is not None and value != getattr(EmbeddingConfig, key):
+            notes.append(f"{where}: embedding.{key}={value} (inherited) means nothing for "
+                         f"embedding.optimizer={optimizer}: ignored")
+            del emb[key]
+    return notes
+
+
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load an experiment YAML with its ``base`` chain, dataset block and overrides.
 
     The dataset block comes from ``configs/datasets/<dataset_id>.yaml`` unless the
     experiment has an inline ``dataset`` mapping; the experiment's ``dataset`` keys
-    override the file's.
+    override the file's. A setting inherited from a ``base`` file that means nothing for
+    the chosen optimizer is dropped with a logged note (``drop_inherited_settings``).
     """
     path = Path(path)
     data = _read_with_base(path)
+    own = {k: v for k, v in read_yaml(path).items() if k != "base"}
     if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
+        given = parse_overrides(overrides)
+        data, own = deep_merge(data, given), deep_merge(own, given)
     where = str(path)
+    for note in drop_inherited_settings(data, own, where):
+        log.warning("[config] %s", note)
     dataset_id = data.get("dataset_id")
     if not isinstance(dataset_id, str):
         raise ConfigError(f"{where}: missing 'dataset_id' (a name under configs/datasets/)")

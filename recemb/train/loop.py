@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import random
@@ -301,6 +302,18 @@ def train(
     out_dir = Path(tc.output_dir) / cfg.expid
     ckpt_dir = out_dir / "checkpoints"
 
+    sampled = tc.counts == "sample"
+    if sampled and not fm.count_column:
+        raise ConfigError(f"train.counts=sample: the data in {data_dir} has no count column (count_column at "
+                          "prepare); use train.counts=weight")
+    rows_per_epoch = epoch_train_rows(tc, fm, data_dir)
+    if not tc.batch_size:  # picked from the rows; the run's saved config names the batch it trained with
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, batch_size=auto_batch_size(rows_per_epoch, world)))
+        tc = cfg.train
+        if _is_rank0():
+            print(f"[train] batch_size {tc.batch_size:,} ({rows_per_epoch:,} rows an epoch, "
+                  f"{epoch_steps(rows_per_epoch, tc.batch_size, world):,} steps; train.batch_size=0 picks it)",
+                  flush=True)
     model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")),
                        embedding_l2=cfg.embedding.l2)
     padded = pad_for_fbgemm(model)  # widths FBGEMM cannot run (embedding.dim=10) are held 12 wide
@@ -316,11 +329,6 @@ def train(
                        table_optimizer=table_opt, aux_optimizer=aux_opt, widths=padded)
     # Built before a checkpoint is loaded: the starting rates are the configured ones.
     rates, push_rates = run_rates(dmp, opt, table_opt, dmp.fused_optimizer)
-    sampled = tc.counts == "sample"
-    if sampled and not fm.count_column:
-        raise ConfigError(f"train.counts=sample: the data in {data_dir} has no count column (count_column at "
-                          "prepare); use train.counts=weight")
-    rows_per_epoch = epoch_train_rows(tc, fm, data_dir)
     total_steps = run_steps(tc, rows_per_epoch, world)
     schedule = LrScheduler(tc.lr_schedule, total_steps, rates, push_rates)
     warning = few_steps_warning(tc, rows_per_epoch, world)
@@ -380,7 +388,7 @@ def train(
     step, samples, train_seconds, first_step_at = start_step, 0, 0.0, 0.0
     used_rows: list[int] = []
     # A run resumed after it stopped early (or reached max_steps) has nothing left to train.
-    stop = bad_evals > tc.patience or bool(tc.max_steps and step >= tc.max_steps)
+    stop = patience_spent(bad_evals, tc.patience) or bool(tc.max_steps and step >= tc.max_steps)
     epoch = start_epoch
     progress = _progress(tc, rank)
     for epoch in range(start_epoch, tc.epochs):
@@ -430,7 +438,7 @@ def train(
                     checkpoint("best", step, epoch, in_epoch)
                 checkpoint("last", step, epoch, in_epoch)
                 t0 = time.perf_counter()
-                if bad_evals > tc.patience:
+                if patience_spent(bad_evals, tc.patience):
                     stop = True
             if stop_after_steps and step >= stop_after_steps:
                 checkpoint("last", step, epoch, in_epoch)
@@ -450,7 +458,7 @@ def train(
             if improved:
                 best = history[-1]
                 checkpoint("best", step, epoch + 1, 0)
-            if bad_evals > tc.patience:
+            if patience_spent(bad_evals, tc.patience):
                 checkpoint("last", step, epoch + 1, 0)
                 break
         checkpoint("last", step, epoch + 1, 0)
@@ -475,6 +483,44 @@ def train(
     return result
 
 
+def patience_spent(bad_evals: int, patience: int) -> bool:
+    """Whether early stopping ends the run: ``patience`` evaluations in a row have not improved
+    the monitored score (``train.patience``; 0 never stops early).
+
+    Example:
+        >>> [patience_spent(bad, 2) for bad in (0, 1, 2)], patience_spent(5, 0)
+        ([False, False, True], False)
+    """
+    return patience > 0 and bad_evals >= patience
+
+
+AUTO_BATCH_STEPS = 100  # train.batch_size=0: the batch gives every epoch at least this many steps
+AUTO_BATCH_MIN, AUTO_BATCH_MAX = 64, 4096
+
+
+def auto_batch_size(rows_per_epoch: int, world_size: int = 1) -> int:
+    """The batch (per rank) that ``train.batch_size=0`` trains with: the largest power of two in
+    [``AUTO_BATCH_MIN``, ``AUTO_BATCH_MAX``] whose epoch still takes ``AUTO_BATCH_STEPS`` steps.
+
+    Small data gets many small steps an epoch, large data the throughput of big batches (4,096
+    from 409,600 rows an epoch on one rank); the cap is where 1M-row runs were measured.
+
+    Example:
+        >>> auto_batch_size(40_066), auto_batch_size(7_990), auto_batch_size(800_000), auto_batch_size(40_066, 2)
+        (256, 64, 4096, 128)
+    """
+    per_rank = rows_per_epoch // max(world_size, 1)
+    batch = AUTO_BATCH_MIN
+    while batch * 2 <= AUTO_BATCH_MAX and batch * 2 * AUTO_BATCH_STEPS <= per_rank:
+        batch *= 2
+    return batch
+
+
+def resolved_batch_size(tc: TrainConfig, rows_per_epoch: int, world_size: int = 1) -> int:
+    """``train.batch_size``, or the batch ``auto_batch_size`` picks for it when it is 0."""
+    return tc.batch_size or auto_batch_size(rows_per_epoch, world_size)
+
+
 def epoch_train_rows(tc: TrainConfig, fm: FeatureMap, data_dir: str | Path) -> int:
     """Rows an epoch trains on: ``train.epoch_rows`` when rows are sampled by count, else the train split's."""
     return (tc.epoch_rows if tc.counts == "sample" else 0) or split_rows(fm, data_dir, "train")
@@ -491,17 +537,18 @@ def few_steps_warning(tc: TrainConfig, rows_per_epoch: int, world_size: int) -> 
         >>> few_steps_warning(TrainConfig(epochs=1, batch_size=4096), 49_041, 1)  # doctest: +ELLIPSIS
         '[warning] this run takes only 12 optimizer steps (49,041 rows an epoch / batch 4,096 x 1 epoch): ...'
     """
-    steps = tc.epochs * epoch_steps(rows_per_epoch, tc.batch_size, world_size)
+    given = resolved_batch_size(tc, rows_per_epoch, world_size)
+    steps = tc.epochs * epoch_steps(rows_per_epoch, given, world_size)
     if steps >= MIN_RUN_STEPS:
         return ""
     ranks = f" x {world_size} ranks" if world_size > 1 else ""
     line = (f"[warning] this run takes only {steps:,} optimizer steps ({rows_per_epoch:,} rows an epoch / batch "
-            f"{tc.batch_size:,}{ranks} x {tc.epochs} epoch{'s' if tc.epochs > 1 else ''}): too few to learn much")
-    batch = tc.batch_size
+            f"{given:,}{ranks} x {tc.epochs} epoch{'s' if tc.epochs > 1 else ''}): too few to learn much")
+    batch = given
     while batch > 64 and epoch_steps(rows_per_epoch, batch, world_size) * 4 < MIN_RUN_STEPS:
         batch //= 2
     per_epoch = epoch_steps(rows_per_epoch, batch, world_size)
-    hints = [f"train.batch_size={batch} ({per_epoch} steps an epoch)"] if batch < tc.batch_size else []
+    hints = [f"train.batch_size={batch} ({per_epoch} steps an epoch)"] if batch < given else []
     if per_epoch * tc.epochs < MIN_RUN_STEPS and per_epoch:
         hints.append(f"train.epochs={-(-MIN_RUN_STEPS // per_epoch)} or more with early stopping (train.patience)")
     return line + (f"; set {' and '.join(hints)}" if hints else "; use more data")
@@ -522,7 +569,7 @@ def run_steps(tc: TrainConfig, train_rows: int, world_size: int) -> int:
         >>> run_steps(TrainConfig(epochs=3, batch_size=1000, max_steps=25), train_rows=10_000, world_size=1)
         25
     """
-    steps = tc.epochs * epoch_steps(train_rows, tc.batch_size, world_size)
+    steps = tc.epochs * epoch_steps(train_rows, resolved_batch_size(tc, train_rows, world_size), world_size)
     return min(steps, tc.max_steps) if tc.max_steps else steps
 
 
@@ -591,4 +638,5 @@ def _append_results_csv(path: Path, cfg: ExperimentConfig, result: TrainResult) 
 
 
 __all__ = ["TrainModel", "TrainResult", "objective_of", "aux_optimizer", "aux_param_groups", "dense_optimizer", "evaluate",
-           "epoch_train_rows", "few_steps_warning", "monitor_score", "run_steps", "train"]
+           "auto_batch_size", "epoch_train_rows", "few_steps_warning", "monitor_score", "patience_spent",
+           "resolved_batch_size", "run_steps", "train"]
