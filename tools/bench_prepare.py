@@ -1,7 +1,13 @@
-"""Benchmark ``recemb.data.preprocess.prepare_dataset`` against a vectorised pandas baseline.
+"""Benchmark ``recemb.data.preprocess.prepare_dataset`` against two in-memory anchors.
 
-Both run the same vocabulary (min_count on the train split) + dense transform on a
-synthetic Criteo TSV, each in a fresh subprocess so that its peak RSS (ru_maxrss) is its own.
+``ours`` is the whole prepare (split, Parquet, stats, vocabularies, rejects). The anchors
+run the same vocabulary (min_count on the train split, ids by count then value) and dense
+transform on the same synthetic Criteo TSV: ``arrow`` reads it with pyarrow's multithreaded
+CSV reader, categorical columns as dictionaries, and encodes to numpy arrays only (no
+Parquet); ``pandas`` is vectorised pandas (read_csv, value_counts, get_indexer) writing Parquet.
+Each runs in a fresh subprocess so its peak RSS (ru_maxrss) and CPU time (user+sys) are its
+own; the load average is printed with each figure, since wall time on a shared machine is
+only comparable under the same load.
 Usage: ``python tools/bench_prepare.py --rows 1000000 5000000 [--workdir /tmp/recemb-bench]``.
 """
 
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -110,11 +117,52 @@ def run_pandas(path: Path, out: Path) -> dict[str, Any]:
     return {"rows": n}
 
 
+def run_arrow(path: Path) -> dict[str, Any]:
+    """pyarrow anchor: multithreaded read with categorical columns as dictionaries, encode to arrays only."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from recemb.data.hashing import row_uniform
+
+    cats = [f"C{i}" for i in range(1, 27)]
+    types = {c: pa.dictionary(pa.int32(), pa.string()) if c in cats else pa.float64() for c in CRITEO_COLUMNS}
+    table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=CRITEO_COLUMNS),
+                           parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+                           convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
+    n = table.num_rows
+    u = row_uniform(0, np.arange(1, n + 1), 0)
+    split = np.where(u < 0.8, 0, np.where(u < 0.9, 1, 2)).astype(np.int8)
+    train = split == 0
+    out: dict[str, np.ndarray] = {"label": table.column("label").to_numpy().astype(np.float32)}
+    for i in range(1, 14):
+        x = np.log1p(np.maximum(np.nan_to_num(table.column(f"I{i}").to_numpy(), nan=0.0), 0.0))
+        m, s = x[train].mean(), x[train].std()
+        out[f"I{i}"] = ((x - m) / (s if s > 0 else 1.0)).astype(np.float32)
+    for c in cats:
+        col = table.column(c).unify_dictionaries()
+        dictionary = col.chunk(0).dictionary if col.num_chunks else pa.array([], pa.string())
+        idx = np.concatenate([np.asarray(ch.indices.fill_null(len(dictionary))) for ch in col.chunks])
+        counts = np.bincount(idx[train], minlength=len(dictionary) + 1)[: len(dictionary)]
+        kept = np.flatnonzero(counts >= MIN_COUNT)
+        order = pa.table({"n": counts[kept], "v": dictionary.take(pa.array(kept)), "i": kept}).sort_by(
+            [("n", "descending"), ("v", "ascending")])
+        lut = np.zeros(len(dictionary) + 1, np.int64)
+        lut[np.asarray(order.column("i"))] = np.arange(1, len(kept) + 1)
+        out[c] = lut[idx]
+        table = table.drop_columns([c])
+    return {"rows": n, "columns": len(out)}
+
+
 def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = Path(args.workdir) / f"out-{args.worker}"
     path = Path(args.input)
-    info = run_ours(path, out, args.block_bytes) if args.worker == "ours" else run_pandas(path, out)
+    if args.worker == "ours":
+        info = run_ours(path, out, args.block_bytes)
+    elif args.worker == "arrow":
+        info = run_arrow(path)
+    else:
+        info = run_pandas(path, out)
     seconds = time.perf_counter() - start
     ru = resource.getrusage(resource.RUSAGE_SELF)
     info.update(seconds=seconds, rows_per_s=info["rows"] / seconds, peak_rss_mb=ru.ru_maxrss / 1024,
@@ -122,13 +170,21 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(info))
 
 
+IMPLS = ("ours", "arrow", "pandas")
+
+
+def _load() -> str:
+    """The 1/5/15-minute load averages, to read each figure against."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
     ap.add_argument("--workdir", default="/tmp/recemb-bench")
     ap.add_argument("--block-bytes", type=int, default=4 << 20)
-    ap.add_argument("--only", choices=["ours", "pandas"], default=None)
-    ap.add_argument("--worker", choices=["ours", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--only", choices=IMPLS, nargs="+", default=None)
+    ap.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -143,27 +199,33 @@ def main() -> None:
             _make_tsv(tsv, rows)
             print(f"generated {tsv} in {time.perf_counter() - t:.1f}s", flush=True)
         results[rows] = {}
-        for impl in ("ours", "pandas"):
-            if args.only and impl != args.only:
+        for impl in IMPLS:
+            if args.only and impl not in args.only:
                 continue
             cmd = [sys.executable, __file__, "--worker", impl, "--input", str(tsv), "--workdir", str(work),
                    "--block-bytes", str(args.block_bytes)]
+            load = _load()
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 print(res.stderr, file=sys.stderr)
                 raise SystemExit(f"{impl} failed on {rows} rows")
             r = json.loads(res.stdout.strip().splitlines()[-1])
+            r["load"] = f"{load} -> {_load()}"
             results[rows][impl] = r
             print(f"{rows:>9} rows  {impl:<6}  {r['rows_per_s']:>9,.0f} rows/s  {r['seconds']:6.1f}s  "
-                  f"cpu {r['cpu_s']:6.1f}s  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
-        if len(results[rows]) == 2:
-            o, p = results[rows]["ours"], results[rows]["pandas"]
-            print(f"{rows:>9} rows  ours/pandas: speed x{o['rows_per_s'] / p['rows_per_s']:.2f}, "
-                  f"peak memory x{o['peak_rss_mb'] / p['peak_rss_mb']:.2f}", flush=True)
+                  f"cpu {r['cpu_s']:6.1f}s ({rows / r['cpu_s']:>9,.0f} rows/cpu-s)  "
+                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  load {r['load']}", flush=True)
+        ours = results[rows].get("ours")
+        for anchor in ("arrow", "pandas"):
+            a = results[rows].get(anchor)
+            if ours and a:
+                print(f"{rows:>9} rows  ours/{anchor}: speed x{ours['rows_per_s'] / a['rows_per_s']:.2f}, "
+                      f"cpu time x{ours['cpu_s'] / a['cpu_s']:.2f}, "
+                      f"peak memory x{ours['peak_rss_mb'] / a['peak_rss_mb']:.2f}", flush=True)
     sizes = sorted(results)
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
-        for impl in ("ours", "pandas"):
+        for impl in IMPLS:
             if impl in results[lo] and impl in results[hi]:
                 g = results[hi][impl]["peak_rss_mb"] / results[lo][impl]["peak_rss_mb"]
                 print(f"{impl}: peak RSS at {hi:,} rows / at {lo:,} rows = x{g:.2f}")
