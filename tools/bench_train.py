@@ -31,7 +31,7 @@ Usage::
     python tools/bench_train.py                                    # synth + prepare + all sizes
     python tools/bench_train.py --settings full --profile          # with a profile of the fused step
     python tools/bench_train.py --settings 4m --threads 1 --variants fused ceiling
-    python tools/bench_train.py --device cuda --settings full 4m --rows 300000
+    python tools/bench_train.py --device cuda --settings full 4m --rows 200000
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ SIZES = {
                  pipe_batch=1024, pipe_warmup=3, pipe_steps=20, pipe_rounds=2, bench_batches=4, bench_steps=3),
     "gpu": Sizes(features=26, rows=100_000, dim=16, batch=2048, mlp=(400, 400, 400),
                  shardings=("auto", "table_wise", "row_wise", "column_wise", "table_row_wise"), adam_steps=20,
-                 pipe_batch=8192, pipe_warmup=10, pipe_steps=100, pipe_rounds=2, bench_rows=300_000,
+                 pipe_batch=8192, pipe_warmup=10, pipe_steps=100, pipe_rounds=2, bench_rows=200_000,
                  bench_settings=("full", "4m"), bench_batches=24, bench_steps=30, cli_rows=200_000,
                  cli_overrides=()),
 }
@@ -245,10 +245,13 @@ def skip_reason(step: str, device: str, facts: dict[str, Any]) -> str:
         return f"torch does not import ({facts['torch_error']})"
     if device == "cuda" and not facts.get("gpus"):
         return "torch sees no CUDA device"
+    missing = []  # the whole stack's gaps at once: one look tells what to install
     if "fbgemm_error" in facts or (not facts.get("fbgemm_variant") and not facts.get("fbgemm_dists")):
-        return f"fbgemm_gpu does not load ({facts.get('fbgemm_error', 'not installed')}; README: GPU variant)"
+        missing.append(f"fbgemm_gpu does not load ({facts.get('fbgemm_error', 'not installed')})")
     if not facts.get("torchrec"):
-        return f"torchrec is not installed ({facts.get('torchrec_error', 'no torchrec')}; README: GPU variant)"
+        missing.append(f"torchrec is not installed ({facts.get('torchrec_error', 'no torchrec')})")
+    if missing:
+        return "; ".join(missing) + " (README: GPU variant)"
     if device == "cuda":
         if facts.get("fbgemm_cuda") is False:
             return (f"fbgemm_gpu {facts.get('fbgemm_variant')} build has no CUDA kernels "
