@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,11 @@ CPU_FACTS = {"torch": "2.13.0+cpu", "cuda": None, "gpus": 0, "gpu_names": [], "n
              "mlflow-skinny": "3.17.2", "pyarrow": "26.0.1"}
 
 
+# torchrec's own deprecations inside its planner and DMP (see recemb.train.quiet)
+@pytest.mark.filterwarnings("ignore:HeuristicalStorageReservation:FutureWarning",
+                            "ignore:`broadcast_buffers` is deprecated:FutureWarning")
 def test_cpu_mode_steps_pass_and_print_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    threads = torch.get_num_threads()
+    threads, silenced = torch.get_num_threads(), logging.root.manager.disable
     try:
         code = gpu_check.main(["--device", "cpu", "--size", "tiny", "--ranks", "1", "--threads", "1",
                                "--in-process", "--steps", "env", "shard", "adam", "pipeline",
@@ -61,6 +65,7 @@ def test_cpu_mode_steps_pass_and_print_one_table(tmp_path: Path, capsys: pytest.
     assert [r["device"] for r in rows] == ["cpu", "cpu x1 gloo", "cpu x1 gloo", "cpu x1 gloo"]
     assert all(r["seconds"] > 0 for r in rows)
     assert not dist.is_initialized()  # every step leaves its process group
+    assert logging.root.manager.disable == silenced  # in-process steps leave the caller's logging alone
 
     env, shard, adam, pipe = (r["data"] for r in rows)
     assert env["torchrec"] and env["gpus"] == 0 and env["fbgemm_variant"]

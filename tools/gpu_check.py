@@ -256,7 +256,7 @@ def skip_reason(step: str, device: str, facts: dict[str, Any]) -> str:
         if facts.get("fbgemm_cuda") is False:
             return (f"fbgemm_gpu {facts.get('fbgemm_variant')} build has no CUDA kernels "
                     f"({facts.get('fbgemm_cuda_error', '')}): install the CUDA fbgemm-gpu==1.8.0 (README: GPU variant)")
-        if step in ("shard", "pipeline", "bench", "cli", "adam") and not facts.get("nccl"):
+        if not facts.get("nccl"):
             return "torch has no nccl backend"
     if step == "cli" and not (facts.get("mlflow-skinny") or facts.get("mlflow")):
         return "mlflow is not installed (recemb train tracks every run in MLflow)"
@@ -274,7 +274,7 @@ def toy_feature_map(sizes: Sizes) -> Any:
 
     feats = [FeatureInfo(name=f"d{i}", kind="dense", source=f"d{i}") for i in range(4)]
     for i in range(sizes.features):
-        kind = "multihot" if i == sizes.features - 1 else "sparse"
+        kind = "multihot" if i == sizes.features - 1 > 0 else "sparse"  # c0 single-hot: the labels read it
         rows = max(8, int(sizes.rows * (1.0, 0.5, 2.0)[i % 3]))
         feats.append(FeatureInfo(name=f"c{i}", kind=kind, source=f"c{i}", num_embeddings=rows))
     return FeatureMap(dataset_id="gpu_check", label="label", features=feats)
@@ -728,13 +728,19 @@ STEP_FNS: dict[str, Callable[[Options], list[Row]]] = {
 
 
 def _quiet(threads: int) -> None:
-    """torchrec's planner and fbgemm log loudly at INFO/WARNING: keep the table readable."""
+    """In a step's own process: torchrec's planner and fbgemm log loudly at INFO/WARNING (keep
+    the log readable), and the asked-for torch threads. Not for ``--in-process``: it would
+    silence the caller's logging for good."""
     import logging
     import warnings
 
     logging.getLogger().setLevel(logging.ERROR)
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
+    _threads(threads)
+
+
+def _threads(threads: int) -> None:
     if threads:
         import torch
 
@@ -746,7 +752,7 @@ def run_guarded(name: str, opts: Options) -> list[Row]:
     t0 = time.perf_counter()
     try:
         if name != "env":
-            _quiet(opts.threads)
+            _threads(opts.threads)
         rows = STEP_FNS[name](opts)
     except Exception as exc:  # the table reports it and the next step runs
         traceback.print_exc()
@@ -891,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         opts = Options(device=args.device, size=args.size, ranks=args.ranks or 1, work=Path(args.work),
                        threads=args.threads)
+        if args.child != "env":
+            _quiet(opts.threads)
         rows = run_guarded(args.child, opts)
         print(RESULT + json.dumps([dataclasses.asdict(r) for r in rows], default=str), flush=True)
         return 0
