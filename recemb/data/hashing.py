@@ -161,3 +161,49 @@ def row_uniform(file_index: int, lines: np.ndarray, seed: int) -> np.ndarray:
     x = (np.uint64(file_index) << np.uint64(40)) | np.asarray(lines, dtype=np.uint64)
     h = mix64(mix64(x ^ key))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def string_keys(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """An exact-or-96-bit key ``(k1: uint64, k2: uint32)`` per string, for hash tables of values.
+
+    A string of at most 8 bytes is its own key: its bytes (little-endian, zero-padded) and
+    its length, so two such strings share a key only when they are equal. A longer string
+    is keyed by two seeded ``hash_strings`` (64 + 31 bits) with the top bit of ``k2`` set,
+    so it never shares a key with a short one. Nulls key like ``""``.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> k1, k2 = string_keys(pa.array(["ab", "ab\\x00", "a" * 20]))
+        >>> int(k1[0]) == int(k1[1]), k2[:2].tolist(), bool(k2[2] >> 31)
+        (True, [2, 3], True)
+    """
+    offsets, data = _string_buffers(values)
+    n = len(offsets) - 1
+    lengths = np.diff(offsets)
+    k1 = np.zeros(n, np.uint64)
+    k2 = lengths.astype(np.uint32)
+    if not n:
+        return k1, k2
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    padded = np.zeros(hi - lo + 8, dtype=np.uint8)
+    padded[: hi - lo] = data[lo:hi]
+    windows = np.ndarray(shape=(hi - lo + 1,), dtype="<u8", buffer=padded, strides=(1,))
+    short = lengths <= 8
+    if short.all():
+        k1 = windows[offsets[:-1] - lo].astype(np.uint64)
+        keep = lengths < 8
+        if keep.any():
+            k1[keep] &= (np.uint64(1) << (8 * lengths[keep]).astype(np.uint64)) - np.uint64(1)
+        return k1, k2
+    at = np.flatnonzero(short)
+    k1[at] = windows[offsets[:-1][at] - lo]
+    keep = at[lengths[at] < 8]
+    k1[keep] &= (np.uint64(1) << (8 * lengths[keep]).astype(np.uint64)) - np.uint64(1)
+    long = np.flatnonzero(~short)
+    h1, h2 = hash_strings_multi(values.take(pa.array(long)), _KEY_SEEDS)
+    k1[long] = h1
+    k2[long] = (h2 >> np.uint64(33)).astype(np.uint32) | np.uint32(1 << 31)
+    return k1, k2
+
+
+_KEY_SEEDS = (0x5EED, 0xC0FFEE)

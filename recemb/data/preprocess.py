@@ -66,6 +66,7 @@ from recemb.data.sources import (
     iter_blocks,
     resolve_paths,
 )
+from recemb.data.value_table import ValueTable
 from recemb.errors import ConfigError, DataError, OutputExistsError
 from recemb.io import replace_folder, write_text_atomic
 
@@ -311,7 +312,7 @@ def merge_stats(parts: Sequence[PartialStats]) -> PartialStats:
         >>> merged = merge_stats([fit_file(cfg, plan, s) for s in resolve_paths(cfg)])  # doctest: +SKIP
     """
     out = PartialStats()
-    accs: dict[str, _CountAcc] = {}
+    tables: dict[str, list[pa.Table]] = {}
     for part in parts:
         out.rows_in += part.rows_in
         for k, v in part.rows_ok.items():
@@ -320,7 +321,7 @@ def merge_stats(parts: Sequence[PartialStats]) -> PartialStats:
             out.rejected[k] = out.rejected.get(k, 0) + v
         out.reject_examples.extend(part.reject_examples[: max(0, _REJECT_EXAMPLES - len(out.reject_examples))])
         for name, table in part.counts.items():
-            accs.setdefault(name, _CountAcc()).add_table(table)
+            tables.setdefault(name, []).append(table)
         for name, m in part.moments.items():
             out.moments.setdefault(name, Moments()).merge(m)
         for name, sk in part.sketches.items():
@@ -329,8 +330,18 @@ def merge_stats(parts: Sequence[PartialStats]) -> PartialStats:
                 dst[key] = dst.get(key, 0) + c
         for name, ext in part.extremes.items():
             out.extremes.setdefault(name, Extremes()).merge(ext)
-    out.counts = {name: acc.result() for name, acc in accs.items()}
+    out.counts = {name: _merge_counts(ts) for name, ts in tables.items()}
     return out
+
+
+def _merge_counts(tables: Sequence[pa.Table]) -> pa.Table:
+    """One (value, count) table from per-file ones (each with distinct values): counts summed."""
+    if len(tables) == 1:
+        return tables[0]
+    acc = ValueTable()
+    for table in tables:
+        acc.add_counts(acc.ids(table.column("value")), table.column("count").to_numpy())
+    return acc.count_table()
 
 
 # ----------------------------------------------------------------------------- parsing blocks
@@ -626,10 +637,33 @@ def _spill_schema(cfg: DatasetConfig) -> pa.Schema:
         if spec.kind == "dense":
             fields.append(pa.field(spec.name, pa.float64()))
         elif spec.kind == "sparse":
-            fields.append(pa.field(spec.name, pa.dictionary(pa.int32(), pa.string())))
+            # A vocabulary feature spills the ids of its ValueTable (-1 = missing); a hashed one its strings.
+            fields.append(pa.field(spec.name, pa.dictionary(pa.int32(), pa.string()) if spec.hash_buckets
+                                   else pa.int32()))
         else:
-            fields.append(pa.field(spec.name, pa.list_(pa.string())))
+            fields.append(pa.field(spec.name, pa.list_(pa.string() if spec.hash_buckets else pa.int32())))
     return pa.schema(fields)
+
+
+def _values_path(spill: Path) -> Path:
+    """Beside a spill: the values of each vocabulary feature's ValueTable, in id order."""
+    return spill.with_name(spill.name.removesuffix(".arrows") + ".values.arrows")
+
+
+def _write_values(cfg: DatasetConfig, path: Path, accs: dict[str, ValueTable]) -> None:
+    """One record batch per vocabulary feature (in feature order) holding its values by id."""
+    schema = pa.schema([pa.field("value", pa.string())])
+    with ipc.new_stream(str(path), schema) as writer:
+        for spec in cfg.features:
+            if spec.name in accs:
+                writer.write_batch(pa.record_batch([accs[spec.name].values()], schema=schema))
+
+
+def _read_values(cfg: DatasetConfig, path: Path) -> dict[str, pa.Array]:
+    names = [s.name for s in cfg.features if s.kind != "dense" and not s.hash_buckets]
+    with pa.OSFile(str(path)) as f:
+        batches = list(ipc.open_stream(f))
+    return {name: b.column(0) for name, b in zip(names, batches, strict=True)}
 
 
 def _to_spill(cfg: DatasetConfig, schema: pa.Schema, c: CleanBlock) -> pa.RecordBatch:
@@ -684,7 +718,7 @@ def fit_file(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, spill: Path |
     """
     check_columns(cfg, src)
     stats = PartialStats()
-    accs = {s.name: _CountAcc() for s in cfg.features if s.kind != "dense" and not s.hash_buckets}
+    accs = {s.name: ValueTable() for s in cfg.features if s.kind != "dense" and not s.hash_buckets}
 
     def on_rejects(file: str, rows: list[tuple[int, str]], rows_in: int) -> None:
         stats.rows_in += rows_in
@@ -699,19 +733,22 @@ def fit_file(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, spill: Path |
     writer = ipc.new_stream(str(spill), schema) if spill is not None else None
     try:
         for c in iter_clean(cfg, plan, src, on_rejects):
+            _fit_block(cfg, c, stats, accs)
             if writer is not None and c.n:
                 writer.write_batch(_to_spill(cfg, schema, c))
-            _fit_block(cfg, c, stats, accs)
             del c
             _trim_heap()
     finally:
         if writer is not None:
             writer.close()
-    stats.counts = {name: acc.result() for name, acc in accs.items()}
+    if spill is not None:
+        _write_values(cfg, _values_path(spill), accs)
+    stats.counts = {name: acc.count_table() for name, acc in accs.items()}
     return stats
 
 
-def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dict[str, _CountAcc]) -> None:
+def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dict[str, ValueTable]) -> None:
+    """Add one block to the statistics; vocabulary features' values in ``c.cats`` become table ids."""
     train = c.split == 0
     for code, name in enumerate(SPLITS):
         stats.rows_ok[name] += int((c.split == code).sum())
@@ -731,15 +768,17 @@ def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dic
         elif spec.name in accs:
             if spec.kind == "sparse":
                 arr = c.cats[spec.name]
-                idx = np.asarray(pc.fill_null(arr.indices, -1) if arr.indices.null_count else arr.indices)[train]
+                every = np.asarray(pc.fill_null(arr.indices, -1) if arr.indices.null_count else arr.indices)
+                idx = every[train]
                 w = weights
                 dictionary = arr.dictionary
             else:
                 flat, offsets = multi_tokens(c.cats[spec.name], spec)
                 rows = np.repeat(np.arange(c.n), np.diff(offsets))
                 sel = train[rows]
-                enc = flat.filter(pa.array(sel)).dictionary_encode()
-                idx = np.asarray(enc.indices)
+                enc = flat.dictionary_encode()
+                every = np.asarray(enc.indices)
+                idx = every[sel]
                 w = c.count[rows[sel]] if c.count is not None else None
                 dictionary = enc.dictionary
             ok = idx >= 0
@@ -747,10 +786,13 @@ def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dic
                 counts = np.rint(np.bincount(idx[ok], weights=w[ok], minlength=len(dictionary))).astype(np.int64)
             else:
                 counts = np.bincount(idx[ok], minlength=len(dictionary)).astype(np.int64)
-            if dictionary.null_count:
-                counts[np.asarray(dictionary.is_null())] = 0
-            nz = np.flatnonzero(counts)
-            accs[spec.name].add(dictionary.take(pa.array(nz)), pa.array(counts[nz]))
+            ids = accs[spec.name].ids(dictionary)  # -1 for a null entry, whose count is never added
+            accs[spec.name].add_counts(ids, counts)
+            row_ids = np.append(ids, -1).astype(np.int32)[every]  # a null index (-1) takes the appended -1
+            if spec.kind == "sparse":
+                c.cats[spec.name] = pa.array(row_ids)
+            else:
+                c.cats[spec.name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(row_ids))
 
 
 # ----------------------------------------------------------------------------- finalize
@@ -1043,8 +1085,13 @@ def _lut_ids(fitted: FittedFeatures, info: FeatureInfo, dictionary: pa.Array) ->
 
 
 def _transform_block(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Schema, c: CleanBlock,
-                     tstats: TransformStats) -> dict[str, pa.Table]:
-    """Map one parsed block to output columns; returns its rows grouped per split."""
+                     tstats: TransformStats, luts: dict[str, np.ndarray] | None = None) -> dict[str, pa.Table]:
+    """Map one parsed block to output columns; returns its rows grouped per split.
+
+    A feature in ``luts`` holds ValueTable ids (a spill): its vocabulary ids are ``lut[id]``
+    (the last entry, 0, for -1 = missing); other features hold strings, looked up per block.
+    """
+    luts = luts or {}
     split = c.split
     perm = np.argsort(split, kind="stable")
     bounds = np.searchsorted(split[perm], np.arange(len(SPLITS) + 1))
@@ -1093,15 +1140,25 @@ def _transform_block(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Sche
                 add(y, np.float32)
         elif info.kind == "sparse":
             arr = c.cats[info.name]
-            lut = np.append(_lut_ids(fitted, info, arr.dictionary), 0)
-            idx = np.asarray(pc.fill_null(arr.indices, len(lut) - 1) if arr.indices.null_count else arr.indices)
-            ids = lut[idx]
+            if info.name in luts:
+                ids = luts[info.name][np.asarray(arr)]
+            else:
+                lut = np.append(_lut_ids(fitted, info, arr.dictionary), 0)
+                idx = np.asarray(pc.fill_null(arr.indices, len(lut) - 1) if arr.indices.null_count else arr.indices)
+                ids = lut[idx]
             add(ids, np.int64)
             oov(info.name, ids == 0)
         else:
-            flat, offsets = multi_tokens(c.cats[info.name], info)
-            enc = flat.dictionary_encode()
-            ids = _lut_ids(fitted, info, enc.dictionary)[np.asarray(enc.indices)] if len(flat) else np.zeros(0, np.int64)
+            if info.name in luts:  # tokens already split, filtered and truncated by the fit
+                held = c.cats[info.name]
+                offsets = np.asarray(held.offsets).astype(np.int64)
+                ids = luts[info.name][np.asarray(held.values)[offsets[0]:offsets[-1]]]
+                offsets -= offsets[0]
+            else:
+                flat, offsets = multi_tokens(c.cats[info.name], info)
+                enc = flat.dictionary_encode()
+                ids = _lut_ids(fitted, info, enc.dictionary)[np.asarray(enc.indices)] if len(flat) \
+                    else np.zeros(0, np.int64)
             lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
             for k in range(len(SPLITS)):
                 cols[k].append(lists if k == whole else lists.take(pa.array(parts[k])))
@@ -1124,18 +1181,23 @@ def transform_file(cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan, 
     schema = output_schema(cfg, fitted)
     tstats = TransformStats()
     if spill is not None:
+        luts = {}
+        infos = {info.name: info for info in fitted.infos}
+        for name, values in _read_values(cfg, _values_path(spill)).items():
+            luts[name] = np.append(_lut_ids(fitted, infos[name], values), 0)
         with pa.OSFile(str(spill)) as f:
             blocks: Iterator[CleanBlock] = (_from_spill(cfg, b) for b in ipc.open_stream(f))
-            _transform_all(cfg, fitted, schema, blocks, writers, tstats)
+            _transform_all(cfg, fitted, schema, blocks, writers, tstats, luts)
     else:
         _transform_all(cfg, fitted, schema, iter_clean(cfg, plan, src), writers, tstats)
     return tstats
 
 
 def _transform_all(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Schema, blocks: Iterator[CleanBlock],
-                   writers: dict[str, ShardWriter], tstats: TransformStats) -> None:
+                   writers: dict[str, ShardWriter], tstats: TransformStats,
+                   luts: dict[str, np.ndarray] | None = None) -> None:
     for c in blocks:
-        for name, part in _transform_block(cfg, fitted, schema, c, tstats).items():
+        for name, part in _transform_block(cfg, fitted, schema, c, tstats, luts).items():
             writers[name].write(part)
         del c, part
         _trim_heap()
@@ -1208,6 +1270,7 @@ class LocalRunner:
                 spill = spill_path(tmp, src)
                 tstats.merge(transform_file(cfg, fitted, plan, src, writers, spill))
                 spill.unlink()
+                _values_path(spill).unlink()
             shards = {s: [f"{s}/{f}" for f in w.close()] for s, w in writers.items()}
         return shards, tstats
 
@@ -1270,6 +1333,7 @@ def transform_into(cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan, 
                 files = []
             shards[s] = [f"{s}/{f}" for f in files]
     spill.unlink()
+    _values_path(spill).unlink()
     return shards, tstats
 
 
