@@ -1,7 +1,8 @@
 """The ``autodim`` variant: a width per field, found by a relaxed bi-level search, then retrained (Zhao et al., WWW 2021).
 
 One training run in two phases held in the layer's state (its update counts), as ``pep``
-does, so a resumed run continues where it stopped (no ``recemb search`` stages):
+does, so a resumed run continues where it stopped: no ``recemb search`` stages, whose
+hand-over of a searched layout between runs the phases make unnecessary:
 
 1. search (the first ``search_steps`` training batches): each field has candidate widths
    (``candidates``, default 1, 2, 4, ... up to ``embedding.dim``; per field, only those the
@@ -15,7 +16,8 @@ does, so a resumed run continues where it stopped (no ``recemb search`` stages):
    only the rows. The transforms are dense parameters and train on every batch.
 2. retrain: the chosen width of each field is fixed, the columns beyond it are zeroed, the
    rows rewound to their initial values (``rewind: false`` keeps the searched ones) and
-   trained at the chosen widths, each through its transform ``P[f, d_f]``.
+   trained at the chosen widths, each through its transform ``P[f, d_f]`` (the transforms
+   and the dense model are not rewound: they keep training).
 
 The budget is binding: the choice (``choose_widths``) is each field's argmax, then fields are
 narrowed, the smallest loss of log-softmax weight per byte saved first, until the layout fits
