@@ -85,7 +85,7 @@ class AutoSrhParams:
     groups: int = 6
     grouping: Grouping = "geometric"
     scope: Scope = "field_group"
-    l1: float = 1e-4
+    l1: float = 1e-6
     alpha_lr: float = 0.01
     threshold: float = 0.0
     search_steps: int = 1000
