@@ -4,7 +4,8 @@ Frequency groups and the budget-filling dim selection, the budget on the 26-feat
 vocabulary (met within 5%, never over, for both scopes and groupings; too small refused), the
 gradients into rows and into the selection weights (their L1 term included), the phase switch
 (dims fixed, alpha folded in or rows rewound, masked dims stay zero), the numpy twins (both
-scopes, single- and multi-hot, after training in both phases; the stored bytes), the meta
+scopes, single- and multi-hot, after training in both phases; the stored bytes), weight decay
+refused (the rows update themselves), the meta
 build, two gloo ranks against one process on the global batch, and DCNv2 trained end to end
 and exported.
 """
@@ -137,6 +138,13 @@ def test_budget_is_met_within_5_percent(scope: str, grouping: str) -> None:
         layer_of(bench_map(), dim=16, budget=None, device=torch.device("meta"))
     with pytest.raises(ConfigError, match="scope"):
         layer_of(bench_map(), dim=16, params={"scope": "dimension"}, device=torch.device("meta"))
+
+
+def test_weight_decay_is_refused_as_for_the_other_row_tables() -> None:
+    from recemb.embeddings.sharding import check_weight_decay
+
+    with pytest.raises(ConfigError, match="autosrh tables update themselves"):
+        check_weight_decay(EmbeddingConfig(kind="autosrh", budget=0.1, weight_decay=1e-5))
 
 
 # ---------------------------------------------------------------- gradients and phases
