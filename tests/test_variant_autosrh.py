@@ -5,9 +5,8 @@ vocabulary (met within 5%, never over, for both scopes and groupings; too small 
 gradients into rows and into the selection weights (their L1 term included), the phase switch
 (dims fixed, alpha folded in or rows rewound, masked dims stay zero), the numpy twins (both
 scopes, single- and multi-hot, after training in both phases; the stored bytes), weight decay
-refused (the rows update themselves), the meta
-build, two gloo ranks against one process on the global batch, and DCNv2 trained end to end
-and exported.
+refused (the rows update themselves), the meta build, two gloo ranks against one process on the
+global batch, and DCNv2 trained end to end and exported.
 """
 
 from __future__ import annotations
