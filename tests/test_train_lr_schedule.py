@@ -23,7 +23,7 @@ from recemb.data.batch import epoch_steps
 from recemb.embeddings.sharding import ensure_process_group, local_pieces, shard_model
 from recemb.errors import ConfigError
 from recemb.models.registry import build_model
-from recemb.train.loop import TrainResult, run_steps, train
+from recemb.train.loop import TrainResult, patience_spent, run_steps, train
 from recemb.train.schedule import LrScheduler, optimizer_rates, run_rates, self_updating_rates
 
 MakeExperiment = Callable[..., ExperimentConfig]  # the conftest fixture
@@ -102,6 +102,18 @@ def test_plateau_drops_after_patience_evaluations_down_to_min_lr() -> None:
     assert schedule.observe(0.5) is False and schedule.observe(0.5) is True
     schedule.apply(step=124)
     assert tables.param_groups[0]["lr"] == pytest.approx(1e-3)  # not below min_lr
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_plateau_and_early_stopping_count_evaluations_alike(patience: int) -> None:
+    """``lr_schedule.patience=p`` drops the rates at the p-th evaluation in a row without improvement,
+    where ``train.patience=p`` would stop the run (neither one evaluation later)."""
+    opt = sgd(1.0)
+    schedule = LrScheduler(LrSchedule(kind="plateau", factor=0.5, patience=patience), total_steps=0,
+                           rates=optimizer_rates("dense", opt))
+    assert schedule.observe(0.7) is False  # the first evaluation improves on nothing
+    assert [schedule.observe(0.6) for _ in range(patience)] == [False] * (patience - 1) + [True]
+    assert [patience_spent(bad, patience) for bad in range(1, patience + 1)] == [False] * (patience - 1) + [True]
 
 
 def test_none_leaves_every_rate_alone() -> None:
