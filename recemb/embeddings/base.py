@@ -17,11 +17,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -61,6 +63,15 @@ class Combiner(nn.Module):
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         return pooled
+
+    def combine(self, keys: list[str], blocks: list[torch.Tensor]) -> KeyedTensor:
+        """``forward`` of the pooled ``blocks`` (one ``[B, width]`` per physical key) laid side by side.
+
+        The unsharded lookup (``pooled_blocks``) calls this with the blocks as they come, so a
+        combiner that reduces blocks (sums, products, projections) overrides it to skip the copy
+        of every part into one tensor first; the result must equal ``forward``'s.
+        """
+        return self(KeyedTensor(keys=keys, length_per_key=[b.shape[1] for b in blocks], values=torch.cat(blocks, 1)))
 
 
 _TRANSFORMS: dict[str, type[IdTransform]] = {}
@@ -151,8 +162,13 @@ def concat_keyed(pooled: KeyedTensor, groups: dict[str, list[str]]) -> KeyedTens
     Combiners of chunked variants (unified, ROBE) use it; the input key order may
     be anything (sharded collections reorder), the output follows ``groups``.
     """
+    flat = [k for ks in groups.values() for k in ks]
+    if pooled.keys() == flat:  # the blocks already lie in order (``pooled_lookup``): no copy
+        width = dict(zip(flat, pooled.length_per_key(), strict=True))
+        return KeyedTensor(keys=list(groups), length_per_key=[sum(width[k] for k in ks) for ks in groups.values()],
+                           values=pooled.values())
     parts = pooled.to_dict()
-    blocks = [parts[k] for ks in groups.values() for k in ks]
+    blocks = [parts[k] for k in flat]
     widths = [sum(parts[k].shape[1] for k in ks) for ks in groups.values()]
     return KeyedTensor(keys=list(groups), length_per_key=widths, values=torch.cat(blocks, dim=1))
 
@@ -265,6 +281,129 @@ def table_configs(plan: VariantPlan) -> list[EmbeddingBagConfig]:
     return configs
 
 
+def jagged(keys: list[str], values: torch.Tensor, lengths: torch.Tensor, stride: int, length_per_key: list[int],
+           weights: torch.Tensor | None = None) -> KeyedJaggedTensor:
+    """A KJT whose per-key lengths are given (python ints the caller already knows), so neither the
+    collection nor ``pooled_lookup`` sums the lengths again.
+
+    Example:
+        >>> jagged(["a", "b"], torch.tensor([4, 5, 6]), torch.tensor([1, 0, 1, 1]), 2, [1, 2]).offset_per_key()
+        [0, 1, 3]
+    """
+    return KeyedJaggedTensor(keys=keys, values=values, weights=weights, lengths=lengths, stride=stride,
+                             length_per_key=length_per_key,
+                             offset_per_key=[0, *itertools.accumulate(length_per_key)])
+
+
+def by_key(per_key: torch.Tensor, length_per_key: list[int], device: torch.device) -> torch.Tensor:
+    """``per_key[k]`` repeated for each of key ``k``'s values: a per-key constant (hash seed, row
+    count, table index) gathered by segment, so one tensor op covers every key of a KJT.
+
+    Example:
+        >>> by_key(torch.tensor([7, 9]), [2, 1], torch.device("cpu")).tolist()
+        [7, 7, 9]
+    """
+    repeats = torch.tensor(length_per_key, device=device)
+    return per_key.to(device).repeat_interleave(repeats, output_size=sum(length_per_key))
+
+
+def regroup(kjt: KeyedJaggedTensor, sources: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Values, lengths and per-key lengths of a KJT whose key ``k`` is a copy of ``kjt``'s key
+    ``sources[k]`` (keys may repeat or be left out): the physical layout of a transform that
+    gives a logical feature several keys (chunks, quotient and remainder), built in one pass.
+
+    Example:
+        >>> kjt = KeyedJaggedTensor(keys=["a", "b"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([1, 1, 1, 0]))
+        >>> values, lengths, per_key = regroup(kjt, [0, 0, 1])
+        >>> values.tolist(), lengths.tolist(), per_key
+        ([1, 2, 1, 2, 3], [1, 1, 1, 1, 1, 0], [2, 2, 1])
+    """
+    values, starts, per_key = kjt.values(), kjt.offset_per_key(), kjt.length_per_key()
+    out = torch.cat([values[starts[i]:starts[i + 1]] for i in sources])
+    index = torch.tensor(sources, device=values.device)
+    lengths = kjt.lengths().view(len(per_key), -1).index_select(0, index).reshape(-1)
+    return out, lengths, [per_key[i] for i in sources]
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Adjacent keys ``[first, last)`` of the physical KJT that one table pools in one call."""
+
+    table: str
+    first: int
+    last: int
+    dim: int
+
+
+def _lookup_runs(ebc: EmbeddingBagCollection, keys: list[str]) -> list[_Run] | None:
+    """The KJT's keys in order, grouped into runs of adjacent keys of one table; None when a key
+    feeds two tables (torchrec then names the outputs ``key@table``) or none."""
+    table_of: dict[str, tuple[str, int]] = {}
+    for c in ebc.embedding_bag_configs():
+        for f in c.feature_names:
+            if f in table_of:
+                return None
+            table_of[f] = (c.name, c.embedding_dim)
+    if any(k not in table_of for k in keys):
+        return None
+    runs: list[_Run] = []
+    for i, k in enumerate(keys):
+        table, dim = table_of[k]
+        if runs and runs[-1].table == table:
+            runs[-1] = _Run(table, runs[-1].first, i + 1, dim)
+        else:
+            runs.append(_Run(table, i, i + 1, dim))
+    return runs
+
+
+_RUNS: dict[tuple[int, tuple[str, ...]], tuple[EmbeddingBagCollection, list[_Run] | None]] = {}
+
+
+def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[torch.Tensor] | None:
+    """``ebc(kjt)``'s pooled blocks, one ``[B, width]`` per key of ``kjt`` in its key order, with
+    one ``embedding_bag`` per run of a table's adjacent keys; None where ``ebc`` must run itself
+    (a key read by two tables, a key no table reads).
+
+    torchrec's unsharded collection makes a ``JaggedTensor`` and an offsets cumsum per key, calls
+    its table once per key and copies every block side by side; a variant with many physical keys
+    (chunks, blocks, quotient and remainder) pays that per key and its combiner then takes the
+    blocks apart again. Here the KJT's offsets are sliced instead, keys adjacent in the KJT that
+    read one table (ROBE's blocks, hybrid's cold keys) are one call, and the combiner gets the
+    blocks (``Combiner.combine``). Each bag sums the same rows in the same order: bit-identical to
+    the collection, and the gradient flows to the same weights. Without autograd the weights go
+    in detached, which takes PyTorch's forward-only kernel (no bookkeeping for a backward).
+
+    Example:
+        >>> blocks = pooled_blocks(layer.ebc, kjt)                                 # doctest: +SKIP
+        >>> torch.equal(torch.cat(blocks, 1), layer.ebc(kjt).values())            # one table per key
+        True
+    """
+    keys = kjt.keys()
+    cache_key = (id(ebc), tuple(keys))
+    cached = _RUNS.get(cache_key)
+    if cached is None or cached[0] is not ebc:
+        cached = (ebc, _lookup_runs(ebc, keys))
+        _RUNS[cache_key] = cached
+    runs = cached[1]
+    if runs is None or kjt.inverse_indices_or_none() is not None:
+        return None
+    batch = kjt.stride()
+    values, offsets, starts = kjt.values(), kjt.offsets(), kjt.offset_per_key()
+    weights = kjt.weights_or_none() if ebc.is_weighted() else None
+    grad = torch.is_grad_enabled()
+    blocks: list[torch.Tensor] = []
+    for run in runs:
+        lo, hi = starts[run.first], starts[run.last]
+        weight = ebc.embedding_bags[run.table].weight
+        bag_offsets = offsets[run.first * batch:run.last * batch + 1]
+        pooled = F.embedding_bag(
+            values[lo:hi], weight if grad else weight.detach(), bag_offsets - lo if lo else bag_offsets,
+            mode="sum", per_sample_weights=None if weights is None else weights[lo:hi], include_last_offset=True,
+        )
+        blocks += list(pooled.split(batch)) if run.last - run.first > 1 else [pooled]
+    return blocks
+
+
 class TableEmbeddingLayer(EmbeddingLayer):
     """Transform -> torchrec ``EmbeddingBagCollection`` -> combiner.
 
@@ -322,6 +461,14 @@ class TableEmbeddingLayer(EmbeddingLayer):
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
         physical = kjt if self._identity else self.transform(kjt)
+        # Unsharded, the collection is torchrec's reference module (a Python loop over keys with a
+        # JaggedTensor per key); pooled_blocks runs the same embedding_bag calls, a table's adjacent
+        # keys in one, and hands the blocks to the combiner. DistributedModelParallel swaps in a
+        # sharded collection (and padding comes with sharding): that runs as it is.
+        if type(self.ebc) is EmbeddingBagCollection and not self.widths:
+            blocks = pooled_blocks(self.ebc, physical)
+            if blocks is not None:
+                return in_order(self.combiner.combine(physical.keys(), blocks), self.features)
         pooled = self.ebc(physical)
         if self.widths:
             pooled = unpad(pooled, self.widths)

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recemb.embeddings.base import BYTES_PER_FLOAT, IdTransform, join_keys, register_transform, split_by_key
+from recemb.embeddings.base import BYTES_PER_FLOAT, IdTransform, jagged, register_transform
 from recemb.embeddings.budget import BudgetError, budget_bytes, full_bytes, water_fill
-from recemb.embeddings.hashing import hash_ids, salted_seed
+from recemb.embeddings.hashing import hash_segments, salted_seed, signed_key
 from recemb.embeddings.plan import TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -72,25 +72,43 @@ def hashed_rows(vocab: dict[str, int], dim: int, budget: float | None, params: H
 class HashTransform(IdTransform):
     """Per-feature seeded hash into ``rows[f]`` buckets; features with ``rows[f] >= vocab`` pass through.
 
+    One pass over the whole batch (``hash_segments``): each id's seed key and row count are its
+    feature's, gathered by segment, and one hash and one modulo run over all ids; the pass-through
+    features' ids are copied back. The KJT keeps the input's keys and lengths.
+
     Plan params: ``features: {f: {hashed, seed, rows}}`` (twin: ``recemb.serving.transforms.hash_np``).
     """
 
     def __init__(self, features: dict[str, dict[str, Any]]) -> None:
         super().__init__()
         self.spec = {f: dict(v) for f, v in features.items()}
+        self._constants: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> HashTransform:
         return cls(plan.transform.params["features"])
 
+    def _per_key(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Seed keys and row counts per input key (0 and 1 where it passes through), and the
+        indices of the pass-through keys; cached per key order."""
+        found = self._constants.get(tuple(keys))
+        if found is None:
+            hashed = [self.spec[k]["hashed"] for k in keys]
+            salts = torch.tensor([signed_key(self.spec[k]["seed"]) if h else 0 for k, h in zip(keys, hashed,
+                                                                                             strict=True)])
+            rows = torch.tensor([self.spec[k]["rows"] if h else 1 for k, h in zip(keys, hashed, strict=True)])
+            found = (salts, rows, [i for i, h in enumerate(hashed) if not h])
+            self._constants[tuple(keys)] = found
+        return found
+
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        parts = []
-        for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):
-            spec = self.spec[f]
-            if spec["hashed"]:
-                values = hash_ids(values, spec["seed"], spec["rows"])
-            parts.append((values, lengths))
-        return join_keys(kjt.keys(), parts, kjt.stride())
+        keys = kjt.keys()
+        salts, rows, passed = self._per_key(keys)
+        if len(passed) == len(keys):
+            return kjt
+        lengths_per_key = kjt.length_per_key()
+        hashed = hash_segments(kjt.values(), salts, rows, lengths_per_key, keep=passed)
+        return jagged(keys, hashed, kjt.lengths(), kjt.stride(), lengths_per_key)
 
 
 @register_variant("hashed", HashedParams)

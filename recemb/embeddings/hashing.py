@@ -17,8 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
+from recemb.embeddings.base import by_key
 from recemb.embeddings.idhash import hash64_np, hash_ids_np, hash_unit_np, salted_seed, seed_key
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -35,22 +38,66 @@ def _signed(x: int) -> int:
 
 def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
     """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+    return (z >> s).bitwise_and_((1 << (64 - s)) - 1)
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser after its first addition, in place on an int64 tensor the caller owns.
+
+    In place, with one scratch tensor for the shifts: the hash is a dozen passes over every id
+    of a batch, and a fresh tensor per pass (memory the allocator hands out untouched) costs
+    more than the pass itself.
+    """
+    t = torch.empty_like(z)
+    for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        z.bitwise_xor_(t.bitwise_and_((1 << (64 - shift)) - 1))
+        if mult is not None:
+            z.mul_(_signed(mult))
+    return z
 
 
 def mix64_torch(x: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser on int64 tensors, bit-exact with ``mix64`` on uint64."""
-    z = x.to(torch.int64) + _signed(_GOLDEN)
-    z = z ^ _shr(z, 30)
-    z = z * _signed(_M1)
-    z = z ^ _shr(z, 27)
-    z = z * _signed(_M2)
-    return z ^ _shr(z, 31)
+    return _mix_(x.to(torch.int64) + _signed(_GOLDEN))
 
 
 def hash64(ids: torch.Tensor, seed: int) -> torch.Tensor:
     """Seeded 64-bit hash of int64 ids (an int64 tensor holding the uint64 bits)."""
     return mix64_torch(ids.to(torch.int64) ^ _signed(seed_key(seed)))
+
+
+def signed_key(seed: int) -> int:
+    """``seed_key(seed)`` as the int64 value with its bits: what the id is xored with in torch.
+
+    Example:
+        >>> -(1 << 63) <= signed_key(3) < 1 << 63
+        True
+    """
+    return _signed(seed_key(seed))
+
+
+def hash64_keyed(ids: torch.Tensor, keys: torch.Tensor | int) -> torch.Tensor:
+    """``hash64`` with the seeds' keys given (``signed_key``): a tensor broadcast against ``ids``
+    (a key per id, e.g. each id's feature salt gathered by segment) or one int.
+
+    One call hashes a whole batch of several features, each with its own seed: bit for bit
+    ``hash64(ids_f, seed_f)`` on each feature's ids.
+
+    Example:
+        >>> ids = torch.tensor([5, 5])
+        >>> keys = torch.tensor([signed_key(1), signed_key(2)])
+        >>> hash64_keyed(ids, keys).tolist() == [hash64(ids[:1], 1).item(), hash64(ids[:1], 2).item()]
+        True
+    """
+    z = ids.to(torch.int64) ^ keys  # a new tensor: the caller's ids are never mixed in place
+    return _mix_(z.add_(_signed(_GOLDEN)))
+
+
+def buckets_of(hashed: torch.Tensor, buckets: torch.Tensor | int) -> torch.Tensor:
+    """The bucket of each 64-bit hash (``hash64_keyed``'s output, consumed in place): its top 63 bits
+    mod ``buckets`` (an int or a tensor broadcast against it, e.g. rows per feature gathered by segment)."""
+    return hashed.bitwise_right_shift_(1).bitwise_and_((1 << 63) - 1).remainder_(buckets)
 
 
 def hash_ids(ids: torch.Tensor, seed: int, buckets: int) -> torch.Tensor:
@@ -60,7 +107,64 @@ def hash_ids(ids: torch.Tensor, seed: int, buckets: int) -> torch.Tensor:
     """
     if buckets < 1:
         raise ValueError(f"buckets must be >= 1, got {buckets}")
-    return _shr(hash64(ids, seed), 1) % buckets
+    return buckets_of(hash64(ids, seed), buckets)
+
+
+def _equal_segments(length_per_key: list[int]) -> int | None:
+    """The one segment length when every key has as many ids (single-hot batches), else None."""
+    width = length_per_key[0] if length_per_key else 0
+    return width if all(n == width for n in length_per_key) else None
+
+
+def hash64_segments(values: torch.Tensor, keys: torch.Tensor, length_per_key: list[int]) -> torch.Tensor:
+    """``hash64`` of consecutive segments of ids (``length_per_key[k]`` each, a KJT's keys) in one
+    pass, segment ``k`` with key ``keys[k]`` (``signed_key`` of its seed).
+
+    The keys are broadcast over the ids viewed ``[keys, ids]`` when every key has as many ids
+    (single-hot batches), else gathered by segment (``by_key``): a dozen passes over all ids
+    instead of a dozen small ops per key.
+
+    Example:
+        >>> ids = torch.tensor([1, 2, 3])
+        >>> out = hash64_segments(ids, torch.tensor([signed_key(5), signed_key(6)]), [2, 1])
+        >>> out.tolist() == [*hash64(ids[:2], 5).tolist(), *hash64(ids[2:], 6).tolist()]
+        True
+    """
+    device = values.device
+    width = _equal_segments(length_per_key)
+    if width is not None:
+        z = values.to(torch.int64).view(len(length_per_key), width) ^ keys.to(device).view(-1, 1)
+    else:
+        z = values.to(torch.int64) ^ by_key(keys, length_per_key, device)
+    return _mix_(z.add_(_signed(_GOLDEN))).view(-1)
+
+
+def hash_segments(values: torch.Tensor, keys: torch.Tensor, buckets: torch.Tensor | int, length_per_key: list[int],
+                  keep: list[int] | None = None) -> torch.Tensor:
+    """``hash64_segments`` into ``buckets`` rows (an int, or a tensor with one count per segment);
+    segments listed in ``keep`` are copied through unhashed.
+
+    Bit for bit ``hash_ids(ids_k, seed_k, rows_k)`` on each segment.
+
+    Example:
+        >>> ids = torch.tensor([1, 2, 3])
+        >>> out = hash_segments(ids, torch.tensor([signed_key(5), 0]), torch.tensor([10, 1]), [2, 1], keep=[1])
+        >>> out.tolist() == [*hash_ids(ids[:2], 5, 10).tolist(), 3]
+        True
+    """
+    hashed = hash64_segments(values, keys, length_per_key)
+    width = _equal_segments(length_per_key)
+    if isinstance(buckets, int):
+        out = buckets_of(hashed, buckets)
+    elif width is not None:
+        out = buckets_of(hashed.view(len(length_per_key), width), buckets.to(values.device).view(-1, 1)).view(-1)
+    else:
+        out = buckets_of(hashed, by_key(buckets, length_per_key, values.device))
+    if keep:
+        starts = [0, *itertools.accumulate(length_per_key)]
+        for k in keep:
+            out[starts[k]:starts[k + 1]] = values[starts[k]:starts[k + 1]]
+    return out
 
 
 def hash_unit(ids: torch.Tensor, seed: int) -> torch.Tensor:
@@ -68,5 +172,6 @@ def hash_unit(ids: torch.Tensor, seed: int) -> torch.Tensor:
     return _shr(hash64(ids, seed), 40).to(torch.float32) * (1.0 / (1 << 24))
 
 
-__all__ = ["hash64", "hash64_np", "hash_ids", "hash_ids_np", "hash_unit", "hash_unit_np", "mix64_torch",
-           "salted_seed", "seed_key"]
+__all__ = ["buckets_of", "hash64", "hash64_keyed", "hash64_np", "hash_ids", "hash_ids_np", "hash_segments",
+           "hash64_segments", "hash_unit",
+           "hash_unit_np", "mix64_torch", "salted_seed", "seed_key", "signed_key"]

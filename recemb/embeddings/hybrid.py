@@ -29,18 +29,18 @@ from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
     IdTransform,
+    by_key,
     in_order,
+    jagged,
     register_combiner,
     register_transform,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
-from recemb.embeddings.hashing import mix64_torch, salted_seed, seed_key
+from recemb.embeddings.hashing import buckets_of, hash64_keyed, salted_seed, seed_key
 from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.embeddings.robe import ordered_by, signed64
 from recemb.errors import ConfigError
-
-_LOW63 = (1 << 63) - 1
 
 
 @dataclass
@@ -166,24 +166,30 @@ class HybridTransform(IdTransform):
                 buffer.copy_(torch.from_numpy(source))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """One pass over all ids: each id's ``K_f`` and hash key gathered by segment, the hot rows
+        clamped, the cold ids hashed at once; each bag's cold count from a running count of cold
+        ids read at the bag offsets."""
         kjt = ordered_by(kjt, self.features)
-        values, lengths = kjt.values().to(torch.int64), kjt.lengths()
-        segment = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=values.device), lengths, output_size=values.numel()
-        )
-        feature = segment // kjt.stride()
-        limit = self.hot_ids[feature]
-        hot = torch.minimum(values, limit + 1)
+        values, lengths, per_key = kjt.values().to(torch.int64), kjt.lengths(), kjt.length_per_key()
+        device, n, bags = values.device, values.numel(), lengths.numel()
+        limit = by_key(self.hot_ids, per_key, device)
         cold = values > limit
-        h = mix64_torch(values[cold] ^ self.hash_keys[feature[cold]])
-        cold_rows = ((h >> 1) & _LOW63) % self.rows
-        cold_lengths = torch.bincount(segment[cold], minlength=lengths.numel()).to(lengths.dtype)
-        return KeyedJaggedTensor(
-            keys=self.keys,
-            values=torch.cat([hot, cold_rows]),
-            lengths=torch.cat([lengths, cold_lengths]),
-            stride=kjt.stride(),
-        )
+        where = cold.nonzero().squeeze(1)
+        out = torch.empty(n + where.numel(), dtype=torch.int64, device=device)
+        torch.minimum(values, limit.add_(1), out=out[:n])
+        # The feature of each cold id: which key's slice of the values it lies in.
+        bounds = torch.tensor(kjt.offset_per_key()[1:], device=device)
+        feature = torch.searchsorted(bounds, where, right=True)
+        hashed = hash64_keyed(values.index_select(0, where), self.hash_keys.index_select(0, feature))
+        out[n:] = buckets_of(hashed, self.rows)
+        seen = torch.zeros(n + 1, dtype=torch.int64, device=device)
+        torch.cumsum(cold, 0, out=seen[1:])
+        at_offsets = seen.index_select(0, kjt.offsets().to(torch.int64))
+        out_lengths = torch.empty(2 * bags, dtype=lengths.dtype, device=device)
+        out_lengths[:bags] = lengths
+        out_lengths[bags:] = at_offsets[1:] - at_offsets[:-1]
+        cold_per_key = out_lengths[bags:].view(len(per_key), -1).sum(1).tolist()
+        return jagged(self.keys, out, out_lengths, kjt.stride(), per_key + cold_per_key)
 
 
 @register_combiner("hot_plus_cold")
@@ -210,6 +216,14 @@ class HotPlusCold(Combiner):
             length_per_key=[self.dim] * len(self.features),
             values=values[:, : self.width] + values[:, self.width :],
         )
+
+    def combine(self, keys: list[str], blocks: list[torch.Tensor]) -> KeyedTensor:
+        """Hot plus cold per feature straight from the pooled blocks, then one side-by-side copy
+        (instead of copying both halves side by side and adding them after)."""
+        parts = dict(zip(keys, blocks, strict=True))
+        half = len(self.features)
+        sums = [parts[hot] + parts[cold] for hot, cold in zip(self.keys[:half], self.keys[half:], strict=True)]
+        return KeyedTensor(keys=self.features, length_per_key=[self.dim] * half, values=torch.cat(sums, 1))
 
 
 def buffer_bytes(num_features: int) -> int:

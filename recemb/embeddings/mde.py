@@ -293,7 +293,11 @@ class ProjectSum(Combiner):
         return cls(plan.features, p["inputs"], p["dim"], device)
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
-        parts = pooled.to_dict()
+        return self.combine(pooled.keys(), list(pooled.values().split(pooled.length_per_key(), dim=1)))
+
+    def combine(self, keys: list[str], blocks: list[torch.Tensor]) -> KeyedTensor:
+        """Projections and sums straight from the pooled blocks (no side-by-side copy of them first)."""
+        parts = dict(zip(keys, blocks, strict=True))
         out: list[torch.Tensor | None] = [None] * len(self.features)
         for key, owner, proj in self.parts:
             vec = self.proj[proj](parts[key]) if proj else parts[key]

@@ -27,10 +27,10 @@ from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
     IdTransform,
-    join_keys,
+    by_key,
+    jagged,
     register_combiner,
     register_transform,
-    split_by_key,
 )
 from recemb.embeddings.budget import (
     BudgetError,
@@ -40,7 +40,7 @@ from recemb.embeddings.budget import (
     largest_at_most,
     water_fill,
 )
-from recemb.embeddings.hashing import hash_ids, salted_seed
+from recemb.embeddings.hashing import hash_segments, salted_seed, signed_key
 from recemb.embeddings.plan import CombinerPlan, TablePlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -146,25 +146,64 @@ class QrTransform(IdTransform):
     def __init__(self, features: dict[str, dict[str, int]]) -> None:
         super().__init__()
         self.spec = {f: dict(v) for f, v in features.items()}
+        self._layouts: dict[tuple[str, ...], _QrLayout] = {}
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> QrTransform:
         return cls(plan.transform.params["features"])
 
+    def _layout(self, keys: list[str]) -> _QrLayout:
+        """The per-key constants and output keys for an input key order (cached per order)."""
+        found = self._layouts.get(tuple(keys))
+        if found is None:
+            spec = [self.spec[k] for k in keys]
+            out_keys, planes = [], []
+            for i, (f, s) in enumerate(zip(keys, spec, strict=True)):
+                if s["modulus"]:
+                    out_keys += [f"{f}__q", f"{f}__r"]
+                    planes += [(1, i), (2, i)]
+                else:
+                    out_keys.append(f)
+                    planes.append((0, i))
+            found = _QrLayout(
+                out_keys=out_keys, planes=planes,
+                salts=torch.tensor([signed_key(s["seed"]) if s["buckets"] else 0 for s in spec], dtype=torch.int64),
+                buckets=torch.tensor([s["buckets"] or 1 for s in spec], dtype=torch.int64),
+                unhashed=[i for i, s in enumerate(spec) if not s["buckets"]],
+                moduli=torch.tensor([s["modulus"] or 1 for s in spec], dtype=torch.int64),
+            )
+            self._layouts[tuple(keys)] = found
+        return found
+
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        parts, out_keys = [], []
-        for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):
-            spec = self.spec[f]
-            if spec["buckets"]:
-                values = hash_ids(values, spec["seed"], spec["buckets"])
-            m = spec["modulus"]
-            if m:
-                parts += [(torch.div(values, m, rounding_mode="floor"), lengths), (values % m, lengths)]
-                out_keys += [f"{f}__q", f"{f}__r"]
-            else:
-                parts.append((values, lengths))
-                out_keys.append(f)
-        return join_keys(out_keys, parts, kjt.stride())
+        """One pass over all ids: the optional hash (``hash_segments``), then quotient and remainder
+        by each id's modulus (gathered by segment); the output keys are slices of the three."""
+        lay = self._layout(kjt.keys())
+        values, per_key, starts = kjt.values(), kjt.length_per_key(), kjt.offset_per_key()
+        if len(lay.unhashed) < len(per_key):
+            values = hash_segments(values, lay.salts, lay.buckets, per_key, keep=lay.unhashed)
+        moduli = by_key(lay.moduli, per_key, values.device)
+        quotient = torch.div(values, moduli, rounding_mode="floor")
+        remainder = values - quotient * moduli
+        planes = (values, quotient, remainder)
+        out = torch.cat([planes[p][starts[i]:starts[i + 1]] for p, i in lay.planes])
+        index = torch.tensor([i for _, i in lay.planes], device=values.device)
+        lengths = kjt.lengths().view(len(per_key), -1).index_select(0, index).reshape(-1)
+        return jagged(lay.out_keys, out, lengths, kjt.stride(), [per_key[i] for _, i in lay.planes])
+
+
+@dataclass(frozen=True)
+class _QrLayout:
+    """``QrTransform``'s constants for one input key order: output keys, the (plane, input key) each
+    output reads (plane 0 the ids, 1 the quotient, 2 the remainder), per-key seed keys, buckets
+    (1 where no hash), moduli (1 for full tables) and the keys not hashed."""
+
+    out_keys: list[str]
+    planes: list[tuple[int, int]]
+    salts: torch.Tensor
+    buckets: torch.Tensor
+    unhashed: list[int]
+    moduli: torch.Tensor
 
 
 @register_combiner("qr")
@@ -185,7 +224,11 @@ class QrCombiner(Combiner):
         return cls(plan.features, plan.combiner.params["split"], plan.combiner.params["op"])
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
-        parts = pooled.to_dict()
+        return self.combine(pooled.keys(), list(pooled.values().split(pooled.length_per_key(), dim=1)))
+
+    def combine(self, keys: list[str], blocks: list[torch.Tensor]) -> KeyedTensor:
+        """``q op r`` straight from the pooled blocks (no side-by-side copy of all the parts first)."""
+        parts = dict(zip(keys, blocks, strict=True))
         out: list[torch.Tensor] = []
         for f in self.features:
             if f not in self.split:

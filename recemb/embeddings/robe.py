@@ -31,16 +31,16 @@ from recemb.embeddings.base import (
     Combiner,
     IdTransform,
     in_order,
+    jagged,
     register_combiner,
     register_transform,
+    regroup,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes
-from recemb.embeddings.hashing import mix64_torch, salted_seed, seed_key
+from recemb.embeddings.hashing import buckets_of, hash64_segments, salted_seed, seed_key
 from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
-
-_LOW63 = (1 << 63) - 1
 
 
 @dataclass
@@ -111,7 +111,7 @@ class RobeTransform(IdTransform):
 
     Plan params: ``rows``, ``signed`` and ``blocks: {feature: [{key, seed}, ...]}`` (every
     feature has the same number of blocks). The per-block hash keys are python ints from
-    the seeds, made a tensor on the input's device at each call (a few dozen values).
+    the seeds, a CPU tensor moved to the input's device at each call (a few dozen values).
     """
 
     def __init__(self, blocks: dict[str, list[dict[str, Any]]], rows: int, signed: bool) -> None:
@@ -124,6 +124,8 @@ class RobeTransform(IdTransform):
         self.signed = signed
         self.keys = [b["key"] for f in self.features for b in blocks[f]]
         self._hash_keys = [signed64(seed_key(b["seed"])) for f in self.features for b in blocks[f]]
+        self._key_tensor = torch.tensor(self._hash_keys, dtype=torch.int64)
+        self._sources = [i for i in range(len(self.features)) for _ in range(self.blocks)]
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> RobeTransform:
@@ -131,20 +133,13 @@ class RobeTransform(IdTransform):
         return cls(p["blocks"], p["rows"], p["signed"])
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Each feature's ids once per block (one ``regroup``), then one hash of them all, each block
+        with its own key (``hash64_segments``); the sign is the hash's lowest bit, the row its top 63."""
         kjt = ordered_by(kjt, self.features)
-        values, lengths = kjt.values(), kjt.lengths()
-        per_key = kjt.length_per_key()
-        # Each feature's ids once per block: [f0 ids]*nb, [f1 ids]*nb, ...
-        tiled = torch.cat([part.repeat(self.blocks) for part in torch.split(values, per_key)])
-        per_block = torch.tensor(per_key, device=values.device).repeat_interleave(self.blocks)
-        keys = torch.tensor(self._hash_keys, dtype=torch.int64, device=values.device)
-        h = mix64_torch(tiled.to(torch.int64) ^ keys.repeat_interleave(per_block, output_size=tiled.numel()))
-        rows = ((h >> 1) & _LOW63) % self.rows
-        weights = (1 - 2 * (h & 1)).to(torch.float32) if self.signed else None
-        out_lengths = lengths.view(len(self.features), -1).repeat_interleave(self.blocks, dim=0).reshape(-1)
-        return KeyedJaggedTensor(
-            keys=self.keys, values=rows, weights=weights, lengths=out_lengths, stride=kjt.stride()
-        )
+        values, lengths, per_key = regroup(kjt, self._sources)
+        h = hash64_segments(values, self._key_tensor, per_key)
+        weights = (h & 1).mul_(-2).add_(1).to(torch.float32) if self.signed else None
+        return jagged(self.keys, buckets_of(h, self.rows), lengths, kjt.stride(), per_key, weights)
 
 
 @register_combiner("block_concat")

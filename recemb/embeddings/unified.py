@@ -29,13 +29,13 @@ from recemb.embeddings.base import (
     Combiner,
     IdTransform,
     concat_keyed,
-    join_keys,
+    jagged,
     register_combiner,
     register_transform,
-    split_by_key,
+    regroup,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes
-from recemb.embeddings.hashing import hash_ids, salted_seed
+from recemb.embeddings.hashing import hash_segments, salted_seed, signed_key
 from recemb.embeddings.plan import CombinerPlan, TablePlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -165,21 +165,40 @@ class MultiProbeTransform(IdTransform):
         self.rows = rows
         self.exempt = {f for f, p in features.items() if p["exempt"]}
         self.probes = {f: [(c["key"], c["seed"]) for c in p["chunks"]] for f, p in features.items() if not p["exempt"]}
+        self._layouts: dict[tuple[str, ...], tuple[list[str], list[int], torch.Tensor, list[int]]] = {}
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> MultiProbeTransform:
         return cls(plan.transform.params["rows"], plan.transform.params["features"])
 
+    def _layout(self, keys: list[str]) -> tuple[list[str], list[int], torch.Tensor, list[int]]:
+        """For an input key order: the output keys, the input key each copies, each one's seed key
+        (0 when exempt) and the exempt outputs' positions; cached per key order."""
+        found = self._layouts.get(tuple(keys))
+        if found is None:
+            out_keys, sources, salts, exempt = [], [], [], []
+            for i, f in enumerate(keys):  # input order
+                if f in self.exempt:
+                    exempt.append(len(out_keys))
+                    out_keys.append(f)
+                    sources.append(i)
+                    salts.append(0)
+                    continue
+                for key, seed in self.probes[f]:
+                    out_keys.append(key)
+                    sources.append(i)
+                    salts.append(signed_key(seed))
+            found = (out_keys, sources, torch.tensor(salts, dtype=torch.int64), exempt)
+            self._layouts[tuple(keys)] = found
+        return found
+
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        parts, out_keys = [], []
-        for f, (values, lengths) in zip(kjt.keys(), split_by_key(kjt), strict=True):  # input order
-            if f in self.exempt:
-                parts.append((values, lengths))
-                out_keys.append(f)
-            else:
-                parts += [(hash_ids(values, s, self.rows), lengths) for _, s in self.probes[f]]
-                out_keys += [k for k, _ in self.probes[f]]
-        return join_keys(out_keys, parts, kjt.stride())
+        """Every feature's ids copied once per chunk (one ``regroup``), then one hash of them all,
+        each chunk with its own seed (``hash_segments``); exempt features' ids pass through."""
+        out_keys, sources, salts, exempt = self._layout(kjt.keys())
+        values, lengths, per_key = regroup(kjt, sources)
+        return jagged(out_keys, hash_segments(values, salts, self.rows, per_key, keep=exempt), lengths,
+                      kjt.stride(), per_key)
 
 
 @register_combiner("concat_chunks")
