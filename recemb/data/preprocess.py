@@ -30,15 +30,17 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +73,7 @@ from recemb.errors import ConfigError, DataError, OutputExistsError
 from recemb.io import replace_folder, write_text_atomic
 
 log = logging.getLogger("recemb.data")
+T = TypeVar("T")
 
 SPLITS = ("train", "valid", "test")
 LABEL_COLUMN = "label"
@@ -708,6 +711,56 @@ def iter_clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile,
         raise DataError(f"{src.path}: no data rows (dataset '{cfg.dataset_id}')")
 
 
+def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """``items`` produced on a thread of their own, at most ``depth`` ahead of the consumer.
+
+    Reading and checking the next block (pyarrow's parser, numpy: both release the GIL)
+    then overlaps fitting and spilling this one, so a prepare uses two cores. Order,
+    values and exceptions are those of ``items``; a consumer that stops early stops the
+    producer, which closes ``items`` on its own thread.
+    """
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            box.put(("error", exc))
+        finally:
+            if stop.is_set() and hasattr(items, "close"):
+                items.close()
+
+    thread = threading.Thread(target=produce, name="recemb-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = box.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+            del value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                box.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
 def fit_file(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, spill: Path | None = None,
              rejects: RejectWriter | None = None) -> PartialStats:
     """Fit statistics on one file's training rows; optionally spill parsed rows and write rejects.
@@ -732,7 +785,7 @@ def fit_file(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, spill: Path |
     schema = _spill_schema(cfg)
     writer = ipc.new_stream(str(spill), schema) if spill is not None else None
     try:
-        for c in iter_clean(cfg, plan, src, on_rejects):
+        for c in prefetched(iter_clean(cfg, plan, src, on_rejects)):
             _fit_block(cfg, c, stats, accs)
             if writer is not None and c.n:
                 writer.write_batch(_to_spill(cfg, schema, c))
