@@ -2,8 +2,10 @@
 
 Preparation is fit-then-transform. ``fit_file`` turns one raw file into a mergeable
 ``PartialStats`` (train-split counts, moments, quantile sketches; rejects quarantined)
-and spills the parsed rows; ``merge_stats`` folds partials in file order; ``finalize_features``
-fixes vocabularies and transforms; ``transform_file`` maps ids and writes shards.
+and spills the parsed rows, vocabulary values as the ids of one ``ValueTable`` per feature
+(its values beside the spill), while a reader thread parses the next block; ``merge_stats``
+folds partials in file order; ``finalize_features`` fixes vocabularies and transforms;
+``transform_file`` maps ids (one lookup per distinct value of the file) and writes shards.
 ``prepare_dataset`` runs the four locally; ``prepare_with_runner`` takes the per-file stages
 from a ``FileRunner`` (``fit_into``/``transform_into`` are the self-contained per-file units a
 fan-out calls), so ``pipelines/prepare.py`` runs them as a Ray map/reduce with the same commit.
@@ -179,7 +181,11 @@ def plan_split(cfg: DatasetConfig, sources: Sequence[SourceFile]) -> SplitPlan:
 
 
 class _CountAcc:
-    """Mergeable value -> count table; partial tables are re-aggregated when they pile up."""
+    """Mergeable value -> count table; partial tables are re-aggregated when they pile up.
+
+    Only ``plan_split`` counts time values with it (its cut points depend on the order of
+    equal float keys, which this keeps); vocabularies are counted in ``ValueTable``s.
+    """
 
     def __init__(self) -> None:
         self._parts: list[pa.Table] = []
