@@ -20,6 +20,7 @@ Usage::
     python tools/bench_compression.py                             # 1M-row synthetic, every variant
     python tools/bench_compression.py --variants full hashed unified --budgets 0.01
     python tools/bench_compression.py --dataset criteo            # ../shared/data/criteo-10k.txt
+    python tools/bench_compression.py --speed --lookup-only --budgets 0.01 --repeats 60   # lookups side by side
 """
 
 from __future__ import annotations
@@ -194,8 +195,13 @@ def speed_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     Each run builds the model on meta, wraps it with ``shard_model`` (one gloo
     rank, fused tables) and times ``steps`` training steps (after ``warmup``) on
-    the same pre-loaded batches; then it times the unsharded layer's eval
-    forward. Ratios are taken against the ``full`` run of the same process.
+    the same pre-loaded batches (skipped with ``lookup_only``). Then every run's
+    unsharded layer (eval, one thread) is timed in rounds, one forward of each run
+    per round on the same batch, so a busy spell of the machine hits all runs alike:
+    the median wall time and the median thread CPU time (what the forward itself
+    ran, not time spent descheduled) over ``repeats`` rounds. Each forward gets a
+    fresh KJT of the batch's tensors, so no run reuses what an earlier call cached
+    on it. Ratios are taken against the ``full`` run of the same process.
     """
     import logging
 
@@ -218,6 +224,7 @@ def speed_child(spec: dict[str, Any]) -> dict[str, Any]:
     batches = [loaded[i % len(loaded)] for i in range(need)]  # small data: the same batches again
     ensure_process_group()
     out: dict[str, Any] = {}
+    layers: dict[str, Any] = {}
     for run_name, kind, budget, params in spec["runs"]:
         cfg = load_experiment(REPO / "configs/experiments" / f"{spec['model']}_synthetic_ctr.yaml")
         cfg.embedding.kind, cfg.embedding.budget, cfg.embedding.params = kind, budget, params
@@ -225,8 +232,13 @@ def speed_child(spec: dict[str, Any]) -> dict[str, Any]:
         try:
             model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")),
                                embedding_l2=cfg.embedding.l2)
+            layers[run_name] = build_embedding_layer(fm, cfg.embedding).eval()
         except ConfigError as exc:  # e.g. a budget below the variant's minimum on a small dataset
             out[run_name] = {"error": str(exc)}
+            layers.pop(run_name, None)
+            continue
+        if spec.get("lookup_only"):
+            out[run_name] = {"train_samples_per_s": float("nan")}
             continue
         dmp = shard_model(model, cfg.embedding, torch.device("cpu"), batch_size=4096).model
         opt, table_opt = dense_optimizer(dmp, cfg.train), table_optimizer(dmp, cfg.embedding)
@@ -243,21 +255,38 @@ def speed_child(spec: dict[str, Any]) -> dict[str, Any]:
             if table_opt is not None:
                 table_opt.step()
         train_sps = spec["steps"] * 4096 / (time.perf_counter() - t0)
-        layer = build_embedding_layer(fm, cfg.embedding).eval()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        times = []
-        with torch.no_grad():
-            for batch in batches[:3] + batches[: spec["steps"]]:
-                t1 = time.perf_counter()
-                layer(batch.sparse)
-                times.append(time.perf_counter() - t1)
-        torch.set_num_threads(threads)
-        lookup = float(sorted(times[3:])[len(times[3:]) // 2])
-        out[run_name] = {"train_samples_per_s": train_sps, "lookup_s": lookup}
-        print(f"speed {run_name}: {train_sps:,.0f} samples/s, lookup {1000 * lookup:.2f} ms", file=sys.stderr,
-              flush=True)
+        out[run_name] = {"train_samples_per_s": train_sps}
+        print(f"speed {run_name}: {train_sps:,.0f} samples/s", file=sys.stderr, flush=True)
+    for run_name, (wall, cpu) in lookup_times(layers, batches, spec.get("repeats", spec["steps"])).items():
+        out[run_name].update(lookup_s=wall, lookup_cpu_s=cpu)
+        print(f"lookup {run_name}: {1000 * wall:.2f} ms wall, {1000 * cpu:.2f} ms CPU", file=sys.stderr, flush=True)
     return out
+
+
+def lookup_times(layers: dict[str, Any], batches: list[Any], repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, thread CPU) seconds of one no-grad forward per layer, one thread, in interleaved rounds
+    (3 warm-up rounds first); every forward gets a fresh KJT of the batch's tensors and metadata."""
+    import statistics
+
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
+    with torch.no_grad():
+        for r in range(repeats + 3):
+            sparse = batches[r % len(batches)].sparse
+            for name, layer in layers.items():
+                fresh = KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values(), lengths=sparse.lengths(),
+                                          stride=sparse.stride(), length_per_key=sparse.length_per_key(),
+                                          offset_per_key=sparse.offset_per_key())
+                w0, c0 = time.perf_counter(), time.thread_time()
+                layer(fresh)
+                if r >= 3:
+                    times[name].append((time.perf_counter() - w0, time.thread_time() - c0))
+    torch.set_num_threads(threads)
+    return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -348,20 +377,25 @@ def speed_pass(args: argparse.Namespace, model: str, data_dir: Path, out: Path) 
         for budget in (args.budgets if takes_budget else [None]):
             runs.append([f"{variant}@{budget}" if budget is not None else variant, kind, budget, params])
     res = run({"kind": "speed", "model": model, "data_dir": str(data_dir), "runs": runs, "warmup": 3,
-               "steps": args.steps})
+               "steps": args.steps, "repeats": args.repeats or args.steps, "lookup_only": args.lookup_only})
     if "error" in res:
         raise SystemExit(res["error"])
     base = res["full"]
-    lines = ["| run | train samples/s | ratio to full | lookup ms (4096 rows) | ratio to full |", "|---|---|---|---|---|"]
+    lines = ["| run | train samples/s | ratio to full | lookup ms (4096 rows, wall) | ratio to full "
+             "| lookup CPU ms | ratio to full |", "|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         if "error" in r:
-            lines.append(f"| {name} | error: {r['error'][:90]} | | | |")
+            lines.append(f"| {name} | error: {r['error'][:90]} | | | | | |")
             continue
-        lines.append(f"| {name} | {r['train_samples_per_s']:,.0f} | {r['train_samples_per_s'] / base['train_samples_per_s']:.3f} "
-                     f"| {1000 * r['lookup_s']:.2f} | {r['lookup_s'] / base['lookup_s']:.2f} |")
+        lines.append(f"| {name} | {_speed(r['train_samples_per_s'])} "
+                     f"| {r['train_samples_per_s'] / base['train_samples_per_s']:.3f} "
+                     f"| {1000 * r['lookup_s']:.2f} | {r['lookup_s'] / base['lookup_s']:.2f} "
+                     f"| {1000 * r['lookup_cpu_s']:.2f} | {r['lookup_cpu_s'] / base['lookup_cpu_s']:.2f} |")
     md = "\n".join(lines) + "\n"
-    (out / "speed.md").write_text(md)
-    write_json_atomic(out / "speed.json", res)
+    # A lookup-only pass has no training speed: it must not replace the full pass's file (results.md reads it).
+    stem = "speed_lookup" if args.lookup_only else "speed"
+    (out / f"{stem}.md").write_text(md)
+    write_json_atomic(out / f"{stem}.json", res)
     print(md)
 
 
@@ -376,6 +410,10 @@ def main() -> None:
                     help="only the speed pass: timed train steps and lookups of every run in one process, "
                          "ratios to full (run on a quiet machine)")
     ap.add_argument("--steps", type=int, default=20, help="speed pass: timed steps per run (after 3 warm-up)")
+    ap.add_argument("--lookup-only", action="store_true",
+                    help="speed pass: time the lookups only, no training steps (writes speed_lookup.md)")
+    ap.add_argument("--repeats", type=int, default=0,
+                    help="speed pass: interleaved lookup rounds (after 3 warm-up; 0 = --steps)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

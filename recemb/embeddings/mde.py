@@ -30,17 +30,18 @@ from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
     IdTransform,
+    by_key,
+    jagged,
     register_combiner,
     register_transform,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
-from recemb.embeddings.hashing import mix64_torch, salted_seed, seed_key
+from recemb.embeddings.hashing import buckets_of, hash64_keyed, salted_seed, seed_key
 from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.embeddings.robe import ordered_by, signed64
 from recemb.errors import ConfigError
 
-_LOW63 = (1 << 63) - 1
 MIN_DIM = 4  # FBGEMM's row widths are multiples of 4
 
 
@@ -228,6 +229,9 @@ class MdeTransform(IdTransform):
             self.register_buffer(name, torch.empty(source.shape, dtype=torch.int64, device=device), persistent=False)
         if device is None or device.type != "meta":
             self.reset_buffers()
+        self._hashed = any(t["hashed"] for t in tables)
+        self._sort_dtype = next(d for d in (torch.uint8, torch.int16, torch.int32, torch.int64)
+                                if len(tables) - 1 <= torch.iinfo(d).max)
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> MdeTransform:
@@ -241,30 +245,44 @@ class MdeTransform(IdTransform):
                 buffer.copy_(torch.from_numpy(source))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """One pass over all ids: each id's block from its feature's block starts (a comparison per
+        block when every key has as many ids, else a search), its table's constants gathered by table, one hash for the capped tables, then one stable
+        sort by table (on the smallest integer type that holds the table count: a radix sort)."""
         kjt = ordered_by(kjt, self.features)
-        values, lengths = kjt.values().to(torch.int64), kjt.lengths()
-        if self._plain:
-            return KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=kjt.stride())
+        values, lengths, per_key = kjt.values().to(torch.int64), kjt.lengths(), kjt.length_per_key()
         batch = kjt.stride()
-        segment = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=values.device), lengths, output_size=values.numel()
-        )
-        feature = segment // batch
-        block = (values.unsqueeze(1) >= self.starts[feature]).sum(dim=1) - 1
-        table = self.index[feature, block]
-        info = self.per_table[table]
-        local = values - info[:, 0]
-        h = mix64_torch(local ^ info[:, 3])
-        rows = torch.where(info[:, 2].bool(), ((h >> 1) & _LOW63) % info[:, 1], local)
+        if self._plain:
+            return jagged(self.keys, values, lengths, batch, per_key)
+        device, n, features = values.device, values.numel(), len(self.features)
+        width = per_key[0] if per_key and all(k == per_key[0] for k in per_key) else None
+        if width is not None:  # single-hot and alike: search each feature's starts for its row of ids
+            rows_of_ids = values.view(features, width)
+            block = torch.arange(features, device=device).mul_(self.max_blocks).view(-1, 1).expand(-1, width)
+            block = block.contiguous()  # each feature's first (feature, block) slot, then + the block
+            for b in range(1, self.max_blocks):
+                block += rows_of_ids >= self.starts[:, b:b + 1]
+            table = self.index.view(-1).index_select(0, block.view(-1))
+        else:
+            feature = by_key(torch.arange(features, device=device), per_key, device)
+            block = torch.searchsorted(self.starts.index_select(0, feature), values.view(-1, 1), right=True).view(-1)
+            table = self.index.view(-1).index_select(0, block.sub_(1).add_(feature * self.max_blocks))
+        start, rows, hashed, keys = self.per_table.unbind(1)
+        local = values - start.index_select(0, table)
+        if self._hashed:
+            h = buckets_of(hash64_keyed(local, keys.index_select(0, table)), rows.index_select(0, table))
+            local = torch.where(hashed.bool().index_select(0, table), h, local)
+        if lengths.numel() == n:  # one id per bag: the bag of value i is i
+            sample = torch.arange(n, device=device).remainder_(batch)
+        else:
+            bags = torch.arange(lengths.numel(), device=device)
+            sample = bags.repeat_interleave(lengths, output_size=n).remainder_(batch)
+        out_lengths = torch.bincount(table * batch + sample, minlength=len(self.keys) * batch)
         if self.max_blocks > 1:
             # Values are ordered (feature, sample); the KJT wants (table, sample).
-            order = torch.sort(table, stable=True).indices
-            rows, table, segment = rows[order], table[order], segment[order]
-        sample = segment % batch
-        out_lengths = torch.bincount(table * batch + sample, minlength=len(self.keys) * batch)
-        return KeyedJaggedTensor(
-            keys=self.keys, values=rows, lengths=out_lengths.to(lengths.dtype), stride=batch
-        )
+            order = torch.sort(table.to(self._sort_dtype), stable=True).indices
+            local = local.index_select(0, order)
+        out_per_key = out_lengths.view(len(self.keys), batch).sum(1).tolist()
+        return jagged(self.keys, local, out_lengths.to(lengths.dtype), batch, out_per_key)
 
 
 @register_combiner("project_sum")
