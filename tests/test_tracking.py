@@ -64,6 +64,7 @@ def uri(template_db: Path, tmp_path: Path) -> str:
 def cfg() -> ExperimentConfig:
     cfg = ExperimentConfig(dataset_id="synthetic_ctr", data_dir="x", embedding=EmbeddingConfig(kind="unified"))
     cfg.train.batch_size = 512
+    cfg.train.epochs = 1
     cfg.train.monitor = {"auc": 1.0, "logloss": -1.0}
     return cfg
 
