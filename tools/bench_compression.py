@@ -66,7 +66,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "mgqe": ("mgqe", {"hot_share": 0.1, "cold_centroids": 16}, True),
     "deeplight": ("deeplight", {}, True),
     "pep": ("pep", {"search_steps": 100, "threshold_init": -8.0, "threshold_lr": 0.01}, True),
-    "dedup": ("dedup", {"dedup_every": 10}, True),  # LSH-merged blocks + index: from 1/64 at dim 16 (1/10 only)
+    "dedup": ("dedup", {}, True),  # LSH-merged blocks + index: from 1/64 at dim 16 (1/10 only)
     "autodim": ("autodim", {"search_steps": 100, "arch_every": 2, "arch_lr": 0.01}, True),  # down to 1/16 (width 1)
     "autosrh": ("autosrh", {"search_steps": 100}, True),  # any budget: dims of rare groups go first, rows to zero
     "lowprec": ("lowprec", {"bits": 8}, False),
