@@ -18,6 +18,7 @@ import abc
 import dataclasses
 import functools
 import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -356,7 +357,9 @@ def _lookup_runs(ebc: EmbeddingBagCollection, keys: list[str]) -> list[_Run] | N
     return runs
 
 
-_RUNS: dict[tuple[int, tuple[str, ...]], tuple[EmbeddingBagCollection, list[_Run] | None]] = {}
+# Per collection (weakly held: a dropped layer takes its entry along), per KJT key order.
+_RUNS: weakref.WeakKeyDictionary[EmbeddingBagCollection, dict[tuple[str, ...], list[_Run] | None]] = (
+    weakref.WeakKeyDictionary())
 
 
 def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[torch.Tensor] | None:
@@ -379,26 +382,27 @@ def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[t
         True
     """
     keys = kjt.keys()
-    cache_key = (id(ebc), tuple(keys))
-    cached = _RUNS.get(cache_key)
-    if cached is None or cached[0] is not ebc:
-        cached = (ebc, _lookup_runs(ebc, keys))
-        _RUNS[cache_key] = cached
-    runs = cached[1]
+    known = _RUNS.setdefault(ebc, {})
+    if tuple(keys) not in known:
+        known[tuple(keys)] = _lookup_runs(ebc, keys)
+    runs = known[tuple(keys)]
     if runs is None or kjt.inverse_indices_or_none() is not None:
         return None
     batch = kjt.stride()
-    values, offsets, starts = kjt.values(), kjt.offsets(), kjt.offset_per_key()
+    values, starts = kjt.values(), kjt.offset_per_key()
+    # Each bag's start within its run's slice of the values (one subtraction for all keys); the
+    # last bag of a run ends where the slice does.
+    run_start = torch.tensor([starts[r.first] for r in runs for _ in range(r.first, r.last)], device=values.device)
+    bag_starts = (kjt.offsets()[:-1].view(len(starts) - 1, batch) - run_start.view(-1, 1).to(values.dtype))
     weights = kjt.weights_or_none() if ebc.is_weighted() else None
     grad = torch.is_grad_enabled()
     blocks: list[torch.Tensor] = []
     for run in runs:
         lo, hi = starts[run.first], starts[run.last]
         weight = ebc.embedding_bags[run.table].weight
-        bag_offsets = offsets[run.first * batch:run.last * batch + 1]
         pooled = F.embedding_bag(
-            values[lo:hi], weight if grad else weight.detach(), bag_offsets - lo if lo else bag_offsets,
-            mode="sum", per_sample_weights=None if weights is None else weights[lo:hi], include_last_offset=True,
+            values[lo:hi], weight if grad else weight.detach(), bag_starts[run.first:run.last].view(-1),
+            mode="sum", per_sample_weights=None if weights is None else weights[lo:hi],
         )
         blocks += list(pooled.split(batch)) if run.last - run.first > 1 else [pooled]
     return blocks

@@ -218,12 +218,18 @@ class HotPlusCold(Combiner):
         )
 
     def combine(self, keys: list[str], blocks: list[torch.Tensor]) -> KeyedTensor:
-        """Hot plus cold per feature straight from the pooled blocks, then one side-by-side copy
+        """Hot plus cold per feature straight from the pooled blocks into the output's columns
         (instead of copying both halves side by side and adding them after)."""
         parts = dict(zip(keys, blocks, strict=True))
         half = len(self.features)
-        sums = [parts[hot] + parts[cold] for hot, cold in zip(self.keys[:half], self.keys[half:], strict=True)]
-        return KeyedTensor(keys=self.features, length_per_key=[self.dim] * half, values=torch.cat(sums, 1))
+        pairs = zip(self.keys[:half], self.keys[half:], strict=True)
+        if torch.is_grad_enabled():  # autograd takes no out= arguments
+            sums = [parts[hot] + parts[cold] for hot, cold in pairs]
+            return KeyedTensor(keys=self.features, length_per_key=[self.dim] * half, values=torch.cat(sums, 1))
+        out = blocks[0].new_empty(blocks[0].shape[0], self.width)
+        for i, (hot, cold) in enumerate(pairs):
+            torch.add(parts[hot], parts[cold], out=out[:, i * self.dim:(i + 1) * self.dim])
+        return KeyedTensor(keys=self.features, length_per_key=[self.dim] * half, values=out)
 
 
 def buffer_bytes(num_features: int) -> int:

@@ -227,16 +227,33 @@ class QrCombiner(Combiner):
         return self.combine(pooled.keys(), list(pooled.values().split(pooled.length_per_key(), dim=1)))
 
     def combine(self, keys: list[str], blocks: list[torch.Tensor]) -> KeyedTensor:
-        """``q op r`` straight from the pooled blocks (no side-by-side copy of all the parts first)."""
+        """``q op r`` straight from the pooled blocks into the output's columns (no side-by-side copy
+        of all the parts first)."""
         parts = dict(zip(keys, blocks, strict=True))
-        out: list[torch.Tensor] = []
-        for f in self.features:
+        widths = [parts[f].shape[1] if f not in self.split else
+                  parts[f"{f}__q"].shape[1] * (2 if self.op == "concat" else 1) for f in self.features]
+        if torch.is_grad_enabled():  # autograd takes no out= arguments
+            return KeyedTensor(keys=self.features, length_per_key=widths, values=torch.cat([
+                parts[f] if f not in self.split else self._pair(parts[f"{f}__q"], parts[f"{f}__r"])
+                for f in self.features], 1))
+        out = blocks[0].new_empty(blocks[0].shape[0], sum(widths))
+        col = 0
+        for f, width in zip(self.features, widths, strict=True):
+            dest = out[:, col:col + width]
+            col += width
             if f not in self.split:
-                out.append(parts[f])
+                dest.copy_(parts[f])
                 continue
             q, r = parts[f"{f}__q"], parts[f"{f}__r"]
-            out.append(q * r if self.op == "mult" else q + r if self.op == "add" else torch.cat([q, r], dim=1))
-        return KeyedTensor(keys=self.features, length_per_key=[t.shape[1] for t in out], values=torch.cat(out, 1))
+            if self.op == "concat":
+                dest[:, :width // 2].copy_(q)
+                dest[:, width // 2:].copy_(r)
+            else:
+                (torch.mul if self.op == "mult" else torch.add)(q, r, out=dest)
+        return KeyedTensor(keys=self.features, length_per_key=widths, values=out)
+
+    def _pair(self, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return q * r if self.op == "mult" else q + r if self.op == "add" else torch.cat([q, r], dim=1)
 
 
 def remainder_init_std(std: float | None) -> float:
