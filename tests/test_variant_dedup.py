@@ -28,16 +28,17 @@ from twin_utils import as_kjt, check_twins, feature_map, random_ids
 
 from recemb.config.experiment import EmbeddingConfig
 from recemb.data.schema import FeatureInfo, FeatureMap
+from recemb.embeddings.blockdedup import dedup_table, group_blocks
 from recemb.embeddings.budget import BudgetError
 from recemb.embeddings.dedup import DedupLayer, DedupLayout, dedup_bytes
 from recemb.embeddings.registry import build_embedding_layer
 from recemb.errors import ConfigError
-from recemb.serving.variants.dedup import dedup_rows, dedup_table, group_blocks, stored_dedup
+from recemb.serving.variants.dedup import dedup_rows, stored_dedup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BENCH_VOCAB = [11, 252, 6302, 25196, 26, 632, 13870, 24188, 64, 1586, 21569, 25189, 159, 3982, 24791, 17, 399,
                9764, 25500, 41, 1001, 18212, 24400, 101, 2513, 23371]
-MODULES = ["recemb.embeddings.dedup", "recemb.serving.variants.dedup"]
+MODULES = ["recemb.embeddings.dedup", "recemb.embeddings.blockdedup", "recemb.serving.variants.dedup"]
 
 
 def bench_map() -> FeatureMap:

@@ -5,7 +5,7 @@ group's stacked table is cut into blocks of ``block`` values (``dim / block`` sl
 that an L2 LSH puts in one cell merge into one copy (their mean) and every (row, slot) keeps an
 index to its copy. Stored: the unique blocks (fp32) and the index (uint8, uint16 or int32, the
 narrowest that numbers them): ``dedup_bytes``. The hashing is ``dedup_table`` in
-``recemb.serving.variants.dedup`` (numpy): the numpy twin and this layer run the same code.
+``recemb.embeddings.blockdedup`` (numpy, torch-free): the numpy twin and this layer run the same code.
 
 Why this design: training keeps the full fp32 table (a ``RowTableLayer``: row-wise Adagrad in
 backward, data parallel), so blocks learn freely and similar ones can be found. Whenever the layer
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recemb.embeddings.blockdedup import DedupResult, dedup_table
 from recemb.embeddings.budget import BudgetError, budget_bytes
 from recemb.embeddings.hashing import salted_seed
 from recemb.embeddings.lowprec import stack_offsets
@@ -50,7 +51,6 @@ from recemb.embeddings.plan import BYTES_PER_FLOAT, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_module_assembler, register_variant
 from recemb.embeddings.rowwise import RowTableLayer, resolve_update, row_init_std, row_table_args
 from recemb.errors import ConfigError
-from recemb.serving.variants.dedup import DedupResult, dedup_table
 
 log = logging.getLogger("recemb.embeddings.dedup")
 # Index dtypes, narrowest first, with how many unique blocks each can number.
