@@ -91,8 +91,9 @@ class Runs:
             if kind == "pruned":
                 folder = pruning_folder(self.data_dir, self.root / "pruning")
                 extra = [f"embedding.params={{path: '{folder}', pruned_vector: oov}}"]
+            # first_order: table, so every variant's bundle holds first-order (lin_) tables too.
             cfg = experiment_config("deepfm", self.data_dir, self.root / "runs",
-                                    [f"embedding.kind={kind}", f"expid=deepfm_{kind}",
+                                    [f"embedding.kind={kind}", f"expid=deepfm_{kind}", "model.params.first_order=table",
                                      *([] if kind == "full" else RUN), *VARIANTS[kind], *extra])
             with in_process_run():
                 self.done[kind] = train(cfg)

@@ -23,7 +23,7 @@ from recemb.errors import ConfigError
 from recemb.models.ctr import MODELS, build_model, embedding_layers, model_needs
 from recemb.models.ctr.dcnv2 import DCNv2
 from recemb.models.ctr.dlrm import DLRM, DotInteraction
-from recemb.models.ctr.layers import MLP, CrossLayer, fm_second_order
+from recemb.models.ctr.layers import MLP, CrossLayer, FieldFirstOrder, fm_second_order
 from recemb.models.ctr.registry import LINEAR_DIM, takes_linear_layer
 
 DIM = 8
@@ -129,10 +129,48 @@ def test_first_order_layer_is_narrow_full() -> None:
     wdl = build("wdl", embedding=emb)
     assert wdl.embedding.dims["c3"] == 4
     assert wdl(make_batch(4, torch.Generator().manual_seed(0))).shape == (4,)
-    # DeepFM's first_order: embedding takes the term from the main embeddings: no first-order tables.
-    fwfm = build("deepfm", params={**SMALL["deepfm"], "first_order": "embedding"}, embedding=emb)
-    assert fwfm.linear is None and set(embedding_layers(fwfm)) == {"embedding"}
-    assert fwfm.field_weights.in_features == sum(fwfm.embedding.dims.values())
+    # first_order: embedding takes the term from the main embeddings: no first-order tables,
+    # one vector per field as wide as the field's embedding (WDL keeps the 4-dim group).
+    for name in ("deepfm", "fm", "wdl"):
+        fwfm = build(name, params={**SMALL[name], "first_order": "embedding"}, embedding=emb)
+        assert fwfm.linear is None and set(embedding_layers(fwfm)) == {"embedding"}
+        assert fwfm.field_weights.dims == [fwfm.embedding.dims[f] for f in fwfm.embedding.features]
+    # In the order of the pooled values (feature order), not of the groups.
+    assert build("wdl", params={**SMALL["wdl"], "first_order": "embedding"}, embedding=emb).field_weights.dims == [
+        DIM, DIM, DIM, 4, DIM]
+
+
+@pytest.mark.parametrize("name", ["deepfm", "fm", "wdl"])
+def test_first_order_from_embeddings_is_field_dot_products(name: str) -> None:
+    # The logit's first-order part is sum_f <w_f, e_f> + dense linear + bias: the table form's
+    # logit minus its table term, plus the dot products (same seed: same embeddings and dense part).
+    batch = make_batch(16, torch.Generator().manual_seed(5))
+    fwfm = build(name, params={**SMALL[name], "first_order": "embedding"})
+    vecs = fwfm.embedding(batch.sparse).values().split(fwfm.field_weights.dims, dim=1)
+    weights = fwfm.field_weights.weight.split(fwfm.field_weights.dims)
+    dots = sum((v * w).sum(1) for v, w in zip(vecs, weights, strict=True))
+    table = build(name, params={**SMALL[name], "first_order": "table"})
+    table.load_state_dict(fwfm.state_dict(), strict=False)  # the same embeddings and dense part
+    torch.testing.assert_close(fwfm(batch), table(batch) - table.linear(batch.sparse).values().sum(1) + dots,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_field_vectors_start_at_the_table_step_scale() -> None:
+    # N(0, (LINEAR_DIM / d_f)^2) per field: <w_f, e> then moves as fast as a LINEAR_DIM-wide table row.
+    torch.manual_seed(0)
+    term = FieldFirstOrder([16] * 200 + [4] * 200)
+    wide, narrow = term.weight.split([3200, 800])
+    assert wide.std().item() == pytest.approx(LINEAR_DIM / 16, rel=0.05)
+    assert narrow.std().item() == pytest.approx(LINEAR_DIM / 4, rel=0.1)
+
+
+def test_budget_goes_to_the_main_tables_without_first_order_tables() -> None:
+    emb = EmbeddingConfig(kind="hashed", dim=DIM, budget=4000)
+    table = embedding_layers(build("deepfm", params={**SMALL["deepfm"], "first_order": "table"}, embedding=emb))
+    fwfm = embedding_layers(build("deepfm", params={**SMALL["deepfm"], "first_order": "embedding"}, embedding=emb))
+    assert set(fwfm) == {"embedding"}
+    assert fwfm["embedding"].parameter_bytes() > table["embedding"].parameter_bytes()
+    assert fwfm["embedding"].parameter_bytes() <= 4000
 
 
 def test_unknown_model_lists_known_names() -> None:
@@ -167,7 +205,7 @@ def test_fm_second_order_equals_pairwise_sum() -> None:
 
 
 def test_fm_logit_is_first_plus_pairwise() -> None:
-    model = build("fm")
+    model = build("fm", params={"first_order": "table"})  # the embedding form: test_first_order_from_embeddings_...
     batch = make_batch(32, torch.Generator().manual_seed(4))
     vecs = model.embedding.stack(model.embedding(batch.sparse))
     feats = vecs.shape[1]

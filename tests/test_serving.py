@@ -34,7 +34,8 @@ from recemb.train.loop import train
 def bundle_dir(prepared_ctr: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serving")
     cfg = experiment_config("deepfm", prepared_ctr, root / "runs",
-                            ["embedding.kind=hashed", "embedding.budget=0.1", "train.max_steps=12"])
+                            ["embedding.kind=hashed", "embedding.budget=0.1", "train.max_steps=12",
+                             "model.params.first_order=table"])  # a bundle with a "linear" layer too
     with in_process_run():
         result = train(cfg)
     return export_bundle(result.output_dir, root / "bundle", dtype="int8")

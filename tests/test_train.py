@@ -351,7 +351,9 @@ def small_state(sharding: str = "row_wise") -> tuple[TrainState, FeatureMap]:
         FeatureInfo(name="a", kind="sparse", source="a", num_embeddings=TABLES["a"]),
         FeatureInfo(name="tags", kind="multihot", source="tags", num_embeddings=TABLES["tags"]),
     ])
-    cfg = ExperimentConfig(dataset_id="t", data_dir="unused", model=ModelConfig("deepfm", {"mlp": [8]}),
+    # first_order: table, so the checkpoint holds a second (first-order) layer of tables too.
+    cfg = ExperimentConfig(dataset_id="t", data_dir="unused",
+                           model=ModelConfig("deepfm", {"mlp": [8], "first_order": "table"}),
                            embedding=EmbeddingConfig(dim=DIM, sharding=sharding))
     torch.manual_seed(0)
     pg = ensure_process_group()

@@ -35,6 +35,7 @@ from recemb.models.ctr.dcnv2 import DCNv2, DCNv2Params
 from recemb.models.ctr.deepfm import DeepFM, DeepFMParams
 from recemb.models.ctr.dlrm import DLRM, DLRMParams
 from recemb.models.ctr.fm import FM, FMParams
+from recemb.models.ctr.layers import LINEAR_DIM
 from recemb.models.ctr.lr import LR, LRParams
 from recemb.models.ctr.wdl import WDL, WDLParams
 from recemb.models.registry import (
@@ -74,13 +75,9 @@ def model_names() -> list[str]:
 
 def takes_linear_layer(needs: ModelNeeds, params: object) -> bool:
     """Whether a model with ``params`` gets a first-order embedding layer: it needs a linear term
-    and does not take it from the main embeddings (DeepFM's ``first_order: embedding``)."""
+    and does not take it from the main embeddings (``first_order: embedding`` of DeepFM, WDL and
+    FM). LR has no main embeddings: its first-order table is its only lookup, so it always has one."""
     return needs.linear and getattr(params, "first_order", "table") == "table"
-
-
-# FBGEMM's fused kernels need table widths divisible by 4, so the "1-dim" first-order
-# tables are 4 wide and FirstOrder sums the 4 columns (4 weights per id, same function class).
-LINEAR_DIM = 4
 
 
 # Variants that cannot also serve the first-order tables (no budget of their own, or search-only).
@@ -158,7 +155,8 @@ def _build(name: str, params: Any, feature_map: FeatureMap, embedding_cfg: Embed
     kwargs: dict[str, object] = {"num_dense": len(feature_map.dense_features), "params": params}
     if needs.embedding:
         project_to = embedding_cfg.dim if needs.equal_dims else None
-        main_cfg = main_embedding_config(embedding_cfg, with_linear=needs.linear)
+        # Without first-order tables the main tables get the whole budget.
+        main_cfg = main_embedding_config(embedding_cfg, with_linear=takes_linear_layer(needs, params))
         kwargs["embedding"] = _layer("main embedding tables", feature_map, main_cfg, device, project_to=project_to)
     if needs.linear and not takes_linear_layer(needs, params):
         kwargs["linear"] = None
@@ -238,6 +236,6 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["MODELS", "ModelConfig", "ModelNeeds", "build_ctr_model", "build_model", "check_model_config",
+__all__ = ["LINEAR_DIM", "MODELS", "ModelConfig", "ModelNeeds", "build_ctr_model", "build_model", "check_model_config",
            "embedding_layers", "linear_embedding_config", "main_embedding_config", "model_names", "model_needs",
            "smallest_budget", "takes_linear_layer"]
