@@ -135,6 +135,12 @@ def quantized_child(spec: dict[str, Any]) -> dict[str, Any]:
             "full_bytes": full_layer.full_bytes(), "lookup_s": float(sorted(times[3:])[10])}
 
 
+def run_folder(spec: dict[str, Any]) -> str:
+    """The run's expid: the spec's name with ``@`` spelled ``_at_`` (an expid must be a safe file name; the
+    spec keeps ``@`` so results cached under it stay valid)."""
+    return spec["expid"].replace("@", "_at_")
+
+
 def search_child(spec: dict[str, Any]) -> dict[str, Any]:
     """``recemb search`` (OptEmbed, three stages) on the data; the retrained model's metrics and bytes."""
     from pipelines.search import run_search
@@ -142,7 +148,7 @@ def search_child(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = load_experiment(REPO / "configs/experiments/optembed_synthetic_ctr.yaml")
     cfg.data_dir = spec["data_dir"]
-    cfg.expid = spec["expid"]
+    cfg.expid = run_folder(spec)
     cfg.train.output_dir = str(OUT / "runs")
     cfg.train.progress = False
     for k, v in spec.get("settings", {}).items():
@@ -152,7 +158,7 @@ def search_child(spec: dict[str, Any]) -> dict[str, Any]:
     rcfg = load_experiment(REPO / "configs/experiments/optembed_synthetic_ctr.yaml")
     rcfg.data_dir = spec["data_dir"]
     rcfg.embedding.kind = "pruned"
-    rcfg.embedding.params = {"path": str(OUT / "runs" / spec["expid"] / "search" / "pruned")}
+    rcfg.embedding.params = {"path": str(OUT / "runs" / run_folder(spec) / "search" / "pruned")}
     return {"test": retrain["test"], "best_valid": retrain["best_valid"], "samples_per_s": float("nan"),
             "embedding_bytes": retrain["embedding_bytes"], "full_bytes": retrain["full_bytes"],
             "lookup_s": lookup_latency(rcfg), "search": {k: summary[k] for k in ("supernet", "search")}}
@@ -174,7 +180,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = load_experiment(REPO / "configs/experiments" / f"{spec['model']}_synthetic_ctr.yaml")
     cfg.data_dir = spec["data_dir"]
-    cfg.expid = spec["expid"]
+    cfg.expid = run_folder(spec)
     cfg.train.output_dir = str(OUT / "runs")
     cfg.train.progress = False
     cfg.embedding.kind = spec["kind"]
