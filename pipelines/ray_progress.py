@@ -11,12 +11,18 @@ Example:
     >>> board = start_board()                                     # doctest: +SKIP
     >>> watch = ProgressWatch(board, workers=2, cpus_per_worker=0.5)  # doctest: +SKIP
     >>> watch.start(); trainer.fit(); watch.stop()                # doctest: +SKIP
+
+The same board carries the start-up marks (``mark``): rank 0 posts when its worker function
+starts, its model is sharded, its first batch is read and its first step is done, and the
+driver prints where the seconds to the first step went (``StartupClock``), once.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -26,6 +32,16 @@ class ProgressBoard:
     def __init__(self) -> None:
         self.epoch, self.rows, self.total = 0, 0, 0
         self.updated: float | None = None
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str, at: float) -> None:
+        """A start-up stage ``name`` reached at wall-clock time ``at`` (the first one counts:
+        a restarted worker group does not move the first start-up's marks)."""
+        self.marks.setdefault(name, at)
+
+    def read_marks(self) -> dict[str, float]:
+        """The start-up marks posted so far (name -> wall-clock time)."""
+        return dict(self.marks)
 
     def update(self, epoch: int, rows: int, total: int) -> None:
         """Rank 0's position: ``rows`` trained in ``epoch``, ``total`` since the run (re)started."""
@@ -49,6 +65,10 @@ class ProgressPoster:
     def __init__(self, board: Any, every_s: float = 2.0) -> None:
         self.board, self.every_s = board, every_s
         self.total, self._last = 0, 0.0
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        """Post that start-up stage ``name`` is reached now (or at ``at``; a handful per run)."""
+        self.board.mark.remote(name, time.time() if at is None else at)
 
     def rows(self, epoch: int, rows_in_epoch: int, batch_rows: int) -> None:
         """Count ``batch_rows`` more; post when the last post is older than ``every_s``."""
@@ -111,3 +131,63 @@ class ProgressWatch(threading.Thread):
                     f"[ray] {what} for {now - last_move:.0f} s; cluster CPUs: {free:g} free of {have:g}; "
                     f"the run asks {self.workers} x {self.cpus_per_worker:g} CPU for workers plus Ray Data's "
                     f"read tasks (see Ray's logs in its temp dir if this lasts)")
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process was started (from ``/proc``; Linux), so the start-up figure
+    includes the interpreter and the command's imports; elsewhere the time this module loaded."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _LOADED_AT
+
+
+_LOADED_AT = time.time()
+
+# Start-up stages: (mark that ends the stage, its name in the printed line). The driver's marks,
+# then rank 0's: "workers up" runs from the data open (the trainer's start) to rank 0 having
+# loaded this module (Ray's controller and worker actors, torch, the process group), "fn call"
+# to its worker function's start, "worker imports" to torchrec and the loop being imported.
+STARTUP_STAGES = (
+    ("imported", "imports"),
+    ("config", "config"),
+    ("checked", "preflight"),
+    ("ray", "ray.init"),
+    ("mlflow", "mlflow run"),
+    ("data", "data open"),
+    ("wimported", "workers up"),
+    ("worker", "fn call"),
+    ("wlibs", "worker imports"),
+    ("model", "model+plan"),
+    ("batch", "first batch"),
+    ("step", "first step"),
+)
+
+
+class StartupClock:
+    """The driver's start-up marks (wall clock), merged with rank 0's from the ``ProgressBoard``
+    into one line: the seconds each stage took and the total to the first training step."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.marks: dict[str, float] = {"start": start if start is not None else process_start_time()}
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        """Stage ``name`` reached now (or at ``at``); the first mark of a name counts."""
+        self.marks.setdefault(name, time.time() if at is None else at)
+
+    def line(self, worker_marks: dict[str, float] | None = None) -> str:
+        """``[ray] start-up: 9.8 s to the first step (imports 2.1 s, ...)``; stages with no mark
+        (a run of one batch never asks for a second) are left out."""
+        marks = {**(worker_marks or {}), **self.marks}
+        start, last, parts = marks["start"], marks["start"], []
+        # In the order reached: stages that overlap (the preflight runs while Ray starts) show
+        # what each added to the wait once the one before it was done.
+        for key, name in sorted(((k, n) for k, n in STARTUP_STAGES if k in marks), key=lambda kn: marks[kn[0]]):
+            parts.append(f"{name} {max(marks[key] - last, 0.0):.1f} s")
+            last = marks[key]
+        head = f"{marks['step'] - start:.1f} s to the first step" if "step" in marks else \
+            f"{last - start:.1f} s to the last stage seen"
+        return f"[ray] start-up: {head} ({', '.join(parts)})"

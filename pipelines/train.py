@@ -14,19 +14,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pipelines.ray_runtime  # noqa: F401  (sets Ray's environment before anything imports ray)
-from pipelines.ray_progress import ProgressWatch, start_board
+from pipelines.ray_progress import ProgressWatch, StartupClock, start_board
 from recemb.config.experiment import ClusterConfig, ExperimentConfig, load_experiment
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
 from recemb.errors import ConfigError, RecembError
 from recemb.tracking import TAG_CHECKPOINT_DIR, TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, TAG_WORLD_SIZE, Tracker
-from recemb.train.loop import TrainResult, epoch_train_rows, few_steps_warning, train
-from recemb.train.preflight import check_run
 from recemb.train.quiet import quiet_known_warnings
+
+if TYPE_CHECKING:
+    from recemb.train.loop import TrainResult
 
 
 def quiet_logs() -> None:
@@ -77,6 +81,8 @@ def check_experiment(cfg: ExperimentConfig) -> FeatureMap:
     """Everything that can be checked before a run is tracked: the prepared data's feature map
     exists and the whole config fits it and the device (``recemb.train.preflight.check_run``:
     kinds, params, budgets per block, the sparse optimizer). Returns the feature map."""
+    from recemb.train.preflight import check_run  # torch and torchrec: seconds, so only when checking
+
     fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
     check_run(cfg, fm)
     return fm
@@ -94,6 +100,59 @@ def join_ray(cfg: ExperimentConfig) -> str:
     check_train_resources(cfg.cluster.workers, cfg.cluster.cpus_per_worker, gpus=backend == "nccl",
                           local=is_local(cfg.cluster.address))
     return backend
+
+
+def _load_and_check(load: Callable[[], ExperimentConfig],
+                    clock: StartupClock) -> tuple[ExperimentConfig, FeatureMap]:
+    """``load()`` the config, ``check_experiment`` it, then import MLflow (the run is created
+    next): the driver's seconds of imports and model building, run while the other thread
+    waits for Ray to start."""
+    cfg = load()
+    fm = check_experiment(cfg)
+    clock.mark("checked")
+    import mlflow  # noqa: F401  (only to have it imported when the run is created)
+
+    return cfg, fm
+
+
+def _check_while_ray_starts(load: Callable[[], ExperimentConfig], clock: StartupClock,
+                            address: str) -> tuple[ExperimentConfig, FeatureMap]:
+    """Load and check the config (``load``, ``check_experiment``: torch, torchrec and the model
+    on the meta device, seconds) in a thread while this thread starts (or joins) the Ray at
+    ``address``: Ray's start is mostly waiting on its own processes. Then ``join_ray`` checks
+    that Ray can schedule the run; a config naming another cluster than ``address`` restarts
+    Ray there.
+
+    Errors come in the order they did one after the other: the config's and the preflight's
+    first (and a Ray started here for them is shut down again), then Ray's. Returns the config
+    and its feature map.
+    """
+    import ray  # here, before the thread starts importing: one thread imports Ray's modules
+
+    from pipelines.ray_runtime import init_ray
+
+    started_here = not ray.is_initialized()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recemb-preflight") as pool:
+        checked = pool.submit(_load_and_check, load, clock)
+        ray_error: BaseException | None = None
+        try:
+            init_ray(address)
+            clock.mark("ray")
+        except BaseException as exc:  # raised after the config's own errors, as before
+            ray_error = exc
+        try:
+            cfg, fm = checked.result()
+        except BaseException:
+            if started_here and ray.is_initialized():
+                ray.shutdown()
+            raise
+    if ray_error is not None:
+        raise ray_error
+    if cfg.cluster.address != address:  # the config file names the cluster: go there instead
+        if started_here:
+            ray.shutdown()
+    join_ray(cfg)
+    return cfg, fm
 
 
 def _resume_path(resume: str | Path | None, mlflow_uri: str) -> Path | None:
@@ -125,12 +184,30 @@ def run_train(
     ``workers``/``address``/``mlflow_uri`` override the config's ``cluster`` block;
     ``resume`` is a checkpoint folder, a run folder, or an MLflow run id.
     """
+    clock = StartupClock()
+    clock.mark("imported", _IMPORTED_AT)
     quiet_logs()
-    cfg = config if isinstance(config, ExperimentConfig) else load_experiment(config, overrides)
-    cfg.cluster = apply_cluster_args(cfg.cluster, workers, address, mlflow_uri)
-    fm = check_experiment(cfg)
+
+    def load_config() -> ExperimentConfig:
+        loaded = config if isinstance(config, ExperimentConfig) else load_experiment(config, overrides)
+        loaded.cluster = apply_cluster_args(loaded.cluster, workers, address, mlflow_uri)
+        clock.mark("config")
+        return loaded
+
+    if workers is not None and workers > 0:
+        # Ray asked for on the command line: start it while the config loads and is checked
+        # (loading imports torch and torchrec: seconds). Refuses a run Ray could never schedule
+        # before it is tracked.
+        cfg, fm = _check_while_ray_starts(load_config, clock, address or "")
+    else:
+        loaded = load_config()
+        if loaded.cluster.workers <= 0:
+            cfg, fm = loaded, check_experiment(loaded)
+        else:
+            cfg, fm = _check_while_ray_starts(lambda: loaded, clock, loaded.cluster.address)
     if cfg.cluster.workers > 0:
-        join_ray(cfg)  # refuses a run Ray could never schedule, before it is tracked
+        from recemb.train.loop import epoch_train_rows, few_steps_warning
+
         # The workers' own lines do not reach this console (log_to_driver=False): warn here.
         warning = few_steps_warning(cfg.train, epoch_train_rows(cfg.train, fm, cfg.data_dir), cfg.cluster.workers)
         if warning:
@@ -144,11 +221,14 @@ def run_train(
     run_id = tracker.start(cfg, tags=tags)
     tracker.log_params_from_config(cfg)
     print(f"[mlflow] run {run_id} ({cfg.expid}) in {tracker.uri}", flush=True)
+    clock.mark("mlflow")
     try:
         if cfg.cluster.workers <= 0:
+            from recemb.train.loop import train
+
             result = train(cfg, resume=resume, on_metrics=tracker.metrics_hook("valid"))
         else:
-            result = _train_on_ray(cfg, run_id, tracker.uri, resume, fail)
+            result = _train_on_ray(cfg, run_id, tracker.uri, resume, fail, clock)
         _finish_tracking(tracker, cfg, result)
     except BaseException:
         tracker.end("FAILED")
@@ -160,6 +240,7 @@ def run_train(
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker: same ``train`` as in-process, Ray Data in, reports out."""
+    entered = time.time()
     quiet_logs()
     import ray.train
     from ray.train import Checkpoint
@@ -172,12 +253,26 @@ def _worker_loop(config: dict[str, Any]) -> None:
     fail = FailureInjection(**config["fail"]) if config.get("fail") else None
     source = RayDataSource(fm, shuffle_rows=cfg.train.shuffle_rows, seed=cfg.train.seed, fail=fail,
                            progress=config.get("progress") if rank == 0 else None)
-    tracker = Tracker(config["mlflow_uri"], rank=rank, experiment_name=cfg.dataset_id)
-    tracker.start(cfg, run_id=config["run_id"])
+    poster = source.poster  # rank 0's start-up marks go to the driver's line
+    if poster is not None:
+        poster.mark("wimported", _IMPORTED_AT)
+        poster.mark("worker", entered)
     resume = config.get("resume")
     restored = ray.train.get_checkpoint()
     if restored is not None:
         resume = restored.to_directory()
+    from recemb.train.loop import auto_batch_size, epoch_train_rows, train  # torchrec: seconds
+
+    if poster is not None:
+        poster.mark("wlibs")
+    if resume is None and cfg.train.counts != "sample":
+        # Ray Data's wait for the first batch runs beside the MLflow start and the model build
+        # (every rank opens it: they share one streaming split).
+        world = ray.train.get_context().get_world_size()
+        source.open_train(cfg.train.batch_size or auto_batch_size(epoch_train_rows(cfg.train, fm, cfg.data_dir), world))
+    tracker = Tracker(config["mlflow_uri"], rank=rank, experiment_name=cfg.dataset_id)
+    tracker.start(cfg, run_id=config["run_id"])
+    if restored is not None:
         tracker.set_tags({"recemb.restored_from": str(restored.path)})
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
@@ -190,14 +285,19 @@ def _worker_loop(config: dict[str, Any]) -> None:
         report.update({"epoch_done": epoch, "step": step, f"train_rows_epoch{epoch}": metrics["train_rows"]})
         ray.train.report(report, checkpoint=Checkpoint.from_directory(str(path)))
 
-    result = train(cfg, resume=resume, on_metrics=on_metrics, source=source, on_epoch_end=on_epoch_end)
+    def on_start(model: Any, step: int) -> None:
+        if poster is not None:
+            poster.mark("model")
+
+    result = train(cfg, resume=resume, on_metrics=on_metrics, source=source, on_epoch_end=on_epoch_end,
+                   on_start=on_start)
     if rank == 0:
         tracker.log_dict(result.to_dict(), "result_worker.json")
 
 
 def _train_on_ray(
     cfg: ExperimentConfig, run_id: str, mlflow_uri: str, resume: str | Path | None,
-    fail: dict[str, Any] | None,
+    fail: dict[str, Any] | None, clock: StartupClock | None = None,
 ) -> TrainResult:
     import ray
     import ray.data
@@ -215,6 +315,8 @@ def _train_on_ray(
         split: ray.data.read_parquet([str(data_dir / f) for f in files], shuffle=None)
         for split, files in fm.shards.items() if files
     }
+    clock = clock or StartupClock()
+    clock.mark("data")
     storage = cfg.cluster.storage_path or str(Path(cfg.train.output_dir) / "ray")
     progress = start_board()
     trainer = TorchTrainer(
@@ -243,12 +345,21 @@ def _train_on_ray(
         ray_result = trainer.fit()
     finally:
         watch.stop()
+        try:
+            print(clock.line(ray.get(progress.read_marks.remote(), timeout=10)), flush=True)
+        except Exception:  # the line is informative only: a lost board never fails the run
+            pass
         ray.kill(progress)
     if ray_result.error is not None:
         raise RecembError(f"Ray training of {cfg.expid} failed: {ray_result.error}")
     result_path = Path(cfg.train.output_dir) / cfg.expid / "result.json"
     data = json.loads(result_path.read_text(encoding="utf-8"))
+    from recemb.train.loop import TrainResult
+
     return TrainResult(**data)
 
+
+# When this module's imports were done (the driver's "imports" stage ends here).
+_IMPORTED_AT = time.time()
 
 __all__ = ["quiet_logs", "run_train"]
