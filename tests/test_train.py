@@ -36,6 +36,7 @@ from recemb.train.checkpoint import (
     assemble_full,
     check_resume,
     config_changes,
+    fill_model_params,
     load_checkpoint,
     read_meta,
     rows_in_epoch,
@@ -101,7 +102,7 @@ def test_train_deepfm_writes_outputs_and_learns(make_experiment: MakeExperiment,
     for name in ("best", "last"):
         meta = read_meta(out / "checkpoints" / name)
         assert (meta["step"], meta["epoch"], meta["world_size"]) == (STEPS_PER_EPOCH, 1, 1)
-        assert meta["config"] == cfg.to_dict()
+        assert meta["config"] == fill_model_params(cfg.to_dict(), saved=False)  # first_order written out
 
     with (tmp_path / "runs" / "results.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -262,6 +263,30 @@ def test_resume_with_another_model_is_refused_naming_every_key(make_experiment: 
     assert "train.epochs" not in message and "\n" not in message
 
 
+def test_a_checkpoint_saved_before_first_order_was_written_rebuilds_its_tables(make_experiment: MakeExperiment) -> None:
+    """Runs saved before ``first_order: embedding`` became the default hold no ``first_order`` and
+    were trained with first-order tables: they load and export as such, a resume that would build
+    the new default names the key, and new checkpoints write the param out."""
+    from recemb.train.checkpoint import write_meta
+    from recemb.train.restore import load_trained_model
+
+    cfg = make_experiment("deepfm", "model.params.first_order=table")
+    first = run_train(cfg, stop_after_steps=3)
+    last = Path(first.output_dir) / "checkpoints" / "last"
+    meta = json.loads((last / "meta.json").read_text(encoding="utf-8"))
+    assert meta["config"]["model"]["params"]["first_order"] == "table"
+    del meta["config"]["model"]["params"]["first_order"]  # as a run saved before the change
+    write_meta(last, meta)
+    model, loaded = load_trained_model(last)
+    assert loaded.model.params["first_order"] == "table" and hasattr(model, "linear")
+    with pytest.raises(ConfigError, match=r"model\.params\.first_order: 'table' -> 'embedding'"):
+        run_train(make_experiment("deepfm"), resume=first.output_dir)
+    fresh = run_train(make_experiment("deepfm", "expid=fresh"), stop_after_steps=3)
+    saved = read_meta(Path(fresh.output_dir) / "checkpoints" / "last")["config"]["model"]["params"]
+    assert saved["first_order"] == "embedding"
+    run_train(make_experiment("deepfm", "expid=fresh"), resume=fresh.output_dir)  # the same config resumes
+
+
 def test_resume_from_a_damaged_checkpoint_is_refused(make_experiment: MakeExperiment) -> None:
     """A flipped byte in a tensor used to resume and train on (test logloss 1.04 instead of 0.51)."""
     from recemb.train.restore import load_trained_model
@@ -281,8 +306,11 @@ def test_resume_from_a_damaged_checkpoint_is_refused(make_experiment: MakeExperi
 
 
 def resume_meta(cfg: ExperimentConfig, rows: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """The parts of a checkpoint's meta that ``check_resume`` reads."""
-    return {"config": cfg.to_dict(), "world_size": world_size, "epoch": 0, "extra": {"rows_in_epoch": rows}}
+    """The parts of a checkpoint's meta that ``check_resume`` reads (the config as a checkpoint saves it)."""
+    from recemb.train.checkpoint import fill_model_params
+
+    return {"config": fill_model_params(cfg.to_dict(), saved=False), "world_size": world_size, "epoch": 0,
+            "extra": {"rows_in_epoch": rows}}
 
 
 def test_patience_counts_epochs_and_zero_never_stops(make_experiment: MakeExperiment) -> None:

@@ -170,7 +170,7 @@ def save_checkpoint(
             "world_size": world,
             "param_groups": groups,
             "torch_rng": torch.get_rng_state().tolist(),
-            "config": config,
+            "config": fill_model_params(config, saved=False),
             "extra": extra or {},
             "files": files,
         }
@@ -252,6 +252,43 @@ def _read_meta_bytes(folder: Path) -> tuple[bytes, bool]:
     return read_signed(folder / META, folder / META_DIGEST, _DAMAGED, required=False)
 
 
+# Model params whose default changed after runs had been saved without them: (model, param) -> the
+# value those runs were trained with. DeepFM, WDL and FM took their first-order term from separate
+# tables until ``first_order: embedding`` became the default.
+LEGACY_MODEL_PARAMS: dict[tuple[str, str], Any] = {(m, "first_order"): "table" for m in ("deepfm", "wdl", "fm")}
+
+
+def fill_model_params(config: dict[str, Any], saved: bool) -> dict[str, Any]:
+    """``config`` with every ``LEGACY_MODEL_PARAMS`` param its model lacks written out.
+
+    A checkpoint's config (``saved``) without the param predates its default's change, so it gets
+    the value that run was trained with; a config being saved or compared (``saved=False``) gets
+    today's default, so a checkpoint always records what its model was built with and a default
+    that changes later cannot rebuild it differently. Other configs come back unchanged.
+
+    Example:
+        >>> fill_model_params({"model": {"name": "deepfm", "params": {}}}, saved=True)["model"]
+        {'name': 'deepfm', 'params': {'first_order': 'table'}}
+        >>> fill_model_params({"model": {"name": "dcnv2"}}, saved=True)
+        {'model': {'name': 'dcnv2'}}
+    """
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return config
+    name = model.get("name", "deepfm")
+    params = dict(model.get("params") or {})
+    missing = [key for (m, key) in LEGACY_MODEL_PARAMS if m == name and key not in params]
+    if not missing:
+        return config
+    if not saved:
+        from recemb.models.registry import model_entry
+
+        defaults = model_entry(name).params()
+    for key in missing:
+        params[key] = LEGACY_MODEL_PARAMS[(name, key)] if saved else getattr(defaults, key)
+    return {**config, "model": {**model, "params": params}}
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The checkpoint's ``meta.json`` (step, epoch, config, files, ...), verified.
 
@@ -287,6 +324,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     elif folder.resolve() not in _warned_unverified:
         _warned_unverified.add(folder.resolve())
         log.warning("%s: format 1 checkpoint (written before checksums): its files cannot be verified", folder)
+    meta["config"] = fill_model_params(meta["config"], saved=True)
     return meta
 
 
@@ -563,6 +601,7 @@ def check_resume(path: str | Path, meta: dict[str, Any], current: dict[str, Any]
     listing every offending key with its saved and current value.
     """
     saved = _resolved(meta["config"], where=f"{path}/{META} config")
+    current = fill_model_params(current, saved=False)
     changes = config_changes(saved, current)
     refused = {k: v for k, v in changes.items()
                if not _listed(k, RESUME_SAFE_KEYS) and not _listed(k, RESUME_AT_EPOCH_END_KEYS)}
