@@ -150,7 +150,8 @@ _LOADED_AT = time.time()
 # Start-up stages: (mark that ends the stage, its name in the printed line). The driver's marks,
 # then rank 0's: "workers up" runs from the data open (the trainer's start) to rank 0 having
 # loaded this module (Ray's controller and worker actors, torch, the process group), "fn call"
-# to its worker function's start, "worker imports" to torchrec and the loop being imported.
+# to its worker function's start, "worker imports" to torchrec and the loop being imported,
+# "worker mlflow" to rank 0's MLflow run being resumed, "model+plan" to the sharded model.
 STARTUP_STAGES = (
     ("imported", "imports"),
     ("config", "config"),
@@ -161,6 +162,7 @@ STARTUP_STAGES = (
     ("wimported", "workers up"),
     ("worker", "fn call"),
     ("wlibs", "worker imports"),
+    ("wtracker", "worker mlflow"),
     ("model", "model+plan"),
     ("batch", "first batch"),
     ("step", "first step"),

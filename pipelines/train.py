@@ -274,6 +274,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     tracker.start(cfg, run_id=config["run_id"])
     if restored is not None:
         tracker.set_tags({"recemb.restored_from": str(restored.path)})
+    if poster is not None:
+        poster.mark("wtracker")
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(step, metrics, split="valid")
