@@ -5,7 +5,10 @@ table per vocabulary feature: a value gets the next id the first time it is seen
 block's training counts are added at those ids. The spill then holds int32 ids instead of
 strings, and the transform maps ids to vocabulary ids with one gather. A numpy open-addressing
 table keyed by ``hashing.string_keys`` keeps memory at a few tens of bytes per distinct
-value, with no re-grouping of partial tables as the input grows.
+value, with no re-grouping of partial tables as the input grows. Written by hand because no
+dependency offers a growable value -> id map across blocks: pyarrow's dictionary encoding and
+``value_counts`` work per array (merging them is the re-grouping this replaces), and pandas'
+hash tables are not a runtime dependency.
 
 Example:
     >>> import pyarrow as pa
