@@ -124,11 +124,12 @@ def test_load_refuses_checkpoint_of_another_model(trained: Trained, tmp_path: Pa
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained.run_dir / "checkpoints" / "best", ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["config"]["model"]["params"] = {"mlp": [16]}
+    params = meta["config"]["model"]["params"]  # first_order as trained: only the MLP changes below
+    meta["config"]["model"]["params"] = {**params, "mlp": [16]}
     write_meta(ckpt, meta)
     with pytest.raises(DataError, match="do not fit the model"):
         load_trained_model(ckpt)
-    meta["config"]["model"]["params"] = {"mlp": [24, 16]}
+    meta["config"]["model"]["params"] = {**params, "mlp": [24, 16]}
     write_meta(ckpt, meta)
     with pytest.raises(DataError, match="has shape"):
         load_trained_model(ckpt)
