@@ -102,9 +102,13 @@ class RayRunner:
 def _map_in_order(submit: Callable[..., Any], calls: Sequence[tuple[Any, ...]], window: int) -> list[Any]:
     """Run ``submit(*args)`` for each call with at most ``window`` in flight; results in call order.
 
-    On the first failure the other tasks are cancelled and waited for (they write into the
-    temp output the caller is about to remove); a ``RecembError`` raised in a task is
-    re-raised as itself, so the CLI prints it as one line.
+    On the first failure no new task starts and those in flight are waited for (they write
+    into the temp output the caller is about to remove); a ``RecembError`` raised in a task
+    is re-raised as itself, so the CLI prints it as one line. In-flight tasks are not
+    cancelled: in Ray 2.60 ``ray.cancel`` on a task whose reply is already on its way aborts
+    the driver (``Check failed: ... Tried to complete task that was not pending``, exit 1
+    with nothing on stderr; seen here in this function's test). On Ctrl-C nothing is waited
+    for: the tasks die with the driver's Ray.
     """
     import ray
     from ray.exceptions import RayTaskError
@@ -128,11 +132,9 @@ def _map_in_order(submit: Callable[..., Any], calls: Sequence[tuple[Any, ...]], 
                     if isinstance(exc.cause, RecembError):
                         raise exc.cause from None
                     raise
-    except BaseException:
-        for ref in running:
-            ray.cancel(ref)
+    except Exception:
         if running:
-            ray.wait(list(running), num_returns=len(running), timeout=60)
+            ray.wait(list(running), num_returns=len(running))
         raise
 
 
