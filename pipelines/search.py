@@ -42,6 +42,7 @@ from recemb.search.evolution import EvolutionSettings, Generation, evolve
 from recemb.tracking import TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, Tracker
 from recemb.train.checkpoint import assemble_full
 from recemb.train.loop import TrainModel, TrainResult, evaluate, resolve_device, seed_everything, train
+from recemb.train.quiet import quiet_known_warnings
 
 STAGES = ("supernet", "search", "retrain")
 STAGE_FILE = "stage"
@@ -300,6 +301,7 @@ def run_search(
     """Run (or resume) the three OptEmbed stages of ``config``; returns the summary also in ``summary.json``."""
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
+    quiet_known_warnings()
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment(config, overrides)
     if mlflow_uri is not None:
         cfg.cluster.mlflow_uri = mlflow_uri
