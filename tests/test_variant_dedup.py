@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from dist_utils import in_process_run, run_ranks
+from rank_harness import LabelledBatch, TinyHead, concat_batches, rank_batches, train_logits
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from twin_utils import as_kjt, check_twins, feature_map, random_ids
 
 from recemb.config.experiment import EmbeddingConfig
@@ -255,25 +254,6 @@ LOCAL = 16
 LR = 0.5
 
 
-class _Tiny(nn.Module):
-    def __init__(self, emb: nn.Module, features: int) -> None:
-        super().__init__()
-        self.emb = emb
-        self.head = nn.Linear(DIM * features, 1)
-
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.head(self.emb(kjt).values()).squeeze(1)
-
-
-def _batches(step: int, world: int) -> list[tuple[KeyedJaggedTensor, torch.Tensor]]:
-    fm = feature_map(True)
-    out = []
-    for rank in range(world):
-        labels = torch.randint(0, 2, (LOCAL,), generator=torch.Generator().manual_seed(step + 7 * rank)).float()
-        out.append((as_kjt(random_ids(fm, LOCAL, seed=100 * step + rank)), labels))
-    return out
-
-
 def _config() -> EmbeddingConfig:
     return EmbeddingConfig(kind="dedup", dim=DIM, seed=3, budget=0.2, lr=LR,
                            params={"optimizer": "sgd", "dedup_every": 2, "block": 4})
@@ -282,28 +262,12 @@ def _config() -> EmbeddingConfig:
 def _model(device: torch.device | None = None) -> nn.Module:
     fm = feature_map(True)
     torch.manual_seed(0)
-    return _Tiny(build_embedding_layer(fm, _config(), device=device), len(fm.sparse_features))
+    return TinyHead(build_embedding_layer(fm, _config(), device=device), len(fm.sparse_features), DIM)
 
 
-def _concat(parts: list[tuple[KeyedJaggedTensor, torch.Tensor]]) -> tuple[KeyedJaggedTensor, torch.Tensor]:
-    keys = parts[0][0].keys()
-    values = [kjt[k].values() for k in keys for kjt, _ in parts]
-    lengths = [kjt[k].lengths() for k in keys for kjt, _ in parts]
-    return (KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)),
-            torch.cat([y for _, y in parts]))
-
-
-def _run(model: nn.Module, batches: list[tuple[KeyedJaggedTensor, torch.Tensor]]) -> list[np.ndarray]:
+def _run(model: nn.Module, batches: list[LabelledBatch]) -> list[np.ndarray]:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    out = []
-    for kjt, labels in batches:
-        logits = model(kjt)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        out.append(logits.detach().numpy().copy())
-    return out
+    return train_logits(model, batches, [opt])
 
 
 def _layer(model: nn.Module) -> DedupLayer:
@@ -317,7 +281,7 @@ def _two_rank_steps(rank: int, world_size: int) -> dict[str, Any]:
     state = {k: v.clone() for k, v in _model().state_dict().items()}
     dmp = shard_model(_model(torch.device("meta")), _config(), torch.device("cpu")).model
     load_full_state(dmp, state)
-    logits = _run(dmp, [_batches(s, world_size)[rank] for s in range(STEPS)])
+    logits = _run(dmp, [rank_batches(s, world_size, LOCAL)[rank] for s in range(STEPS)])
     layer = _layer(dmp)
     trained = layer.weight.numpy().copy()
     dmp.eval()
@@ -333,7 +297,7 @@ def test_two_ranks_train_like_one_process_on_the_global_batch() -> None:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert a["updates"] == STEPS and a["unique"] == b["unique"]
     reference = _model()
-    expected = _run(reference, [_concat(_batches(s, 2)) for s in range(STEPS)])
+    expected = _run(reference, [concat_batches(rank_batches(s, 2, LOCAL)) for s in range(STEPS)])
     for s in range(STEPS):
         got = np.concatenate([ranks[0]["logits"][s], ranks[1]["logits"][s]])
         np.testing.assert_allclose(got, expected[s], rtol=1e-4, atol=1e-5, err_msg=f"step {s}")

@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from dist_utils import in_process_run, run_ranks
+from rank_harness import LabelledBatch, TinyHead, concat_batches, rank_batches, train_logits
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from twin_utils import as_kjt, check_twins, feature_map, random_ids
 
 from recemb.config.experiment import EmbeddingConfig
@@ -255,26 +254,6 @@ LOCAL = 16
 LR = 0.5
 
 
-class _Tiny(nn.Module):
-    def __init__(self, emb: EmbeddingLayer, features: int) -> None:
-        super().__init__()
-        self.emb = emb
-        self.head = nn.Linear(DIM * features, 1)
-
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.head(self.emb(kjt).values()).squeeze(1)
-
-
-def _batches(step: int, world: int) -> list[tuple[KeyedJaggedTensor, torch.Tensor]]:
-    fm = feature_map(True)
-    out = []
-    for rank in range(world):
-        ids = random_ids(fm, LOCAL, seed=100 * step + rank)
-        labels = torch.randint(0, 2, (LOCAL,), generator=torch.Generator().manual_seed(step + 7 * rank)).float()
-        out.append((as_kjt(ids), labels))
-    return out
-
-
 def _config(kind: str) -> EmbeddingConfig:
     """Plain SGD everywhere (row updates, fused tables, dense): two ranks then match one process exactly."""
     return EmbeddingConfig(kind=kind, dim=DIM, seed=3, optimizer="exact_sgd", lr=LR, sharding="row_wise",
@@ -284,35 +263,16 @@ def _config(kind: str) -> EmbeddingConfig:
 def _model(kind: str, device: torch.device | None = None) -> nn.Module:
     fm = feature_map(True)
     torch.manual_seed(0)
-    return _Tiny(build_embedding_layer(fm, _config(kind), device=device), len(fm.sparse_features))
+    return TinyHead(build_embedding_layer(fm, _config(kind), device=device), len(fm.sparse_features), DIM)
 
 
-def _concat(parts: list[tuple[KeyedJaggedTensor, torch.Tensor]]) -> tuple[KeyedJaggedTensor, torch.Tensor]:
-    keys = parts[0][0].keys()
-    values, lengths = [], []
-    for k in keys:
-        for kjt, _ in parts:
-            values.append(kjt[k].values())
-            lengths.append(kjt[k].lengths())
-    return (KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)),
-            torch.cat([y for _, y in parts]))
-
-
-def _run(model: nn.Module, batches: list[tuple[KeyedJaggedTensor, torch.Tensor]]) -> list[np.ndarray]:
+def _run(model: nn.Module, batches: list[LabelledBatch]) -> list[np.ndarray]:
+    """SGD on what the fused tables do not update in backward, with the quantizers' regularization."""
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     opt = torch.optim.SGD([p for _, p in in_backward_optimizer_filter(model.named_parameters())], lr=LR)
-    out = []
-    for kjt, labels in batches:
-        logits = model(kjt)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        for m in quantizers(model):
-            loss = loss + m.regularization()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        out.append(logits.detach().numpy().copy())
-    return out
+    return train_logits(model, batches, [opt],
+                        extra_loss=lambda: sum(m.regularization() for m in quantizers(model)))
 
 
 def _two_rank_steps(rank: int, world_size: int) -> dict[str, Any]:
@@ -324,7 +284,7 @@ def _two_rank_steps(rank: int, world_size: int) -> dict[str, Any]:
         state = {k: v.clone() for k, v in _model(kind).state_dict().items()}
         dmp = shard_model(_model(kind, torch.device("meta")), _config(kind), torch.device("cpu")).model
         load_full_state(dmp, state)
-        logits = _run(dmp, [_batches(step, world_size)[rank] for step in range(STEPS)])
+        logits = _run(dmp, [rank_batches(step, world_size, LOCAL)[rank] for step in range(STEPS)])
         part = coded(dmp)
         out[kind] = {"logits": logits, "codes": part.codes.numpy().copy(), "weight": part.weight.numpy().copy(),
                      "codebook": part.codebook.detach().numpy().copy()}
@@ -343,7 +303,7 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(two_ranks: list[di
     for name in ("codes", "weight", "codebook"):  # data parallel: every rank holds the same state
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     reference = _model(kind)
-    expected = _run(reference, [_concat(_batches(step, 2)) for step in range(STEPS)])
+    expected = _run(reference, [concat_batches(rank_batches(step, 2, LOCAL)) for step in range(STEPS)])
     for step in range(STEPS):
         got = np.concatenate([two_ranks[0][kind]["logits"][step], two_ranks[1][kind]["logits"][step]])
         np.testing.assert_allclose(got, expected[step], rtol=1e-4, atol=1e-5, err_msg=f"{kind} step {step}")

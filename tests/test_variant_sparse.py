@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from dist_utils import in_process_run, run_ranks
+from rank_harness import LabelledBatch, TinyHead, concat_batches, rank_batches, train_logits
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from twin_utils import as_kjt, check_twins, feature_map, random_ids
 
 from recemb.config.experiment import EmbeddingConfig
@@ -276,25 +275,6 @@ PARAMS = {"deeplight": {"optimizer": "sgd", "damping": 0.5, "damping_steps": 1, 
                   "mask_every": 1}}
 
 
-class _Tiny(nn.Module):
-    def __init__(self, emb: nn.Module, features: int) -> None:
-        super().__init__()
-        self.emb = emb
-        self.head = nn.Linear(DIM * features, 1)
-
-    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.head(self.emb(kjt).values()).squeeze(1)
-
-
-def _batches(step: int, world: int) -> list[tuple[KeyedJaggedTensor, torch.Tensor]]:
-    fm = feature_map(True)
-    out = []
-    for rank in range(world):
-        labels = torch.randint(0, 2, (LOCAL,), generator=torch.Generator().manual_seed(step + 7 * rank)).float()
-        out.append((as_kjt(random_ids(fm, LOCAL, seed=100 * step + rank)), labels))
-    return out
-
-
 def _config(kind: str) -> EmbeddingConfig:
     return EmbeddingConfig(kind=kind, dim=DIM, seed=3, budget=0.2, lr=LR, params=PARAMS[kind])
 
@@ -302,32 +282,15 @@ def _config(kind: str) -> EmbeddingConfig:
 def _model(kind: str, device: torch.device | None = None) -> nn.Module:
     fm = feature_map(True)
     torch.manual_seed(0)
-    return _Tiny(build_embedding_layer(fm, _config(kind), device=device), len(fm.sparse_features))
+    return TinyHead(build_embedding_layer(fm, _config(kind), device=device), len(fm.sparse_features), DIM)
 
 
-def _concat(parts: list[tuple[KeyedJaggedTensor, torch.Tensor]]) -> tuple[KeyedJaggedTensor, torch.Tensor]:
-    keys = parts[0][0].keys()
-    values = [kjt[k].values() for k in keys for kjt, _ in parts]
-    lengths = [kjt[k].lengths() for k in keys for kjt, _ in parts]
-    return (KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)),
-            torch.cat([y for _, y in parts]))
-
-
-def _run(model: nn.Module, batches: list[tuple[KeyedJaggedTensor, torch.Tensor]]) -> list[np.ndarray]:
+def _run(model: nn.Module, batches: list[LabelledBatch]) -> list[np.ndarray]:
+    """SGD, and Adam on PEP's thresholds."""
     aux = [p for m in model.modules() if isinstance(m, SoftThresholdLayer) for p in m.parameters()]
     dense = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in aux)]
     opts = [torch.optim.SGD(dense, lr=LR)] + ([torch.optim.Adam(aux, lr=0.05)] if aux else [])
-    out = []
-    for kjt, labels in batches:
-        logits = model(kjt)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        for opt in opts:
-            opt.zero_grad()
-        loss.backward()
-        for opt in opts:
-            opt.step()
-        out.append(logits.detach().numpy().copy())
-    return out
+    return train_logits(model, batches, opts)
 
 
 def _layer(model: nn.Module) -> SparseRowLayer:
@@ -343,7 +306,7 @@ def _two_rank_steps(rank: int, world_size: int) -> dict[str, Any]:
         state = {k: v.clone() for k, v in _model(kind).state_dict().items()}
         dmp = shard_model(_model(kind, torch.device("meta")), _config(kind), torch.device("cpu")).model
         load_full_state(dmp, state)
-        logits = _run(dmp, [_batches(s, world_size)[rank] for s in range(STEPS)])
+        logits = _run(dmp, [rank_batches(s, world_size, LOCAL)[rank] for s in range(STEPS)])
         layer = _layer(dmp)
         dmp.eval()
         out[kind] = {"logits": logits, "weight": layer.weight.numpy().copy(), "kept": layer.kept.numpy().copy(),
@@ -364,7 +327,7 @@ def test_two_ranks_train_like_one_process_on_the_global_batch(two_ranks: list[di
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert a["updates"] == STEPS
     reference = _model(kind)
-    expected = _run(reference, [_concat(_batches(s, 2)) for s in range(STEPS)])
+    expected = _run(reference, [concat_batches(rank_batches(s, 2, LOCAL)) for s in range(STEPS)])
     for s in range(STEPS):
         got = np.concatenate([two_ranks[0][kind]["logits"][s], two_ranks[1][kind]["logits"][s]])
         np.testing.assert_allclose(got, expected[s], rtol=1e-4, atol=1e-5, err_msg=f"{kind} step {s}")
