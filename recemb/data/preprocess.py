@@ -70,7 +70,7 @@ from recemb.data.sources import (
     iter_blocks,
     resolve_paths,
 )
-from recemb.data.value_table import ValueTable
+from recemb.data.value_table import ValueTable, ValueTables
 from recemb.errors import ConfigError, DataError, OutputExistsError
 from recemb.io import replace_folder, write_text_atomic
 
@@ -659,13 +659,13 @@ def _values_path(spill: Path) -> Path:
     return spill.with_name(spill.name.removesuffix(".arrows") + ".values.arrows")
 
 
-def _write_values(cfg: DatasetConfig, path: Path, accs: dict[str, ValueTable]) -> None:
+def _write_values(cfg: DatasetConfig, path: Path, accs: _Vocabs) -> None:
     """One record batch per vocabulary feature (in feature order) holding its values by id."""
     schema = pa.schema([pa.field("value", pa.string())])
     with ipc.new_stream(str(path), schema) as writer:
         for spec in cfg.features:
-            if spec.name in accs:
-                writer.write_batch(pa.record_batch([accs[spec.name].values()], schema=schema))
+            if spec.name in accs.group:
+                writer.write_batch(pa.record_batch([accs.table.values(accs.group[spec.name])], schema=schema))
 
 
 def _read_values(cfg: DatasetConfig, path: Path) -> dict[str, pa.Array]:
@@ -777,7 +777,7 @@ def fit_file(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, spill: Path |
     """
     check_columns(cfg, src)
     stats = PartialStats()
-    accs = {s.name: ValueTable() for s in cfg.features if s.kind != "dense" and not s.hash_buckets}
+    accs = _Vocabs(cfg)
 
     def on_rejects(file: str, rows: list[tuple[int, str]], rows_in: int) -> None:
         stats.rows_in += rows_in
@@ -802,11 +802,51 @@ def fit_file(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile, spill: Path |
             writer.close()
     if spill is not None:
         _write_values(cfg, _values_path(spill), accs)
-    stats.counts = {name: acc.count_table() for name, acc in accs.items()}
+    stats.counts = {name: accs.table.count_table(g) for name, g in accs.group.items()}
     return stats
 
 
-def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dict[str, ValueTable]) -> None:
+class _Vocabs:
+    """The vocabulary features of a fit: one ``ValueTables`` group each, in feature order."""
+
+    def __init__(self, cfg: DatasetConfig) -> None:
+        names = [s.name for s in cfg.features if s.kind != "dense" and not s.hash_buckets]
+        self.group = {name: k for k, name in enumerate(names)}
+        self.table = ValueTables(max(1, len(names)))
+        self.sparse = [s for s in cfg.features if s.kind == "sparse" and s.name in self.group]
+
+
+def _fit_sparse(c: CleanBlock, train: np.ndarray, weights: np.ndarray | None, accs: _Vocabs) -> None:
+    """Count and map the vocabulary sparse features of a block together: their block
+    dictionaries go through the table in one call, their train counts are one ``bincount``
+    and their table ids one gather over a (features x rows) matrix of dictionary positions."""
+    specs = accs.sparse
+    arrs = [c.cats[s.name] for s in specs]
+    sizes = np.array([len(a.dictionary) for a in arrs], np.int64)
+    starts = np.cumsum(sizes) - sizes
+    total = int(sizes.sum())
+    pos = np.empty((len(arrs), c.n), np.int64)  # position in the concatenated dictionaries; total = missing
+    for j, arr in enumerate(arrs):
+        ind = arr.indices
+        if ind.null_count:
+            np.add(np.asarray(pc.fill_null(ind, total - int(starts[j]))), starts[j], out=pos[j])
+        else:
+            np.add(np.asarray(ind), starts[j], out=pos[j])
+    entries = accs.table.entries([a.dictionary for a in arrs], [accs.group[s.name] for s in specs])
+    sel = pos[:, train].ravel()
+    if weights is not None:
+        w = np.tile(weights, len(arrs))
+        counts = np.rint(np.bincount(sel, weights=w, minlength=total + 1)).astype(np.int64)
+    else:
+        counts = np.bincount(sel, minlength=total + 1)
+    accs.table.add_entry_counts(entries, counts[:total])  # a null entry (-1) gets no count
+    lut = np.append(accs.table.local_ids(entries), -1).astype(np.int32)
+    row_ids = lut[pos]
+    for j, spec in enumerate(specs):
+        c.cats[spec.name] = pa.array(row_ids[j])
+
+
+def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: _Vocabs) -> None:
     """Add one block to the statistics; vocabulary features' values in ``c.cats`` become table ids."""
     train = c.split == 0
     for code, name in enumerate(SPLITS):
@@ -824,34 +864,25 @@ def _fit_block(cfg: DatasetConfig, c: CleanBlock, stats: PartialStats, accs: dic
                 sk = stats.sketches.setdefault(spec.name, {})
                 for key, k in zip(keys.tolist(), cnt.tolist(), strict=True):
                     sk[key] = sk.get(key, 0) + k
-        elif spec.name in accs:
-            if spec.kind == "sparse":
-                arr = c.cats[spec.name]
-                every = np.asarray(pc.fill_null(arr.indices, -1) if arr.indices.null_count else arr.indices)
-                idx = every[train]
-                w = weights
-                dictionary = arr.dictionary
-            else:
-                flat, offsets = multi_tokens(c.cats[spec.name], spec)
-                rows = np.repeat(np.arange(c.n), np.diff(offsets))
-                sel = train[rows]
-                enc = flat.dictionary_encode()
-                every = np.asarray(enc.indices)
-                idx = every[sel]
-                w = c.count[rows[sel]] if c.count is not None else None
-                dictionary = enc.dictionary
-            ok = idx >= 0
+        elif spec.kind == "multihot" and spec.name in accs.group:
+            flat, offsets = multi_tokens(c.cats[spec.name], spec)
+            rows = np.repeat(np.arange(c.n), np.diff(offsets))
+            sel = train[rows]
+            enc = flat.dictionary_encode()
+            every = np.asarray(enc.indices)
+            idx = every[sel]
+            w = c.count[rows[sel]] if c.count is not None else None
+            dictionary = enc.dictionary
             if w is not None:
-                counts = np.rint(np.bincount(idx[ok], weights=w[ok], minlength=len(dictionary))).astype(np.int64)
+                counts = np.rint(np.bincount(idx, weights=w, minlength=len(dictionary))).astype(np.int64)
             else:
-                counts = np.bincount(idx[ok], minlength=len(dictionary)).astype(np.int64)
-            ids = accs[spec.name].ids(dictionary)  # -1 for a null entry, whose count is never added
-            accs[spec.name].add_counts(ids, counts)
-            row_ids = np.append(ids, -1).astype(np.int32)[every]  # a null index (-1) takes the appended -1
-            if spec.kind == "sparse":
-                c.cats[spec.name] = pa.array(row_ids)
-            else:
-                c.cats[spec.name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(row_ids))
+                counts = np.bincount(idx, minlength=len(dictionary)).astype(np.int64)
+            entries = accs.table.entries([dictionary], [accs.group[spec.name]])
+            accs.table.add_entry_counts(entries, counts)
+            row_ids = accs.table.local_ids(entries).astype(np.int32)[every]
+            c.cats[spec.name] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(row_ids))
+    if accs.sparse and c.n:
+        _fit_sparse(c, train, weights, accs)
 
 
 # ----------------------------------------------------------------------------- finalize
