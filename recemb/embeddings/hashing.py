@@ -94,6 +94,13 @@ def hash64_keyed(ids: torch.Tensor, keys: torch.Tensor | int) -> torch.Tensor:
     return _mix_(z.add_(_signed(_GOLDEN)))
 
 
+def mix64_keyed(z: torch.Tensor) -> torch.Tensor:
+    """``hash64_keyed`` after its xor: ``z`` (int64, ids already xored with their keys, consumed in
+    place) finished into the 64-bit hashes. For callers that build the xor themselves, e.g. by
+    broadcasting one id against several keys, so the copies and the xor are one pass."""
+    return _mix_(z.add_(_signed(_GOLDEN)))
+
+
 def buckets_of(hashed: torch.Tensor, buckets: torch.Tensor | int) -> torch.Tensor:
     """The bucket of each 64-bit hash (``hash64_keyed``'s output, consumed in place): its top 63 bits
     mod ``buckets`` (an int or a tensor broadcast against it, e.g. rows per feature gathered by segment)."""
@@ -174,4 +181,4 @@ def hash_unit(ids: torch.Tensor, seed: int) -> torch.Tensor:
 
 __all__ = ["buckets_of", "hash64", "hash64_keyed", "hash64_np", "hash_ids", "hash_ids_np", "hash_segments",
            "hash64_segments", "hash_unit",
-           "hash_unit_np", "mix64_torch", "salted_seed", "seed_key", "signed_key"]
+           "hash_unit_np", "mix64_keyed", "mix64_torch", "salted_seed", "seed_key", "signed_key"]

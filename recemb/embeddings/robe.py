@@ -37,7 +37,7 @@ from recemb.embeddings.base import (
     regroup,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes
-from recemb.embeddings.hashing import buckets_of, hash64_segments, salted_seed, seed_key
+from recemb.embeddings.hashing import buckets_of, hash64_segments, mix64_keyed, salted_seed, seed_key
 from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -133,13 +133,31 @@ class RobeTransform(IdTransform):
         return cls(p["blocks"], p["rows"], p["signed"])
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Each feature's ids once per block (one ``regroup``), then one hash of them all, each block
-        with its own key (``hash64_segments``); the sign is the hash's lowest bit, the row its top 63."""
+        """Each feature's ids once per block, then one hash of them all, each block with its own key;
+        the sign is the hash's lowest bit, the row its top 63.
+
+        When every feature has as many ids (single-hot batches) the ids are xored with the block
+        keys by broadcasting (``[features, 1, ids] ^ [features, blocks, 1]``), which makes the
+        per-block copies and the hash's first pass one pass; else the copies come from ``regroup``
+        and ``hash64_segments`` hashes them."""
         kjt = ordered_by(kjt, self.features)
-        values, lengths, per_key = regroup(kjt, self._sources)
-        h = hash64_segments(values, self._key_tensor, per_key)
-        weights = (h & 1).mul_(-2).add_(1).to(torch.float32) if self.signed else None
+        per_feature = kjt.length_per_key()
+        width = per_feature[0] if per_feature and all(n == per_feature[0] for n in per_feature) else None
+        if width is not None:
+            features = len(self.features)
+            keys = self._key_tensor.to(kjt.values().device).view(features, self.blocks, 1)
+            z = kjt.values().to(torch.int64).view(features, 1, width) ^ keys
+            h = mix64_keyed(z.view(-1))
+            lengths = kjt.lengths().view(features, 1, -1).expand(-1, self.blocks, -1).reshape(-1)
+            per_key = [width] * (features * self.blocks)
+        else:
+            values, lengths, per_key = regroup(kjt, self._sources)
+            h = hash64_segments(values, self._key_tensor, per_key)
+        weights = _SIGNS.to(h.device).index_select(0, h & 1) if self.signed else None
         return jagged(self.keys, buckets_of(h, self.rows), lengths, kjt.stride(), per_key, weights)
+
+
+_SIGNS = torch.tensor([1.0, -1.0])  # the weight of a block by its hash's lowest bit
 
 
 @register_combiner("block_concat")
