@@ -246,44 +246,54 @@ class MdeTransform(IdTransform):
                 buffer.copy_(torch.from_numpy(source))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """One pass over all ids: each id's block from its feature's block starts (a comparison per
-        block when every key has as many ids, else a search), its table's constants gathered by table, one hash for the capped tables, then one stable
-        sort by table (on the smallest integer type that holds the table count: a radix sort)."""
+        """One pass over all ids: each id's block from its feature's block starts, its table's
+        constants gathered by table, one hash for the capped tables, each (table, sample) bag's
+        count, then one stable sort by table (on the smallest integer type that holds the table
+        count: a radix sort).
+
+        When every bag holds one id (single-hot batches) the ids lie (feature, sample) in a
+        ``[features, batch]`` grid: the block is a comparison per block boundary against each
+        row's starts, each id's bag is its table's row plus its column, and the counts are ones
+        written at the bags (no count over all ``tables x batch`` bags). Otherwise the starts are
+        searched per id and the bags counted.
+        """
         kjt = ordered_by(kjt, self.features)
         values, lengths, per_key = kjt.values().to(torch.int64), kjt.lengths(), kjt.length_per_key()
         batch = kjt.stride()
         if self._plain:
             return jagged(self.keys, values, lengths, batch, per_key)
         device, n, features = values.device, values.numel(), len(self.features)
-        width = per_key[0] if per_key and all(k == per_key[0] for k in per_key) else None
-        if width is not None:  # single-hot and alike: search each feature's starts for its row of ids
-            rows_of_ids = values.view(features, width)
-            block = torch.arange(features, device=device).mul_(self.max_blocks).view(-1, 1).expand(-1, width)
-            block = block.contiguous()  # each feature's first (feature, block) slot, then + the block
+        # One id per bag needs every length to be 1, not only as many bags as ids ([2, 0] has two).
+        single = lengths.numel() == n and n > 0 and not bool(lengths.ne(1).any())
+        first_slot = torch.arange(features, device=device).mul_(self.max_blocks)
+        if single:  # a comparison per block boundary, each feature's row of ids against its start
+            grid = values.view(features, batch)
+            slot = first_slot.view(-1, 1).expand(-1, batch).contiguous()
             for b in range(1, self.max_blocks):
-                block += rows_of_ids >= self.starts[:, b:b + 1]
-            table = self.index.view(-1).index_select(0, block.view(-1))
+                slot += grid >= self.starts[:, b:b + 1]
         else:
             feature = by_key(torch.arange(features, device=device), per_key, device)
-            block = torch.searchsorted(self.starts.index_select(0, feature), values.view(-1, 1), right=True).view(-1)
-            table = self.index.view(-1).index_select(0, block.sub_(1).add_(feature * self.max_blocks))
+            slot = torch.searchsorted(self.starts.index_select(0, feature), values.view(-1, 1), right=True).view(-1)
+            slot.sub_(1).add_(first_slot.index_select(0, feature))
+        table = self.index.view(-1).index_select(0, slot.view(-1))
         start, rows, hashed, keys = self.per_table.unbind(1)
         local = values - start.index_select(0, table)
         if self._hashed:
             h = buckets_of(hash64_keyed(local, keys.index_select(0, table)), rows.index_select(0, table))
             local = torch.where(hashed.bool().index_select(0, table), h, local)
-        if lengths.numel() == n:  # one id per bag: the bag of value i is i
-            sample = torch.arange(n, device=device).remainder_(batch)
+        bags = len(self.keys) * batch
+        if single:
+            bag = (table.view(features, batch) * batch).add_(torch.arange(batch, device=device)).view(-1)
+            out_lengths = torch.zeros(bags, dtype=lengths.dtype, device=device).index_fill_(0, bag, 1)
         else:
-            bags = torch.arange(lengths.numel(), device=device)
-            sample = bags.repeat_interleave(lengths, output_size=n).remainder_(batch)
-        out_lengths = torch.bincount(table * batch + sample, minlength=len(self.keys) * batch)
+            sample = torch.arange(batch, device=device).repeat(len(per_key)).repeat_interleave(lengths, output_size=n)
+            out_lengths = torch.bincount(sample.add_(table * batch), minlength=bags).to(lengths.dtype)
         if self.max_blocks > 1:
             # Values are ordered (feature, sample); the KJT wants (table, sample).
             order = torch.sort(table.to(self._sort_dtype), stable=True).indices
             local = local.index_select(0, order)
-        out_per_key = out_lengths.view(len(self.keys), batch).sum(1).tolist()
-        return jagged(self.keys, local, out_lengths.to(lengths.dtype), batch, out_per_key)
+        out_per_key = torch.bincount(table, minlength=len(self.keys)).tolist()
+        return jagged(self.keys, local, out_lengths, batch, out_per_key)
 
 
 @register_combiner("project_sum")

@@ -1,0 +1,104 @@
+"""The fast paths of the compressed variants' transforms and combiners against their numpy twins.
+
+The transforms take shortcuts when every key has as many ids (broadcasting over a
+``[features, ids]`` grid) or when every bag holds exactly one id. A batch with as many bags as
+ids that is not one id per bag (lengths ``[2, 0, 1, 1]`` for every key) has equal per-key counts
+without being single-hot: it must take the general path's bags, id for id as the twins give.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_plan_twins_robe_mde_hybrid import counted_layer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from twin_utils import feature_map, weights
+
+from recemb.config.experiment import EmbeddingConfig
+from recemb.embeddings.base import TableEmbeddingLayer, in_order
+from recemb.embeddings.registry import build_embedding_layer
+from recemb.serving.lookup import lookup
+from recemb.serving.transforms import apply_transform
+
+PATTERN = np.array([2, 0, 1, 1], dtype=np.int64)  # as many bags as ids, not one id per bag
+
+
+def layer_of(kind: str, settings: dict[str, Any]) -> TableEmbeddingLayer:
+    if kind == "mde-blocks":
+        return counted_layer("mde", True, budget=0.05, blocks=3)
+    torch.manual_seed(0)
+    layer = build_embedding_layer(feature_map(True), EmbeddingConfig(kind=kind, dim=8, seed=3, **settings))
+    assert isinstance(layer, TableEmbeddingLayer)
+    return layer
+
+
+CASES: list[tuple[str, dict[str, Any]]] = [
+    ("mde-blocks", {}),
+    ("mde", {"budget": 0.05}),
+    ("robe", {"budget": 0.05}),
+    ("hybrid", {"budget": 0.05}),
+    ("unified", {"budget": 0.05, "params": {"tables": 2, "chunk": 4}}),
+    ("hashed", {"budget": 0.2}),
+    ("qr", {"budget": 0.2, "params": {"op": "add"}}),
+]
+
+
+@pytest.mark.parametrize(("kind", "settings"), CASES, ids=[k for k, _ in CASES])
+@pytest.mark.parametrize("grad", [False, True], ids=["eval", "train"])
+def test_equal_counts_that_are_not_single_hot(kind: str, settings: dict[str, Any], grad: bool) -> None:
+    layer = layer_of(kind, settings).eval()
+    plan = layer.plan
+    assert plan is not None
+    rng = np.random.default_rng(5)
+    lengths = np.tile(PATTERN, 4)
+    ids = {f: (rng.integers(0, layer.full_rows[f], int(lengths.sum())).astype(np.int64), lengths)
+           for f in plan.features}
+    kjt = KeyedJaggedTensor(keys=list(ids), values=torch.from_numpy(np.concatenate([v for v, _ in ids.values()])),
+                            lengths=torch.from_numpy(np.concatenate([n for _, n in ids.values()])))
+    physical = layer.transform(kjt).to_dict()
+    for f in plan.features:
+        for p in apply_transform(plan, f, *ids[f]):
+            got = physical[p.key]
+            assert np.array_equal(got.lengths().numpy(), p.lengths), (kind, p.key)
+            assert np.array_equal(got.values().numpy(), p.values), (kind, p.key)
+            if p.weights is not None:
+                assert np.allclose(got.weights().numpy(), p.weights), (kind, p.key)
+    with torch.set_grad_enabled(grad):
+        out = layer(kjt)
+        want = in_order(layer.combiner(layer.ebc(layer.transform(kjt))), layer.features)
+    assert torch.equal(out.values(), want.values()), kind
+    tables, dense = weights(layer)
+    parts = out.to_dict()
+    for f in plan.features:
+        np.testing.assert_allclose(lookup(plan, tables, dense, f, *ids[f]), parts[f].detach().numpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=f"{kind} {f}")
+
+
+def test_mde_combine_keeps_gradients() -> None:
+    """The combiner's gradients equal those of the plain form: a matmul per projected block, summed."""
+    layer = counted_layer("mde", False, budget=0.3, blocks=3)
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.integers(0, layer.full_rows[f], 16) for f in layer.features])
+    kjt = KeyedJaggedTensor(keys=layer.features, values=torch.from_numpy(values),
+                            lengths=torch.ones(16 * len(layer.features), dtype=torch.int64))
+    params = dict(layer.named_parameters())
+    assert any(k.startswith("combiner.proj.") for k in params), "expected projections at this budget"
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        layer.zero_grad()
+        loss.backward()
+        return {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in params.items()}
+
+    got = grads(layer(kjt).values().square().sum())
+    pooled = layer.ebc(layer.transform(kjt)).to_dict()
+    sums: dict[str, torch.Tensor] = {}
+    for key, owner, proj in layer.combiner.parts:
+        vec = pooled[key] if proj is None else torch.nn.functional.linear(pooled[key], layer.combiner.proj[proj].weight)
+        f = layer.features[owner]
+        sums[f] = vec if f not in sums else sums[f] + vec
+    want = grads(sum(v.square().sum() for v in sums.values()))
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=k)
