@@ -168,27 +168,42 @@ class HybridTransform(IdTransform):
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """One pass over all ids: each id's ``K_f`` and hash key gathered by segment, the hot rows
         clamped, the cold ids hashed at once; each bag's cold count from a running count of cold
-        ids read at the bag offsets."""
+        ids read at the bag offsets.
+
+        When every bag holds one id (single-hot batches) the ids lie (feature, sample) in a
+        ``[features, batch]`` grid: ``K_f`` is broadcast along its row, a cold id's feature is its
+        row, and a bag's cold count is whether its id is cold (no running count, no offsets)."""
         kjt = ordered_by(kjt, self.features)
         values, lengths, per_key = kjt.values().to(torch.int64), kjt.lengths(), kjt.length_per_key()
         device, n, bags = values.device, values.numel(), lengths.numel()
-        limit = by_key(self.hot_ids, per_key, device)
-        cold = values > limit
-        where = cold.nonzero().squeeze(1)
-        out = torch.empty(n + where.numel(), dtype=torch.int64, device=device)
-        torch.minimum(values, limit.add_(1), out=out[:n])
-        # The feature of each cold id: which key's slice of the values it lies in.
-        bounds = torch.tensor(kjt.offset_per_key()[1:], device=device)
-        feature = torch.searchsorted(bounds, where, right=True)
-        hashed = hash64_keyed(values.index_select(0, where), self.hash_keys.index_select(0, feature))
-        out[n:] = buckets_of(hashed, self.rows)
-        seen = torch.zeros(n + 1, dtype=torch.int64, device=device)
-        torch.cumsum(cold, 0, out=seen[1:])
-        at_offsets = seen.index_select(0, kjt.offsets().to(torch.int64))
         out_lengths = torch.empty(2 * bags, dtype=lengths.dtype, device=device)
         out_lengths[:bags] = lengths
-        out_lengths[bags:] = at_offsets[1:] - at_offsets[:-1]
-        cold_per_key = out_lengths[bags:].view(len(per_key), -1).sum(1).tolist()
+        if bags == n and n > 0 and not bool(lengths.ne(1).any()):
+            grid = values.view(len(per_key), -1)
+            limit = self.hot_ids.view(-1, 1)
+            cold = grid > limit
+            where = cold.view(-1).nonzero().squeeze(1)
+            out = torch.empty(n + where.numel(), dtype=torch.int64, device=device)
+            torch.minimum(grid, limit + 1, out=out[:n].view_as(grid))
+            feature = torch.div(where, grid.shape[1], rounding_mode="floor")
+            out_lengths[bags:] = cold.view(-1)
+            cold_per_key = cold.sum(1).tolist()
+        else:
+            limit = by_key(self.hot_ids, per_key, device)
+            cold = values > limit
+            where = cold.nonzero().squeeze(1)
+            out = torch.empty(n + where.numel(), dtype=torch.int64, device=device)
+            torch.minimum(values, limit.add_(1), out=out[:n])
+            # The feature of each cold id: which key's slice of the values it lies in.
+            bounds = torch.tensor(kjt.offset_per_key()[1:], device=device)
+            feature = torch.searchsorted(bounds, where, right=True)
+            seen = torch.zeros(n + 1, dtype=torch.int64, device=device)
+            torch.cumsum(cold, 0, out=seen[1:])
+            at_offsets = seen.index_select(0, kjt.offsets().to(torch.int64))
+            out_lengths[bags:] = at_offsets[1:] - at_offsets[:-1]
+            cold_per_key = out_lengths[bags:].view(len(per_key), -1).sum(1).tolist()
+        hashed = hash64_keyed(values.index_select(0, where), self.hash_keys.index_select(0, feature))
+        out[n:] = buckets_of(hashed, self.rows)
         return jagged(self.keys, out, out_lengths, kjt.stride(), per_key + cold_per_key)
 
 
