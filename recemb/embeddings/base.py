@@ -362,6 +362,9 @@ _RUNS: weakref.WeakKeyDictionary[EmbeddingBagCollection, dict[tuple[str, ...], l
     weakref.WeakKeyDictionary())
 
 
+_FEW_RUNS = 4  # up to this many runs, ``pooled_blocks`` offsets each run's bags on its own
+
+
 def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[torch.Tensor] | None:
     """``ebc(kjt)``'s pooled blocks, one ``[B, width]`` per key of ``kjt`` in its key order, with
     one ``embedding_bag`` per run of a table's adjacent keys; None where ``ebc`` must run itself
@@ -390,18 +393,25 @@ def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[t
         return None
     batch = kjt.stride()
     values, starts = kjt.values(), kjt.offset_per_key()
-    # Each bag's start within its run's slice of the values (one subtraction for all keys); the
-    # last bag of a run ends where the slice does.
-    run_start = torch.tensor([starts[r.first] for r in runs for _ in range(r.first, r.last)], device=values.device)
-    bag_starts = (kjt.offsets()[:-1].view(len(starts) - 1, batch) - run_start.view(-1, 1).to(values.dtype))
+    # Each bag's start within its run's slice of the values; the last bag of a run ends where the
+    # slice does. Many runs: one subtraction for all keys. Few (ROBE's one table, whose run starts
+    # at 0): a subtraction per run that does not start at 0, or none.
+    offsets = kjt.offsets()[:-1].view(len(starts) - 1, batch).to(values.dtype)  # ids' type, as before
+    if len(runs) > _FEW_RUNS:
+        run_start = torch.tensor([starts[r.first] for r in runs for _ in range(r.first, r.last)],
+                                 device=values.device)
+        offsets = offsets - run_start.view(-1, 1).to(values.dtype)
     weights = kjt.weights_or_none() if ebc.is_weighted() else None
     grad = torch.is_grad_enabled()
     blocks: list[torch.Tensor] = []
     for run in runs:
         lo, hi = starts[run.first], starts[run.last]
+        bag_starts = offsets[run.first:run.last].view(-1)
+        if lo and len(runs) <= _FEW_RUNS:
+            bag_starts = bag_starts - lo
         weight = ebc.embedding_bags[run.table].weight
         pooled = F.embedding_bag(
-            values[lo:hi], weight if grad else weight.detach(), bag_starts[run.first:run.last].view(-1),
+            values[lo:hi], weight if grad else weight.detach(), bag_starts,
             mode="sum", per_sample_weights=None if weights is None else weights[lo:hi],
         )
         blocks += list(pooled.split(batch)) if run.last - run.first > 1 else [pooled]
