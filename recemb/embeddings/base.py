@@ -74,6 +74,15 @@ class Combiner(nn.Module):
         """
         return self(KeyedTensor(keys=keys, length_per_key=[b.shape[1] for b in blocks], values=torch.cat(blocks, 1)))
 
+    def lookup(self, ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> KeyedTensor | None:
+        """The combined output of the unsharded collection ``ebc`` on the physical ``kjt`` computed
+        directly, or None (the default) to have ``pooled_blocks`` and ``combine`` compute it.
+
+        A combiner whose batches often have bags of at most one id (single-hot data) can gather
+        the rows itself instead of pooling ``tables x batch`` bags; it must return exactly what
+        ``combine`` gives on the collection's blocks, and None whenever it cannot."""
+        return None
+
 
 _TRANSFORMS: dict[str, type[IdTransform]] = {}
 _COMBINERS: dict[str, type[Combiner]] = {"identity": Combiner}
@@ -296,6 +305,18 @@ def jagged(keys: list[str], values: torch.Tensor, lengths: torch.Tensor, stride:
                              offset_per_key=[0, *itertools.accumulate(length_per_key)])
 
 
+def one_id_per_bag(lengths: torch.Tensor, ids: int) -> bool:
+    """True when every bag holds exactly one id, given ``lengths`` (non-negative) that sum to ``ids``
+    (as a KJT's do): as many bags as ids and no bag with two. One max instead of a comparison
+    pass and a reduction.
+
+    Example:
+        >>> one_id_per_bag(torch.tensor([1, 1, 1]), 3), one_id_per_bag(torch.tensor([2, 0, 1]), 3)
+        (True, False)
+    """
+    return lengths.numel() == ids > 0 and int(lengths.max()) == 1
+
+
 def by_key(per_key: torch.Tensor, length_per_key: list[int], device: torch.device) -> torch.Tensor:
     """``per_key[k]`` repeated for each of key ``k``'s values: a per-key constant (hash seed, row
     count, table index) gathered by segment, so one tensor op covers every key of a KJT.
@@ -480,6 +501,9 @@ class TableEmbeddingLayer(EmbeddingLayer):
         # keys in one, and hands the blocks to the combiner. DistributedModelParallel swaps in a
         # sharded collection (and padding comes with sharding): that runs as it is.
         if type(self.ebc) is EmbeddingBagCollection and not self.widths:
+            direct = self.combiner.lookup(self.ebc, physical)
+            if direct is not None:
+                return in_order(direct, self.features)
             blocks = pooled_blocks(self.ebc, physical)
             if blocks is not None:
                 return in_order(self.combiner.combine(physical.keys(), blocks), self.features)

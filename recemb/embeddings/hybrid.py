@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
@@ -32,6 +33,7 @@ from recemb.embeddings.base import (
     by_key,
     in_order,
     jagged,
+    one_id_per_bag,
     register_combiner,
     register_transform,
 )
@@ -178,7 +180,7 @@ class HybridTransform(IdTransform):
         device, n, bags = values.device, values.numel(), lengths.numel()
         out_lengths = torch.empty(2 * bags, dtype=lengths.dtype, device=device)
         out_lengths[:bags] = lengths
-        if bags == n and n > 0 and not bool(lengths.ne(1).any()):
+        if one_id_per_bag(lengths, n):
             grid = values.view(len(per_key), -1)
             limit = self.hot_ids.view(-1, 1)
             cold = grid > limit
@@ -245,6 +247,41 @@ class HotPlusCold(Combiner):
         for i, (hot, cold) in enumerate(pairs):
             torch.add(parts[hot], parts[cold], out=out[:, i * self.dim:(i + 1) * self.dim])
         return KeyedTensor(keys=self.features, length_per_key=[self.dim] * half, values=out)
+
+
+    def lookup(self, ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> KeyedTensor | None:
+        """Without autograd, when every hot bag holds one id and every cold bag at most one (single-hot
+        batches), each feature's hot rows gathered into its output columns and the cold rows added
+        at their (sample, feature) places; else None (pooled blocks, then ``combine``).
+
+        Bit for bit ``combine``'s ``hot + cold``: a bag of one id pools to its row, an empty bag to
+        zeros, and each place gets one addition. It skips the collection's pooling of a bag per
+        (key, sample), most of the cold ones empty, and the pass that adds the two halves."""
+        half = len(self.features)
+        if torch.is_grad_enabled() or kjt.keys() != self.keys or kjt.weights_or_none() is not None:
+            return None
+        batch, lengths = kjt.stride(), kjt.lengths()
+        bags = half * batch
+        values, starts = kjt.values(), kjt.offset_per_key()
+        if lengths.numel() != 2 * bags or not one_id_per_bag(lengths[:bags], starts[half]):
+            return None
+        if starts[-1] > starts[half] and int(lengths[bags:].max()) > 1:
+            return None
+        weights = self._weights(ebc)
+        out = weights[0].new_empty(batch, half, self.dim)
+        for i in range(half):
+            torch.index_select(weights[i], 0, values[starts[i]:starts[i + 1]], out=out[:, i])
+        cold = weights[half].index_select(0, values[starts[half]:])
+        place = lengths[bags:].nonzero().squeeze(1)  # feature * batch + sample of each cold id, in order
+        place = place.remainder(batch).mul_(half).add_(place.div(batch, rounding_mode="floor"))
+        out.view(bags, self.dim).index_add_(0, place, cold)
+        return KeyedTensor(keys=self.features, length_per_key=[self.dim] * half, values=out.view(batch, -1))
+
+    def _weights(self, ebc: EmbeddingBagCollection) -> list[torch.Tensor]:
+        """The tables the keys read, in ``self.keys`` order (hot tables, then the shared table once per
+        cold key), detached."""
+        table = {k: c.name for c in ebc.embedding_bag_configs() for k in c.feature_names}
+        return [ebc.embedding_bags[table[k]].weight.detach() for k in self.keys]
 
 
 def buffer_bytes(num_features: int) -> int:

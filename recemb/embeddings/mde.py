@@ -33,6 +33,7 @@ from recemb.embeddings.base import (
     IdTransform,
     by_key,
     jagged,
+    one_id_per_bag,
     register_combiner,
     register_transform,
 )
@@ -264,7 +265,7 @@ class MdeTransform(IdTransform):
             return jagged(self.keys, values, lengths, batch, per_key)
         device, n, features = values.device, values.numel(), len(self.features)
         # One id per bag needs every length to be 1, not only as many bags as ids ([2, 0] has two).
-        single = lengths.numel() == n and n > 0 and not bool(lengths.ne(1).any())
+        single = one_id_per_bag(lengths, n)
         first_slot = torch.arange(features, device=device).mul_(self.max_blocks)
         if single:  # a comparison per block boundary, each feature's row of ids against its start
             grid = values.view(features, batch)
