@@ -74,14 +74,21 @@ class Combiner(nn.Module):
         """
         return self(KeyedTensor(keys=keys, length_per_key=[b.shape[1] for b in blocks], values=torch.cat(blocks, 1)))
 
+    gathers = False  # ``lookup`` gathers single-hot batches' rows (``gathered_blocks``) for ``combine``
+
     def lookup(self, ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> KeyedTensor | None:
         """The combined output of the unsharded collection ``ebc`` on the physical ``kjt`` computed
-        directly, or None (the default) to have ``pooled_blocks`` and ``combine`` compute it.
+        directly, or None to have ``pooled_blocks`` and ``combine`` compute it.
 
         A combiner whose batches often have bags of at most one id (single-hot data) can gather
         the rows itself instead of pooling ``tables x batch`` bags; it must return exactly what
-        ``combine`` gives on the collection's blocks, and None whenever it cannot."""
-        return None
+        ``combine`` gives on the collection's blocks, and None whenever it cannot. With ``gathers``
+        set, without autograd, a batch of one id per bag is ``combine`` of its gathered rows
+        (``gathered_blocks``); by default (``full``, ``hashed``: the identity) None."""
+        if not self.gathers or torch.is_grad_enabled():
+            return None
+        blocks = gathered_blocks(ebc, kjt)
+        return None if blocks is None else self.combine(kjt.keys(), blocks)
 
 
 _TRANSFORMS: dict[str, type[IdTransform]] = {}
@@ -386,6 +393,43 @@ _RUNS: weakref.WeakKeyDictionary[EmbeddingBagCollection, dict[tuple[str, ...], l
 _FEW_RUNS = 4  # up to this many runs, ``pooled_blocks`` offsets each run's bags on its own
 
 
+def _runs_of(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[_Run] | None:
+    """The runs of ``kjt``'s keys (cached per collection and key order); None where the collection
+    must run itself (see ``pooled_blocks``)."""
+    keys = tuple(kjt.keys())
+    known = _RUNS.setdefault(ebc, {})
+    if keys not in known:
+        known[keys] = _lookup_runs(ebc, list(keys))
+    runs = known[keys]
+    return None if runs is None or kjt.inverse_indices_or_none() is not None else runs
+
+
+def gathered_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[torch.Tensor] | None:
+    """``pooled_blocks``' blocks when every bag holds exactly one id (single-hot batches): each run's
+    rows gathered (times their weights in a weighted collection), one ``[B, width]`` per key. None
+    when some bag holds another count, or where ``pooled_blocks`` is None.
+
+    A bag of one id pools to its row (times its weight): bit for bit the collection's blocks,
+    without the offsets of the bags (a cumulative sum over all of them) or the per-bag pooling.
+    The gradient's accumulation order may differ from the pooled path's, so use it without
+    autograd (``Combiner.lookup`` does).
+    """
+    runs = _runs_of(ebc, kjt)
+    values = kjt.values()
+    if runs is None or not one_id_per_bag(kjt.lengths(), values.numel()):
+        return None
+    batch, starts = kjt.stride(), kjt.offset_per_key()
+    weights = kjt.weights_or_none() if ebc.is_weighted() else None
+    blocks: list[torch.Tensor] = []
+    for run in runs:
+        lo, hi = starts[run.first], starts[run.last]
+        rows = ebc.embedding_bags[run.table].weight.detach().index_select(0, values[lo:hi])
+        if weights is not None:
+            rows.mul_(weights[lo:hi].view(-1, 1).to(rows.dtype))
+        blocks += list(rows.split(batch)) if run.last - run.first > 1 else [rows]
+    return blocks
+
+
 def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[torch.Tensor] | None:
     """``ebc(kjt)``'s pooled blocks, one ``[B, width]`` per key of ``kjt`` in its key order, with
     one ``embedding_bag`` per run of a table's adjacent keys; None where ``ebc`` must run itself
@@ -405,12 +449,8 @@ def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[t
         >>> torch.equal(torch.cat(blocks, 1), layer.ebc(kjt).values())            # one table per key
         True
     """
-    keys = kjt.keys()
-    known = _RUNS.setdefault(ebc, {})
-    if tuple(keys) not in known:
-        known[tuple(keys)] = _lookup_runs(ebc, keys)
-    runs = known[tuple(keys)]
-    if runs is None or kjt.inverse_indices_or_none() is not None:
+    runs = _runs_of(ebc, kjt)
+    if runs is None:
         return None
     batch = kjt.stride()
     values, starts = kjt.values(), kjt.offset_per_key()

@@ -213,6 +213,8 @@ class QrCombiner(Combiner):
     Plan params: ``op`` and ``split`` (the features read as quotient and remainder parts).
     """
 
+    gathers = True  # single-hot batches' rows are gathered, not pooled (``Combiner.lookup``)
+
     def __init__(self, features: list[str], split: list[str], op: QrOp) -> None:
         super().__init__()
         self.features = list(features)

@@ -167,6 +167,8 @@ class BlockConcat(Combiner):
     Plan params: ``blocks: {feature: [key, ...]}`` and ``width`` (floats per block). No
     dense parameters."""
 
+    gathers = True  # single-hot batches' rows (times their signs) are gathered, not pooled (``Combiner.lookup``)
+
     def __init__(self, blocks: dict[str, list[str]], width: int) -> None:
         super().__init__()
         self.features = list(blocks)

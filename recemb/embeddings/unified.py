@@ -207,6 +207,8 @@ class ConcatChunks(Combiner):
 
     Plan params: ``groups`` (feature -> its physical keys, in concatenation order)."""
 
+    gathers = True  # single-hot batches' rows are gathered, not pooled (``Combiner.lookup``)
+
     def __init__(self, groups: dict[str, list[str]]) -> None:
         super().__init__()
         self.groups = {f: list(keys) for f, keys in groups.items()}
