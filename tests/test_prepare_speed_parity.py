@@ -43,3 +43,12 @@ def test_value_tables_groups_match_a_dict_each() -> None:
         assert dict(zip(got.column("value").to_pylist(), got.column("count").to_pylist(), strict=True)) == \
             {v: n for v, n in counts[g].items() if n}
         assert table.ids([pa.array(list(ref[g])[:3])], [g])[0].tolist() == [0, 1, 2]
+
+
+def test_value_tables_null_is_not_the_empty_string() -> None:
+    """A null keys like "" in the hash table; it still gets -1 when "" is a value."""
+    table = ValueTables(2)
+    first = table.ids([pa.array(["", "a"]), pa.array([None, ""])])
+    second = table.ids([pa.array([None, "a", ""]), pa.array(["", None])])
+    assert [x.tolist() for x in first] == [[0, 1], [-1, 0]]
+    assert [x.tolist() for x in second] == [[-1, 1, 0], [0, -1]]

@@ -863,7 +863,7 @@ def _fit_sparse(c: CleanBlock, train: np.ndarray, weights: np.ndarray | None, ac
         else:
             np.add(np.asarray(ind), starts[j], out=pos[j])
     entries = accs.table.entries([a.dictionary for a in arrs], [accs.group[s.name] for s in specs])
-    sel = pos[:, train].ravel()
+    sel = np.compress(train, pos, axis=1).ravel()  # (a boolean index on axis 1 is ~3x slower)
     if weights is not None:
         w = np.tile(weights, len(arrs))
         counts = np.rint(np.bincount(sel, weights=w, minlength=total + 1)).astype(np.int64)

@@ -146,8 +146,9 @@ class ValueTables:
         """The entries (indices over all groups) of ``values[j]`` in group ``groups[j]``, adding
         unseen values, concatenated over ``j``; a null gets -1.
 
-        Each ``values[j]`` must be distinct (e.g. a block's dictionary); new values get their
-        group's next ids in their order there. ``groups`` defaults to ``0, 1, ...``.
+        Each ``values[j]`` must be distinct (e.g. a block's dictionary) and each group named at
+        most once; new values get their group's next ids in their order there. ``groups``
+        defaults to ``0, 1, ...``.
         """
         groups = list(range(len(values))) if groups is None else list(groups)
         arrays = [_strings(v) for v in values]
@@ -159,8 +160,10 @@ class ValueTables:
         k1, k2 = self._keys(flat, group)
         out = self._find(k1, k2) if self._n else np.full(len(flat), -1, np.int64)
         miss = out < 0
-        if flat.null_count:
-            miss &= np.asarray(flat.is_valid())
+        if flat.null_count:  # a null keys like "" (which may be a value): it is -1, never an entry
+            valid = np.asarray(flat.is_valid())
+            out[~valid] = -1
+            miss &= valid
         new = np.flatnonzero(miss)
         if len(new):
             start = self._n
