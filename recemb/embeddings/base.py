@@ -406,8 +406,9 @@ def _runs_of(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[_Run] 
 
 def gathered_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[torch.Tensor] | None:
     """``pooled_blocks``' blocks when every bag holds exactly one id (single-hot batches): each run's
-    rows gathered (times their weights in a weighted collection), one ``[B, width]`` per key. None
-    when some bag holds another count, or where ``pooled_blocks`` is None.
+    rows gathered, one ``[B, width]`` per key (in a weighted collection, pooled with a bag per id:
+    the kernel scales the rows faster than a broadcast product after a gather). None when some
+    bag holds another count, or where ``pooled_blocks`` is None.
 
     A bag of one id pools to its row (times its weight): bit for bit the collection's blocks,
     without the offsets of the bags (a cumulative sum over all of them) or the per-bag pooling.
@@ -423,9 +424,12 @@ def gathered_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list
     blocks: list[torch.Tensor] = []
     for run in runs:
         lo, hi = starts[run.first], starts[run.last]
-        rows = ebc.embedding_bags[run.table].weight.detach().index_select(0, values[lo:hi])
-        if weights is not None:
-            rows.mul_(weights[lo:hi].view(-1, 1).to(rows.dtype))
+        weight = ebc.embedding_bags[run.table].weight.detach()
+        if weights is None:
+            rows = weight.index_select(0, values[lo:hi])
+        else:  # the pooling kernel scales rows in its pass; a bag per id, whose offsets need no sum
+            rows = F.embedding_bag(values[lo:hi], weight, torch.arange(hi - lo, device=values.device),
+                                   mode="sum", per_sample_weights=weights[lo:hi])
         blocks += list(rows.split(batch)) if run.last - run.first > 1 else [rows]
     return blocks
 
