@@ -1204,6 +1204,17 @@ def _lut_ids(fitted: FittedFeatures, info: FeatureInfo, dictionary: pa.Array) ->
     return fitted.index(info.name).lookup(dictionary)
 
 
+def _file_vocab_ids(fitted: FittedFeatures, info: FeatureInfo, values: pa.Array) -> np.ndarray:
+    """Vocabulary ids (0 = not in it) of a file's distinct values: one ``pc.index_in`` (a hash
+    table of the vocabulary in C++, ~3x faster than building a ``VocabIndex`` for one lookup)."""
+    vocab = fitted.vocabs[info.name].column("value").combine_chunks()
+    values = as_string(values)
+    if not len(vocab) or not len(values):
+        return np.zeros(len(values), np.int64)
+    pos = pc.index_in(values, value_set=vocab)
+    return np.asarray(pc.fill_null(pos, -1)).astype(np.int64) + 1
+
+
 def _transform_block(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Schema, c: CleanBlock,
                      tstats: TransformStats, luts: dict[str, np.ndarray] | None = None) -> dict[str, pa.Table]:
     """Map one parsed block to output columns; returns its rows grouped per split.
@@ -1304,7 +1315,7 @@ def transform_file(cfg: DatasetConfig, fitted: FittedFeatures, plan: SplitPlan, 
         luts = {}
         infos = {info.name: info for info in fitted.infos}
         for name, values in _read_values(cfg, _values_path(spill)).items():
-            luts[name] = np.append(_lut_ids(fitted, infos[name], values), 0)
+            luts[name] = np.append(_file_vocab_ids(fitted, infos[name], values), 0)
         with pa.OSFile(str(spill)) as f:
             blocks: Iterator[CleanBlock] = (_from_spill(cfg, b) for b in ipc.open_stream(f))
             _transform_all(cfg, fitted, schema, blocks, writers, tstats, luts)
