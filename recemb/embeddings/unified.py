@@ -35,7 +35,7 @@ from recemb.embeddings.base import (
     regroup,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes
-from recemb.embeddings.hashing import hash_segments, salted_seed, signed_key
+from recemb.embeddings.hashing import buckets_of, hash_segments, mix64_keyed, salted_seed, signed_key
 from recemb.embeddings.plan import CombinerPlan, TablePlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -194,11 +194,29 @@ class MultiProbeTransform(IdTransform):
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Every feature's ids copied once per chunk (one ``regroup``), then one hash of them all,
-        each chunk with its own seed (``hash_segments``); exempt features' ids pass through."""
+        each chunk with its own seed (``hash_segments``); exempt features' ids pass through.
+
+        When every key has as many ids (single-hot batches) the copies are one gather of the rows
+        of the ``[keys, ids]`` grid, hashed in place (the xor, the finaliser, the buckets), and the
+        exempt rows copied back from the grid: no second buffer for the xor."""
         out_keys, sources, salts, exempt = self._layout(kjt.keys())
-        values, lengths, per_key = regroup(kjt, sources)
-        return jagged(out_keys, hash_segments(values, salts, self.rows, per_key, keep=exempt), lengths,
-                      kjt.stride(), per_key)
+        per_feature = kjt.length_per_key()
+        width = per_feature[0] if per_feature and all(n == per_feature[0] for n in per_feature) else None
+        if width is None or width == 0:
+            values, lengths, per_key = regroup(kjt, sources)
+            return jagged(out_keys, hash_segments(values, salts, self.rows, per_key, keep=exempt), lengths,
+                          kjt.stride(), per_key)
+        device = kjt.values().device
+        grid = kjt.values().to(torch.int64).view(len(per_feature), width)
+        index = torch.tensor(sources, device=device)
+        z = grid.index_select(0, index)
+        z.bitwise_xor_(salts.to(device).view(-1, 1))
+        out = buckets_of(mix64_keyed(z.view(-1)), self.rows).view_as(z)
+        if exempt:
+            kept = torch.tensor(exempt, device=device)
+            out.index_copy_(0, kept, grid.index_select(0, index.index_select(0, kept)))
+        lengths = kjt.lengths().view(len(per_feature), -1).index_select(0, index).reshape(-1)
+        return jagged(out_keys, out.view(-1), lengths, kjt.stride(), [width] * len(sources))
 
 
 @register_combiner("concat_chunks")
