@@ -182,6 +182,9 @@ class QrTransform(IdTransform):
         values, per_key, starts = kjt.values(), kjt.length_per_key(), kjt.offset_per_key()
         if len(lay.unhashed) < len(per_key):
             values = hash_segments(values, lay.salts, lay.buckets, per_key, keep=lay.unhashed)
+        width = per_key[0] if per_key and all(n == per_key[0] for n in per_key) else None
+        if width:
+            return self._grid(kjt, lay, values.view(len(per_key), width))
         moduli = by_key(lay.moduli, per_key, values.device)
         quotient = torch.div(values, moduli, rounding_mode="floor")
         remainder = values - quotient * moduli
@@ -190,6 +193,25 @@ class QrTransform(IdTransform):
         index = torch.tensor([i for _, i in lay.planes], device=values.device)
         lengths = kjt.lengths().view(len(per_key), -1).index_select(0, index).reshape(-1)
         return jagged(lay.out_keys, out, lengths, kjt.stride(), [per_key[i] for _, i in lay.planes])
+
+
+    def _grid(self, kjt: KeyedJaggedTensor, lay: _QrLayout, grid: torch.Tensor) -> KeyedJaggedTensor:
+        """``forward`` when every key has as many ids (single-hot batches): the ids (hashed where the
+        plan says), their quotients and remainders as three planes of one ``[3, keys, ids]`` tensor,
+        each modulus broadcast along its key's row, and the output keys one gather of its rows."""
+        keys, width = grid.shape
+        device = grid.device
+        planes = torch.empty(3, keys, width, dtype=torch.int64, device=device)
+        planes[0] = grid
+        moduli = lay.moduli.to(device).view(-1, 1)
+        torch.div(grid, moduli, rounding_mode="floor", out=planes[1])
+        torch.mul(planes[1], moduli, out=planes[2])
+        planes[2].neg_().add_(grid)
+        index = torch.tensor([p * keys + i for p, i in lay.planes], device=device)
+        out = planes.view(3 * keys, width).index_select(0, index).view(-1)
+        rows = index.remainder(keys)
+        lengths = kjt.lengths().view(keys, -1).index_select(0, rows).reshape(-1)
+        return jagged(lay.out_keys, out, lengths, kjt.stride(), [width] * len(lay.planes))
 
 
 @dataclass(frozen=True)
