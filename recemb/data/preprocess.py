@@ -2,8 +2,8 @@
 
 Preparation is fit-then-transform. ``fit_file`` turns one raw file into a mergeable
 ``PartialStats`` (train-split counts, moments, quantile sketches; rejects quarantined)
-and spills the parsed rows, vocabulary values as the ids of one ``ValueTable`` per feature
-(its values beside the spill), while a reader thread parses the next block; ``merge_stats``
+and spills the parsed rows, vocabulary values as their ids in a ``ValueTables`` with one
+group per feature (its values beside the spill), while a reader thread parses the next block; ``merge_stats``
 folds partials in file order; ``finalize_features`` fixes vocabularies and transforms;
 ``transform_file`` maps ids (one lookup per distinct value of the file) and writes shards.
 ``prepare_dataset`` runs the four locally; ``prepare_with_runner`` takes the per-file stages
@@ -214,7 +214,7 @@ class _CountAcc:
     """Mergeable value -> count table; partial tables are re-aggregated when they pile up.
 
     Only ``plan_split`` counts time values with it (its cut points depend on the order of
-    equal float keys, which this keeps); vocabularies are counted in ``ValueTable``s.
+    equal float keys, which this keeps); vocabularies are counted in ``ValueTables``.
     """
 
     def __init__(self) -> None:
@@ -676,7 +676,7 @@ def _spill_schema(cfg: DatasetConfig) -> pa.Schema:
         if spec.kind == "dense":
             fields.append(pa.field(spec.name, pa.float64()))
         elif spec.kind == "sparse":
-            # A vocabulary feature spills the ids of its ValueTable (-1 = missing); a hashed one its strings.
+            # A vocabulary feature spills its ValueTables ids (-1 = missing); a hashed one its strings.
             fields.append(pa.field(spec.name, pa.dictionary(pa.int32(), pa.string()) if spec.hash_buckets
                                    else pa.int32()))
         else:
@@ -685,7 +685,7 @@ def _spill_schema(cfg: DatasetConfig) -> pa.Schema:
 
 
 def _values_path(spill: Path) -> Path:
-    """Beside a spill: the values of each vocabulary feature's ValueTable, in id order."""
+    """Beside a spill: the values of each vocabulary feature's ValueTables group, in id order."""
     return spill.with_name(spill.name.removesuffix(".arrows") + ".values.arrows")
 
 
@@ -1219,7 +1219,7 @@ def _transform_block(cfg: DatasetConfig, fitted: FittedFeatures, schema: pa.Sche
                      tstats: TransformStats, luts: dict[str, np.ndarray] | None = None) -> dict[str, pa.Table]:
     """Map one parsed block to output columns; returns its rows grouped per split.
 
-    A feature in ``luts`` holds ValueTable ids (a spill): its vocabulary ids are ``lut[id]``
+    A feature in ``luts`` holds ValueTables ids (a spill): its vocabulary ids are ``lut[id]``
     (the last entry, 0, for -1 = missing); other features hold strings, looked up per block.
     """
     luts = luts or {}
