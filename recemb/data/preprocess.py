@@ -1106,9 +1106,9 @@ def output_schema(cfg: DatasetConfig, fitted: FittedFeatures) -> pa.Schema:
 class ShardWriter:
     """Writes one split as Parquet shards of exactly ``shard_rows`` rows (the last may be short).
 
-    Encoding and compression run on ``executor`` (a one-thread pool shared by the split
-    writers keeps writes ordered) while the caller maps the next block; at most a few
-    row groups wait in the queue, so memory stays bounded.
+    Encoding and compression run on ``executor`` (a one-thread pool, of this writer or
+    shared by the split writers, keeps writes ordered) while the caller maps the next
+    block; at most a few row groups wait in the queue, so memory stays bounded.
     """
 
     def __init__(self, folder: Path, schema: pa.Schema, shard_rows: int, prefix: str = "part-",
@@ -1395,8 +1395,13 @@ class LocalRunner:
                   sources: Sequence[SourceFile], tmp: Path) -> tuple[dict[str, list[str]], TransformStats]:
         schema = output_schema(cfg, fitted)
         tstats = TransformStats()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="recemb-parquet") as pool:
-            writers = {s: ShardWriter(tmp / s, schema, cfg.shard_rows, executor=pool) for s in SPLITS}
+        with contextlib.ExitStack() as stack:
+            # A writer thread per split (each split's writes stay ordered), so the train split's
+            # encoding, the longest serial piece of the transform, never waits behind the small
+            # splits' (a fan-out task, ``transform_into``, keeps one writer thread).
+            pools = {s: stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"recemb-parquet-{s}"))
+                     for s in SPLITS}
+            writers = {s: ShardWriter(tmp / s, schema, cfg.shard_rows, executor=pools[s]) for s in SPLITS}
             for src in sources:
                 spill = spill_path(tmp, src)
                 tstats.merge(transform_file(cfg, fitted, plan, src, writers, spill))
