@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
@@ -32,6 +34,7 @@ from recemb.embeddings.base import (
     IdTransform,
     in_order,
     jagged,
+    one_id_per_bag,
     register_combiner,
     register_transform,
     regroup,
@@ -167,8 +170,6 @@ class BlockConcat(Combiner):
     Plan params: ``blocks: {feature: [key, ...]}`` and ``width`` (floats per block). No
     dense parameters."""
 
-    gathers = True  # single-hot batches' rows (times their signs) are gathered, not pooled (``Combiner.lookup``)
-
     def __init__(self, blocks: dict[str, list[str]], width: int) -> None:
         super().__init__()
         self.features = list(blocks)
@@ -183,6 +184,31 @@ class BlockConcat(Combiner):
         # Feature-major block keys laid side by side are the features' vectors laid side by side.
         pooled = in_order(pooled, self.keys)
         return KeyedTensor(keys=self.features, length_per_key=self.dims, values=pooled.values())
+
+    def lookup(self, ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> KeyedTensor | None:
+        """Without autograd, a batch of one id per bag (single-hot) read from the shared table in
+        sample-major order: the ids (and signs) transposed from ``[keys, batch]`` to ``[batch, keys]``,
+        then one bag per id, whose ``[batch * keys, width]`` result is the output laid out already.
+        Else None (pooled blocks, then ``combine``).
+
+        Bit for bit the pooled blocks laid side by side (each bag of one id is its row times its
+        sign), without the key-major pooled copy of the whole output and its transposing copy."""
+        configs = ebc.embedding_bag_configs()
+        if torch.is_grad_enabled() or kjt.keys() != self.keys or len(configs) != 1:
+            return None
+        values = kjt.values()
+        if not one_id_per_bag(kjt.lengths(), values.numel()):
+            return None
+        batch, keys = kjt.stride(), len(self.keys)
+        weight = ebc.embedding_bags[configs[0].name].weight.detach()
+        ids = values.view(keys, batch).t().reshape(-1)
+        signs = kjt.weights_or_none() if ebc.is_weighted() else None
+        if signs is None:
+            rows = weight.index_select(0, ids)
+        else:  # the pooling kernel scales the rows in its pass (a broadcast product after a gather is slower)
+            rows = F.embedding_bag(ids, weight, torch.arange(ids.numel(), device=ids.device), mode="sum",
+                                   per_sample_weights=signs.view(keys, batch).t().reshape(-1))
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=rows.view(batch, -1))
 
 
 @register_variant("robe", RobeParams)
