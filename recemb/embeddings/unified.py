@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
@@ -30,6 +31,7 @@ from recemb.embeddings.base import (
     IdTransform,
     concat_keyed,
     jagged,
+    one_id_per_bag,
     register_combiner,
     register_transform,
     regroup,
@@ -225,8 +227,6 @@ class ConcatChunks(Combiner):
 
     Plan params: ``groups`` (feature -> its physical keys, in concatenation order)."""
 
-    gathers = True  # single-hot batches' rows are gathered, not pooled (``Combiner.lookup``)
-
     def __init__(self, groups: dict[str, list[str]]) -> None:
         super().__init__()
         self.groups = {f: list(keys) for f, keys in groups.items()}
@@ -237,6 +237,31 @@ class ConcatChunks(Combiner):
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         return concat_keyed(pooled, self.groups)
+
+    def lookup(self, ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> KeyedTensor | None:
+        """Without autograd, a batch of one id per bag (single-hot): each key's rows gathered straight
+        into its columns of the output; else None (pooled blocks, then ``combine``).
+
+        Bit for bit the pooled chunks laid side by side (a bag of one id is its row), without
+        pooling a bag per (key, sample) or copying every chunk into place after."""
+        flat = [k for keys in self.groups.values() for k in keys]
+        if torch.is_grad_enabled() or kjt.keys() != flat:
+            return None
+        values = kjt.values()
+        if not one_id_per_bag(kjt.lengths(), values.numel()):
+            return None
+        table = {k: c.name for c in ebc.embedding_bag_configs() for k in c.feature_names}
+        weights = [ebc.embedding_bags[table[k]].weight.detach() for k in flat]
+        widths = [w.shape[1] for w in weights]
+        starts = kjt.offset_per_key()
+        out = weights[0].new_empty(kjt.stride(), sum(widths))
+        col = 0
+        for i, (weight, width) in enumerate(zip(weights, widths, strict=True)):
+            torch.index_select(weight, 0, values[starts[i]:starts[i + 1]], out=out[:, col:col + width])
+            col += width
+        sizes = iter(widths)
+        return KeyedTensor(keys=list(self.groups), values=out,
+                           length_per_key=[sum(next(sizes) for _ in keys) for keys in self.groups.values()])
 
 
 @register_variant("unified", UnifiedParams)
