@@ -461,11 +461,12 @@ def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[t
     # Each bag's start within its run's slice of the values; the last bag of a run ends where the
     # slice does. Many runs: one subtraction for all keys. Few (ROBE's one table, whose run starts
     # at 0): a subtraction per run that does not start at 0, or none.
-    offsets = kjt.offsets()[:-1].view(len(starts) - 1, batch).to(values.dtype)  # ids' type, as before
+    offsets = kjt.offsets()[:-1].view(len(starts) - 1, batch)
+    offsets = offsets.to(torch.promote_types(offsets.dtype, values.dtype))  # the type the subtraction gave
     if len(runs) > _FEW_RUNS:
         run_start = torch.tensor([starts[r.first] for r in runs for _ in range(r.first, r.last)],
                                  device=values.device)
-        offsets = offsets - run_start.view(-1, 1).to(values.dtype)
+        offsets = offsets - run_start.view(-1, 1).to(offsets.dtype)
     weights = kjt.weights_or_none() if ebc.is_weighted() else None
     grad = torch.is_grad_enabled()
     blocks: list[torch.Tensor] = []
