@@ -16,6 +16,20 @@ reader thread, run back to back: 1M rows 11.4-12.0 -> 12.2-13.9 cpu-s, 307-321 -
 5M rows 58.3 -> 51.2 cpu-s, 239 -> 181 s, 489 -> 397 MB; peak growth 1M -> 5M 1.56x -> 1.15-1.18x.
 Anchors in the same run: arrow 5.1 cpu-s @ 712 MB (1M), 25.9 cpu-s @ 2,784 MB (5M);
 pandas 15.7 cpu-s @ 1,145 MB (1M), 79.7 cpu-s @ 4,470 MB (5M).
+
+Re-measured 2026-12-02 later (load 1.2-3.2, i.e. other jobs held about one of the two cores;
+today's synthetic TSVs), before -> after one ValueTables for all features, heap trims only
+when RSS grew 48 MiB, pc.index_in for the transform's lookups and a Parquet thread per split
+(``--rows 1000000 5000000``, default 4 MiB blocks): 1M rows 9.3 s, 9.6 cpu-s, 262 MB ->
+4.4 s (225k rows/s), 7.7 cpu-s, 288 MB; 5M rows 37.2 s, 44.5 cpu-s, 350 MB -> 32.9 s
+(152k rows/s), 36.0 cpu-s, 373 MB (an ours-only run before the per-split Parquet threads:
+38.1 s, 37.7 cpu-s, 354 MB); the first before-run of the day gave 1M rows 12.0 s, 9.4 cpu-s. Peak growth
+1M -> 5M 1.34x -> 1.20-1.29x (the 1M peak rose by the trim slack; the 5M peak is unchanged
+within run-to-run noise). Anchors in the after run: arrow 2.7 s, 4.3 cpu-s, 733 MB (1M),
+15.8 s, 21.5 cpu-s, 2,948 MB (5M); pandas 10.0 s, 10.7 cpu-s, 1,206 MB (1M), 65.6 s, 65.2 cpu-s,
+4,474 MB (5M). Still short of the 350k rows/s goal: ~1.7-1.8x the arrow anchor's CPU time, which
+does no Parquet, spill or checks; the CSV parse and dictionary encoding alone are ~2.5 cpu-s of
+the 1M run, the Parquet encoding ~1.1.
 """
 
 from __future__ import annotations
