@@ -739,6 +739,7 @@ def iter_clean(cfg: DatasetConfig, plan: SplitPlan, src: SourceFile,
         rows_in = block.table.num_rows + len(block.invalid)
         seen += rows_in
         clean = _clean(cfg, plan, src, block, rejects) if block.table.num_rows else None
+        rejects.sort(key=lambda r: r[0])  # in line order within the block (stable for equal lines)
         if on_rejects is not None:
             on_rejects(str(src.path), rejects, rows_in)
         if clean is not None:

@@ -623,8 +623,13 @@ def _csv_pass(cfg: DatasetConfig, src: SourceFile, columns: list[str], block_byt
                 null_values=[""],
             ),
         )
+        # The reader parses ahead in its own thread, so the rows it reported invalid may lie
+        # in blocks not yet returned. Each block takes only those before its last row (and the
+        # rest wait): which block a bad row rides with, and so the order of rejects.csv, must
+        # not depend on how far the parser got (it did: 1 run in 8 of the golden test).
+        waiting: list[tuple[int, str]] = []
         for batch in reader:
-            invalid = skip_invalid_rows(locate_reported())
+            waiting += skip_invalid_rows(locate_reported())
             table = pa.Table.from_batches([batch])
             span = 1 + _newlines_per_row(table) if layout.quoting else np.ones(table.num_rows, np.int64)
             if layout.quoting:
@@ -632,6 +637,12 @@ def _csv_pass(cfg: DatasetConfig, src: SourceFile, columns: list[str], block_byt
             starts = valid_lines + np.cumsum(span) - span
             valid_lines += int(span.sum())
             lines = base + 1 + starts + inv_cum[np.searchsorted(inv_pos, starts, side="right")]
+            if len(lines):
+                last = int(lines[-1])
+                invalid = [r for r in waiting if r[0] <= last]
+                waiting = [r for r in waiting if r[0] > last]
+            else:
+                invalid = []
             stream.block_consumed()
             if skip_valid:
                 drop = min(skip_valid, table.num_rows)
@@ -663,7 +674,7 @@ def _csv_pass(cfg: DatasetConfig, src: SourceFile, columns: list[str], block_byt
             done[0] += block.table.num_rows
             done[1] += len(block.invalid)
             yield block
-        invalid = skip_invalid_rows(locate_reported())
+        invalid = waiting + skip_invalid_rows(locate_reported())
         if invalid:
             done[1] += len(invalid)
             yield RawBlock(str(src.path), pa.table({c: pa.array([], pa.string()) for c in columns}),
