@@ -133,7 +133,7 @@ def lookups(variant: str, checkpoint: Path, bundle_dir: Path, data_dir: Path, ba
     import pyarrow.parquet as pq
     import torch
 
-    from recemb.data.batch import ParquetBatches
+    from recemb.data.batch import arrow_to_batch
     from recemb.data.schema import FeatureMap
     from recemb.models.registry import embedding_layers
     from recemb.serving.bundle import Bundle
@@ -142,10 +142,11 @@ def lookups(variant: str, checkpoint: Path, bundle_dir: Path, data_dir: Path, ba
     fm = FeatureMap.load(data_dir / "feature_map.json")
     model, _ = load_trained_model(checkpoint)
     layer = embedding_layers(model)["embedding"]
-    kjt = next(iter(ParquetBatches(fm, "test", batch, root=data_dir))).sparse
     bundle = Bundle.open(bundle_dir)
     runtime = bundle.layer("embedding")
+    # Both sides get the same rows (ParquetBatches would join a short last batch onto this one).
     table = pq.read_table(data_dir / fm.shards["test"][0]).slice(0, batch)
+    kjt = arrow_to_batch(table, fm).sparse
     encoded = bundle.encode_prepared(table)
     if encoded.n != batch:
         raise SystemExit(f"the first test shard has {encoded.n} rows; lower --lookup-batch")
