@@ -104,8 +104,7 @@ def hash64_keyed(ids: torch.Tensor, keys: torch.Tensor | int) -> torch.Tensor:
         >>> hash64_keyed(ids, keys).tolist() == [hash64(ids[:1], 1).item(), hash64(ids[:1], 2).item()]
         True
     """
-    z = ids.to(torch.int64) ^ keys  # a new tensor: the caller's ids are never mixed in place
-    return _mix_(z.add_(_signed(_GOLDEN)))
+    return mix64_keyed(ids.to(torch.int64) ^ keys)  # a new tensor: the caller's ids are never mixed in place
 
 
 def mix64_keyed(z: torch.Tensor) -> torch.Tensor:
