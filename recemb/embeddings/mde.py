@@ -4,8 +4,12 @@ Each feature (or each frequency block of a feature, ``blocks > 1``) is its own t
 whose width follows the power law ``d = scale * p**alpha`` on the mean per-id
 probability ``p`` of its ids (``1/num_embeddings`` per feature; from training counts
 per block): rarer ids get narrower rows. Widths are multiples of 4 (FBGEMM) in
-``[4, dim]``; a per-table linear projection (counted in the bytes) brings each table
-back to ``dim``, and the blocks of a feature add up.
+``[4, dim]``, or ``dim`` itself; a per-table linear projection (counted in the bytes)
+brings each narrower table back to ``dim``, and the blocks of a feature add up.
+
+Any ``embedding.dim`` works: at ``dim: 10`` the widths are 4, 8 or 10, and a 10-wide table
+(no projection) is held 12 wide in training and its lookups cut back
+(``TableEmbeddingLayer.pad_for_fbgemm``, ``fbgemm_width``); the budget solver pays for that padding.
 
 The plan's transform (``mixed_dim``) lists every table's id range, rows and seed; its
 combiner (``project_sum``) names the projections, whose weights the model holds. A budget
@@ -29,6 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
+    FBGEMM_WIDTH,
     Combiner,
     IdTransform,
     by_key,
@@ -44,7 +49,7 @@ from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.embeddings.robe import ordered_by, signed64
 from recemb.errors import ConfigError
 
-MIN_DIM = 4  # FBGEMM's row widths are multiples of 4
+MIN_DIM = FBGEMM_WIDTH  # narrower widths are multiples of this, so only a full-width table ever pads
 
 
 @dataclass
@@ -104,14 +109,30 @@ def frequency_blocks(counts: np.ndarray | None, num_embeddings: int, blocks: int
 
 
 def power_law_widths(probs: np.ndarray, alpha: float, scale: float, dim: int) -> np.ndarray:
-    """``scale * p**alpha`` rounded to the nearest multiple of 4, clamped to ``[4, dim]``."""
+    """``scale * p**alpha`` rounded to the nearest multiple of 4, clamped to ``[4, dim]`` (to ``dim``
+    below 4): a width is a multiple of 4 or ``dim`` itself.
+
+    Example:
+        >>> power_law_widths(np.array([1.0, 0.1, 1e-6]), 0.3, 12.0, 10).tolist()
+        [10, 8, 4]
+    """
     raw = scale * np.power(probs, alpha)
-    return np.clip(MIN_DIM * np.floor(raw / MIN_DIM + 0.5), MIN_DIM, dim).astype(np.int64)
+    return np.clip(MIN_DIM * np.floor(raw / MIN_DIM + 0.5), min(MIN_DIM, dim), dim).astype(np.int64)
 
 
 def mde_bytes(rows: np.ndarray, widths: np.ndarray, dim: int) -> int:
-    """Table bytes plus the ``width x dim`` projections of the tables narrower than ``dim``."""
-    tables = int((rows * widths).sum())
+    """Table bytes plus the ``width x dim`` projections of the tables narrower than ``dim``.
+
+    Tables count as training holds them: a width not divisible by 4 (``dim`` itself, at
+    ``dim: 10``) counts ``fbgemm_width`` columns, so a budget pays for the padding. The
+    projections are dense parameters and need none.
+
+    Example:
+        >>> mde_bytes(np.array([100, 1000]), np.array([10, 4]), dim=10)  # (100*12 + 1000*4 + 4*10) * 4
+        20960
+    """
+    physical = -(-widths // FBGEMM_WIDTH) * FBGEMM_WIDTH  # fbgemm_width of each
+    tables = int((rows * physical).sum())
     projections = int((widths * dim * (widths < dim)).sum())
     return (tables + projections) * BYTES_PER_FLOAT
 
@@ -371,8 +392,6 @@ class ProjectSum(Combiner):
 def plan_mde(spec: VariantSpec) -> VariantPlan:
     """Per-feature (or per-frequency-block) tables of power-law widths, projected to ``spec.dim``."""
     params: MdeParams = spec.params
-    if spec.dim % MIN_DIM:
-        raise ConfigError(f"embedding.kind=mde: embedding.dim={spec.dim} must be a multiple of {MIN_DIM}")
     if not 0 <= params.alpha < float("inf") or params.blocks < 1:
         raise ConfigError(
             f"embedding.params: alpha={params.alpha} must be >= 0 and blocks={params.blocks} >= 1"

@@ -11,6 +11,13 @@ the overlap between neighbouring blocks. An optional sign hash (±1 per feature,
 block and id, as per-value weights of a weighted collection) decorrelates the
 collisions, as in feature hashing.
 
+Any ``embedding.dim`` works: the blocks cover ``dim`` rounded up to a multiple of 4
+(``fbgemm_width``) and the last block is cut to what ``dim`` needs (``dim: 10`` with ``Z = 4``:
+three blocks, the third read for its first 2 floats). The array itself needs no padding: its
+rows are ``Z`` wide and every float of it is read whole by other blocks, so nothing is padding.
+With one block per id (``block`` = ``dim`` rounded up) no block would read those floats: the
+table is then ``dim`` wide and padded in training like any table, its padding reported.
+
 The plan's transform (kind ``robe_z``) lists each feature's block keys and seeds; the
 numpy twin is ``recemb.serving.variants.robe``.
 
@@ -32,6 +39,7 @@ from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
     IdTransform,
+    fbgemm_width,
     in_order,
     jagged,
     one_id_per_bag,
@@ -48,8 +56,9 @@ from recemb.errors import ConfigError
 
 @dataclass
 class RobeParams:
-    """``block``: Z, floats per hashed block (divides ``dim``, multiple of 4 for FBGEMM;
-    0 = 8 when ``dim`` is a multiple of 8, else 4);
+    """``block``: Z, floats per hashed block (a multiple of 4 for FBGEMM that divides ``dim``, or
+    ``dim`` rounded up to a multiple of 4 when ``dim`` is not one; 0 = 8 when ``dim`` is a multiple
+    of 8, else 4);
     ``rows``: rows of Z floats when ``budget`` is unset; ``signed``: ±1 sign hash per block."""
 
     block: int = 0
@@ -58,17 +67,19 @@ class RobeParams:
 
 
 def robe_rows(target_bytes: int, block: int) -> int:
-    """Rows of ``block`` floats in the largest shared array within ``target_bytes``.
+    """Rows of ``block`` floats in the largest shared array within ``target_bytes``; a block not
+    divisible by 4 (one block per id at ``dim: 10``) costs its padded width, as training holds it.
 
     Example:
-        >>> robe_rows(1000, block=8)
-        31
+        >>> robe_rows(1000, block=8), robe_rows(1000, block=10)
+        (31, 20)
     """
-    rows = target_bytes // (block * BYTES_PER_FLOAT)
+    row_bytes = fbgemm_width(block) * BYTES_PER_FLOAT  # as training holds it: padded to a multiple of 4
+    rows = target_bytes // row_bytes
     if rows < 1:
         raise BudgetError(
             f"embedding.kind=robe: a budget of {target_bytes:,} bytes holds no block of {block} floats; "
-            f"raise embedding.budget to at least {block * BYTES_PER_FLOAT} bytes or lower params.block"
+            f"raise embedding.budget to at least {row_bytes} bytes or lower params.block"
         )
     return rows
 
@@ -165,25 +176,37 @@ _SIGNS = torch.tensor([1.0, -1.0])  # the weight of a block by its hash's lowest
 
 @register_combiner("block_concat")
 class BlockConcat(Combiner):
-    """Concatenates each feature's pooled blocks into its vector.
+    """Concatenates each feature's pooled blocks into its vector, cut to ``dim`` columns.
 
-    Plan params: ``blocks: {feature: [key, ...]}`` and ``width`` (floats per block). No
-    dense parameters."""
+    Plan params: ``blocks: {feature: [key, ...]}``, ``width`` (floats per block) and, only where
+    the blocks cover more than the dim (a dim not divisible by 4), ``dim``: each feature's vector
+    is its blocks' first ``dim`` floats. No dense parameters."""
 
-    def __init__(self, blocks: dict[str, list[str]], width: int) -> None:
+    def __init__(self, blocks: dict[str, list[str]], width: int, dim: int | None = None) -> None:
         super().__init__()
         self.features = list(blocks)
         self.keys = [k for f in self.features for k in blocks[f]]
-        self.dims = [width * len(blocks[f]) for f in self.features]
+        self.covered = [width * len(blocks[f]) for f in self.features]  # floats the blocks read per feature
+        self.dims = self.covered if dim is None else [min(dim, c) for c in self.covered]
+        self._cut = self.dims != self.covered
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> BlockConcat:
-        return cls(plan.combiner.params["blocks"], plan.combiner.params["width"])
+        p = plan.combiner.params
+        return cls(p["blocks"], p["width"], p.get("dim"))
+
+    def _cut_to_dims(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B, sum(covered)]`` -> ``[B, sum(dims)]``: each feature's first ``dim`` floats (every
+        feature has as many blocks, so one strided view of ``[B, features, covered]``)."""
+        batch = values.shape[0]
+        per_feature = values.view(batch, len(self.features), self.covered[0])
+        return per_feature[:, :, :self.dims[0]].reshape(batch, -1)
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         # Feature-major block keys laid side by side are the features' vectors laid side by side.
         pooled = in_order(pooled, self.keys)
-        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=pooled.values())
+        values = self._cut_to_dims(pooled.values()) if self._cut else pooled.values()
+        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=values)
 
     def lookup(self, ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> KeyedTensor | None:
         """Without autograd, a batch of one id per bag (single-hot) read from the shared table in
@@ -208,18 +231,36 @@ class BlockConcat(Combiner):
         else:  # the pooling kernel scales the rows in its pass (a broadcast product after a gather is slower)
             rows = F.embedding_bag(ids, weight, torch.arange(ids.numel(), device=ids.device), mode="sum",
                                    per_sample_weights=signs.view(keys, batch).t().reshape(-1))
-        return KeyedTensor(keys=self.features, length_per_key=self.dims, values=rows.view(batch, -1))
+        values = rows.view(batch, -1)
+        return KeyedTensor(keys=self.features, length_per_key=self.dims,
+                           values=self._cut_to_dims(values) if self._cut else values)
 
 
 @register_variant("robe", RobeParams)
 def plan_robe(spec: VariantSpec) -> VariantPlan:
-    """One shared table of ``rows`` x ``block`` floats; ``dim / block`` hashed blocks per id."""
+    """One shared table of ``rows`` x ``block`` floats; ``fbgemm_width(dim) / block`` hashed blocks per
+    id, the last cut to the dim.
+
+    The block stays a multiple of 4, so the shared table is not padded: a block of another width
+    would pad every row of the array, where a last block cut short (at most 3 floats) wastes no
+    stored float (the other blocks read those floats whole). The one exception is one block per
+    id (``block`` = ``fbgemm_width(dim)``): the table is then ``dim`` wide and padded in training
+    like any other table. The budget counts the table as training holds it (``robe_rows``)."""
     params: RobeParams = spec.params
     z = params.block or (8 if spec.dim % 8 == 0 else 4)
-    if z < 4 or z % 4 or spec.dim % z:
+    covered = fbgemm_width(spec.dim)  # the dim itself when it is a multiple of 4
+    if z < 4 or z % 4 or covered % z:
+        where = f"embedding.dim={spec.dim}" if covered == spec.dim else \
+            f"{covered} (embedding.dim={spec.dim} rounded up to a multiple of 4; the last block is cut to the dim)"
         raise ConfigError(
-            f"embedding.params.block={z}: must be a multiple of 4 (FBGEMM) that divides embedding.dim={spec.dim}"
+            f"embedding.params.block={z}: must be a multiple of 4 (FBGEMM) that divides {where}; "
+            f"a block of another width would pad every row of the shared array"
         )
+    nb = covered // z
+    if nb == 1:
+        # One block per id: every read would be cut, so the floats past the dim would be read by
+        # nobody. The table is then ``dim`` wide and training pads it, which reports those as padding.
+        z = spec.dim
     target = None
     if spec.budget is None:
         if params.rows < 1:
@@ -228,7 +269,6 @@ def plan_robe(spec: VariantSpec) -> VariantPlan:
     else:
         target = budget_bytes(spec.budget, sum(spec.vocab.values()) * spec.dim * BYTES_PER_FLOAT)
         rows = robe_rows(target, z)
-    nb = spec.dim // z
     keys = block_keys(spec.names, nb)
     blocks = {
         f: [{"key": keys[fi * nb + j], "seed": salted_seed(spec.seed, fi, j)} for j in range(nb)]
@@ -239,6 +279,6 @@ def plan_robe(spec: VariantSpec) -> VariantPlan:
         transform=TransformPlan("robe_z", {"rows": rows, "signed": params.signed, "blocks": blocks},
                                 weighted=params.signed),
         combiner=CombinerPlan("block_concat", {"blocks": {f: [b["key"] for b in blocks[f]] for f in spec.names},
-                                               "width": z}),
+                                               "width": z, **({"dim": spec.dim} if covered != spec.dim else {})}),
         budget={"solver": "robe_rows", "budget": spec.budget, "target_bytes": target, "block": z, "rows": rows},
     )

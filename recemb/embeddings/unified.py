@@ -12,6 +12,10 @@ space beats per-feature hashing at the same bytes. Small features may opt out
 A ``budget`` fixes ``R``: the exempt tables are paid for first, the rest is
 split evenly over the ``T`` shared tables.
 
+Any ``embedding.dim`` works: a chunk (or exempt table) whose width FBGEMM cannot run (10
+at ``dim: 10``) is held ``fbgemm_width`` wide in training (12) and its lookups are cut back
+(``TableEmbeddingLayer.pad_for_fbgemm``); the budget pays for those padding columns too.
+
 Example (YAML):
     embedding: {kind: unified, dim: 16, budget: 0.01, params: {tables: 2, chunk: 8}}
 """
@@ -30,6 +34,7 @@ from recemb.embeddings.base import (
     Combiner,
     IdTransform,
     concat_keyed,
+    fbgemm_width,
     jagged,
     one_id_per_bag,
     register_combiner,
@@ -48,7 +53,8 @@ class UnifiedParams:
     """Settings of the shared tables.
 
     ``tables``: T; ``chunk``: c (0 = half the dim when that is a multiple of 4,
-    else the dim); ``chunks``: k per feature (default ``dim // c``);
+    else the dim; a width not divisible by 4 is padded in training, see the module
+    docstring); ``chunks``: k per feature (default ``dim // c``);
     ``rows``: R when no budget is given; ``exempt``: features that keep their own
     table; ``exempt_share``: with a budget, also exempt the smallest features
     while their tables together take at most this share of it (0 = none).
@@ -73,12 +79,18 @@ class UnifiedLayout:
     exempt: list[str]
 
     def shared_bytes(self) -> int:
-        """fp32 bytes of the shared tables."""
-        return self.tables * self.rows * self.chunk * BYTES_PER_FLOAT
+        """fp32 bytes of the shared tables as training holds them (chunk padded to ``fbgemm_width``)."""
+        return self.tables * self.rows * fbgemm_width(self.chunk) * BYTES_PER_FLOAT
 
 
 def chunk_width(dim: int, chunk: int) -> int:
-    """The chunk width ``c`` for ``dim`` (``chunk`` = 0 picks ``dim // 2`` when it is a multiple of 4)."""
+    """The chunk width ``c`` for ``dim`` (``chunk`` = 0 picks ``dim // 2`` when it is a multiple of 4,
+    else ``dim``: one chunk, padded once rather than two half chunks padded each).
+
+    Example:
+        >>> [chunk_width(d, 0) for d in (16, 12, 10, 6)], chunk_width(10, 5)
+        ([8, 12, 10, 6], 5)
+    """
     if chunk:
         return chunk
     return dim // 2 if dim % 8 == 0 else dim
@@ -89,14 +101,19 @@ def solve_unified(
 ) -> UnifiedLayout:
     """Chunks per feature, exempt features and rows per shared table for ``budget``.
 
+    The budget is a share of the full tables at the logical widths (``chunks * c``), and pays for
+    the tables as training holds them: a width not divisible by 4 counts ``fbgemm_width`` columns
+    (a chunk of 10 counts 12), so a padded layer's bytes stay within it. At widths divisible by 4
+    nothing changes.
+
     Example:
         >>> lay = solve_unified({"a": 10, "b": 100_000}, 16, 0.01, UnifiedParams(tables=2, chunk=8))
         >>> lay.rows, lay.exempt, lay.chunks
         (990, ['a'], {'a': 2, 'b': 2})
     """
+    if params.chunk < 0:
+        raise ConfigError(f"embedding.params.chunk={params.chunk}: must be >= 1 (or 0 to pick it from the dim)")
     c = chunk_width(dim, params.chunk)
-    if c % 4:
-        raise ConfigError(f"embedding.params.chunk={c}: FBGEMM needs table widths divisible by 4")
     unknown = sorted((set(params.chunks) | set(params.exempt)) - set(vocab))
     if unknown:
         raise ConfigError(f"embedding.params: unknown feature '{unknown[0]}' in chunks/exempt")
@@ -112,10 +129,10 @@ def solve_unified(
     if budget is None:
         return UnifiedLayout(params.tables, params.rows, c, chunks, [f for f in vocab if f in exempt])
 
-    def own_bytes(f: str) -> int:
-        return vocab[f] * chunks[f] * c * BYTES_PER_FLOAT
+    def own_bytes(f: str) -> int:  # an exempt table as training holds it
+        return vocab[f] * fbgemm_width(chunks[f] * c) * BYTES_PER_FLOAT
 
-    full = sum(own_bytes(f) for f in vocab)
+    full = sum(vocab[f] * chunks[f] * c * BYTES_PER_FLOAT for f in vocab)
     target = budget_bytes(budget, full)
     spent = sum(own_bytes(f) for f in exempt)
     for f in sorted((f for f in vocab if f not in exempt), key=lambda f: vocab[f]):
@@ -123,7 +140,7 @@ def solve_unified(
             break
         exempt.append(f)
         spent += own_bytes(f)
-    rows = (target - spent) // (params.tables * c * BYTES_PER_FLOAT)
+    rows = (target - spent) // (params.tables * fbgemm_width(c) * BYTES_PER_FLOAT)
     if rows < 1:
         raise BudgetError(
             f"embedding.kind=unified: the exempt tables take {spent:,} of the {target:,}-byte budget, "
@@ -279,11 +296,13 @@ def plan_unified(spec: VariantSpec) -> VariantPlan:
         tables.append(spec.table(f"t_{f}", vocab[f], layout.chunks[f] * layout.chunk, [f]))
     groups = {f: [f] if f in layout.exempt else [c["key"] for c in probes[f]["chunks"]] for f in names}
     params: UnifiedParams = spec.params
+    # Only where training pads (a chunk width not divisible by 4): plans at other widths stay as they were.
+    padded = {"padded_chunk": fbgemm_width(layout.chunk)} if fbgemm_width(layout.chunk) != layout.chunk else {}
     return spec.plan(
         "unified", tables, dims={f: layout.chunks[f] * layout.chunk for f in names},
         transform=TransformPlan("multi_probe", {"rows": layout.rows, "features": probes}),
         combiner=CombinerPlan("concat_chunks", {"groups": groups}),
         budget={"solver": "none" if spec.budget is None else "exempt_then_even_split", "budget": spec.budget,
                 "exempt_share": params.exempt_share, "tables": layout.tables, "rows": layout.rows,
-                "chunk": layout.chunk, "exempt": list(layout.exempt)},
+                "chunk": layout.chunk, "exempt": list(layout.exempt), **padded},
     )

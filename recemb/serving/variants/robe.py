@@ -28,5 +28,8 @@ def robe_z_np(plan: VariantPlan, feature: str, values: np.ndarray, lengths: np.n
 
 @register_np_combiner("block_concat")
 def block_concat_np(plan: VariantPlan, feature: str, pooled: Arrays, dense: Arrays) -> np.ndarray:
-    """The feature's pooled blocks side by side, in block order."""
-    return np.concatenate([pooled[k] for k in plan.combiner.params["blocks"][feature]], axis=1)
+    """The feature's pooled blocks side by side, in block order, cut to the plan's ``dim`` where the
+    blocks cover more (a dim not divisible by 4: the last block is read for its first floats only)."""
+    params = plan.combiner.params
+    vec = np.concatenate([pooled[k] for k in params["blocks"][feature]], axis=1)
+    return vec[:, :params["dim"]] if "dim" in params else vec
