@@ -8,6 +8,10 @@ searched widths) from the initial weights of those rows or from scratch. Everyth
 lands in ``<train.output_dir>/<expid>/search/``; the ``stage`` file names the last
 finished stage, so running again resumes where it stopped. One MLflow run tracks all.
 
+Any ``embedding.dim`` works (with a ``dim_step`` that divides it): tables of widths FBGEMM
+cannot run are held padded in every stage, as training holds them (``pad_for_fbgemm``);
+the search reads the tables at their plan widths and counts the compact tables' bytes padded.
+
 Example:
     $ recemb search --config configs/experiments/optembed_synthetic_ctr.yaml search.generations=5
 """
@@ -24,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -31,7 +36,7 @@ from recemb.config.experiment import ExperimentConfig, load_experiment
 from recemb.config.loader import from_dict
 from recemb.data.batch import Batch, ParquetSource
 from recemb.data.schema import FeatureMap
-from recemb.embeddings.base import TableEmbeddingLayer
+from recemb.embeddings.base import TableEmbeddingLayer, fbgemm_width, pad_for_fbgemm
 from recemb.embeddings.optembed import OptEmbedMask, optembed_masks, row_keep_mask
 from recemb.embeddings.pruned import FeaturePruning, PrunedLayer, PruningPlan, remap_from_mask, save_pruning
 from recemb.embeddings.sharding import copy_full_into, ensure_process_group, local_pieces, shard_model
@@ -42,6 +47,7 @@ from recemb.search.evolution import EvolutionSettings, Generation, evolve
 from recemb.tracking import TAG_EMBEDDING_BYTES, TAG_FULL_BYTES, Tracker
 from recemb.train.checkpoint import assemble_full
 from recemb.train.loop import TrainModel, TrainResult, evaluate, resolve_device, seed_everything, train
+from recemb.train.preflight import check_run
 from recemb.train.quiet import quiet_known_warnings
 
 STAGES = ("supernet", "search", "retrain")
@@ -102,8 +108,13 @@ def _table_keys(model: nn.Module, tables: list[str]) -> dict[str, str]:
 
 
 def _full_tables(model: nn.Module, tables: list[str]) -> dict[str, torch.Tensor]:
-    """Full copies of the named tables (one process: every shard is local)."""
+    """Full copies of the named tables at their plan widths (one process: every shard is local).
+
+    A table held padded for FBGEMM is cut back: its padding columns hold their initial values
+    (no lookup reads them, so no gradient moves them) and must not count in a row's norm."""
     state = model.state_dict()
+    widths = {t.name: t.embedding_dim for m in model.modules() if isinstance(m, TableEmbeddingLayer | PrunedLayer)
+              for t in m.tables}
     out = {}
     for t, key in _table_keys(model, tables).items():
         value = state[key]
@@ -111,8 +122,22 @@ def _full_tables(model: nn.Module, tables: list[str]) -> dict[str, torch.Tensor]
         for offsets, local in local_pieces(value):
             index = tuple(slice(o, o + s) for o, s in zip(offsets, local.shape, strict=True))
             full[index] = local.detach().float().cpu()
-        out[t] = full
+        width = widths.get(t, full.shape[1])
+        out[t] = full if width == full.shape[1] else full[:, :width].contiguous()
     return out
+
+
+def _copy_into_padded(targets: dict[str, Any], full: dict[str, torch.Tensor]) -> None:
+    """``copy_full_into``, where a table held padded for FBGEMM (wider than its plan-wide source:
+    checkpoints and saved initial weights keep the plan's widths) gets the source in its first
+    columns and zeros in the padding, which no lookup reads."""
+    wide = {}
+    for key, target in targets.items():
+        source = full.get(key)
+        if (source is not None and isinstance(target, torch.Tensor) and source.dim() == 2
+                and len(target.shape) == 2 and target.shape[1] > source.shape[1]):
+            wide[key] = F.pad(source, (0, target.shape[1] - source.shape[1]))
+    copy_full_into(targets, {**full, **wide})
 
 
 def _single_process() -> None:
@@ -128,7 +153,9 @@ def _check(cfg: ExperimentConfig) -> None:
         raise ConfigError("recemb search runs in this process: set cluster.workers=0")
     if not model_needs(cfg.model.name).embedding:
         raise ConfigError(f"model.name={cfg.model.name} has no embedding layer to search (use fm, deepfm, dcnv2, ...)")
-    check_model_config(cfg.model, cfg.embedding, FeatureMap.load(Path(cfg.data_dir) / "feature_map.json"))
+    fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
+    check_model_config(cfg.model, cfg.embedding, fm)
+    check_run(cfg, fm)  # what the supernet's training would refuse (a dim_step that does not divide the dim)
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -165,11 +192,12 @@ def _load_trained(cfg: ExperimentConfig, checkpoint: Path, device: torch.device)
     seed_everything(cfg.train.seed)
     fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
     model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")))
+    pad_for_fbgemm(model)  # as training held it
     pg = ensure_process_group("nccl" if device.type == "cuda" else "gloo")
     _single_process()
     dmp = shard_model(model, cfg.embedding, device, pg, batch_size=cfg.train.batch_size).model
     full = assemble_full(checkpoint)
-    copy_full_into({f"model/{k}": v for k, v in dmp.state_dict().items()}, full)
+    _copy_into_padded({f"model/{k}": v for k, v in dmp.state_dict().items()}, full)
     return dmp
 
 
@@ -204,7 +232,7 @@ def _run_search(cfg: ExperimentConfig, root: Path, tracker: Tracker) -> dict[str
     def fitness(cand: tuple[int, ...]) -> float:
         mask.set_eval_dims(dict(zip(features, cand, strict=True)))
         auc = evaluate(dmp, valid, device)["auc"]
-        size = sum(kept[f] * d * 4 for f, d in zip(features, cand, strict=True))
+        size = sum(kept[f] * fbgemm_width(d) * 4 for f, d in zip(features, cand, strict=True))  # as trained
         return auc - s.bytes_penalty * size / full_bytes
 
     def on_generation(g: Generation) -> None:
@@ -227,11 +255,13 @@ def _run_search(cfg: ExperimentConfig, root: Path, tracker: Tracker) -> dict[str
         with atomic_path(root / COMPACT_INITIAL) as tmp:
             save_file(compact, str(tmp))
     rows = sum(k.shape[0] for k in keep.values())
+    padding = sum(kept[f] * (fbgemm_width(dims[f]) - dims[f]) * 4 for f in features)
     out = {
         "dims": dims, "kept_rows": kept, "kept_rows_total": sum(kept.values()), "rows_total": rows,
         "thresholds": thresholds, "best_fitness": result.fitness, "evaluated": result.evaluated,
         "history": [g.to_dict() for g in result.history], "valid_rows": sum(b.batch_size for b in valid),
-        "table_bytes": sum(kept[f] * dims[f] * 4 for f in features), "full_table_bytes": full_bytes,
+        "table_bytes": sum(kept[f] * fbgemm_width(dims[f]) * 4 for f in features), "full_table_bytes": full_bytes,
+        **({"table_padding_bytes": padding} if padding else {}),  # of table_bytes: widths not divisible by 4
     }
     write_json_atomic(root / "search.json", out)
     tracker.log_metrics(len(result.history), {"search_kept_rows": out["kept_rows_total"],
@@ -260,7 +290,7 @@ def _load_compact_initial(path: Path) -> Callable[[nn.Module, int], None]:
         layers = [m for m in model.modules() if isinstance(m, PrunedLayer)]
         by_table = {t.name: t.feature_names[0] for layer in layers for t in layer.tables}
         keys = _table_keys(model, list(by_table))
-        copy_full_into(model.state_dict(), {keys[t]: initial[f] for t, f in by_table.items()})
+        _copy_into_padded(model.state_dict(), {keys[t]: initial[f] for t, f in by_table.items()})
 
     return on_start
 
@@ -279,7 +309,9 @@ def _run_retrain(cfg: ExperimentConfig, root: Path, tracker: Tracker) -> dict[st
                                 on_start=on_start)
     tracker.log_metrics(result.steps, result.test, split="retrain_test")
     fm = FeatureMap.load(Path(cfg.data_dir) / "feature_map.json")
-    main = embedding_layers(build_model(rcfg.model, fm, rcfg.embedding, device=torch.device("meta")))["embedding"]
+    model = build_model(rcfg.model, fm, rcfg.embedding, device=torch.device("meta"))
+    pad_for_fbgemm(model)  # the bytes as training held them
+    main = embedding_layers(model)["embedding"]
     out = {"best_valid": result.best_valid, "test": result.test, "steps": result.steps,
            "embedding_bytes": main.parameter_bytes(), "full_bytes": main.full_bytes(),
            "bytes_ratio": main.parameter_bytes() / main.full_bytes(),

@@ -1,11 +1,13 @@
-"""Any embedding width for the chunked and mixed-width variants: ``unified``, ``robe`` and ``mde``
-at ``embedding.dim=10``.
+"""Any embedding width for the chunked and mixed-width variants (``unified``, ``robe``, ``mde``) and
+for OptEmbed's search and its ``pruned`` tables, at ``embedding.dim=10``.
 
 Each builds, returns 10 columns per feature and, held for FBGEMM (``pad_for_fbgemm``), pads only
 the tables that need it: unified's 10-wide chunks and mde's full-width tables go 12 wide (padding
 counted in the bytes and reported), ROBE's shared array stays 4 wide (its blocks cover 12 floats,
 the last one cut to the dim). Budgets pay for the padding. The numpy twins of the plans give the
-torch layer's vectors, padded or not, and a trained run's bundle gives the trained model's.
+torch layer's vectors, padded or not, and a trained run's bundle gives the trained model's. The
+search (``dim_step: 5``) pads the supernet's and the compact tables, reads and saves the plan's
+columns only, and counts the compact tables' bytes padded.
 """
 
 from __future__ import annotations
@@ -17,20 +19,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIGS, SMALL_MODEL_PARAMS, SMALL_RUN
 from dist_utils import in_process_run
+from safetensors.torch import load_file
 from test_export import load_test_split
 from twin_utils import as_kjt, check_lookup_without_torch, check_twins, feature_map, random_ids, weights
 
-from recemb.config.experiment import EmbeddingConfig, ExperimentConfig
+from recemb.config.experiment import EmbeddingConfig, ExperimentConfig, load_experiment
 from recemb.data.batch import arrow_to_batch
 from recemb.embeddings.base import TableEmbeddingLayer, fbgemm_width, pad_for_fbgemm
 from recemb.embeddings.budget import budget_bytes
+from recemb.embeddings.pruned import FeaturePruning, PrunedLayer, PruningPlan, remap_from_mask, save_pruning
 from recemb.embeddings.registry import build_embedding_layer
 from recemb.errors import ConfigError
 from recemb.export import export_bundle
 from recemb.models.registry import embedding_layers
 from recemb.serving.bundle import Bundle
 from recemb.serving.lookup import lookup
+from recemb.tracking import list_runs
 from recemb.train.loop import train
 from recemb.train.restore import load_trained_model, resolve_checkpoint
 
@@ -176,3 +182,92 @@ def test_training_with_dim_10_learns_and_exports_10_wide(kind: str, make_experim
         got = bundle.lookup_ids(f, values, lengths)
         assert got.shape == (512, DIM)
         np.testing.assert_allclose(got, want[f].numpy(), rtol=1e-5, atol=1e-6, err_msg=f)
+
+
+# ----------------------------------------------------------------------------- pruned and OptEmbed's search
+
+
+def pruned_layer(tmp_path: Path, dims: dict[str, int]) -> PrunedLayer:
+    """A ``pruned`` layer over the twin features from a hand-made pruning at ``dims`` (about half the rows kept)."""
+    fm = feature_map(False)
+    rng = np.random.default_rng(0)
+    features = {}
+    for f in fm.sparse_features:
+        keep = rng.random(fm.feature(f).num_embeddings) < 0.5
+        keep[0] = False  # the OOV id pruned: its rows read the OOV vector
+        features[f] = FeaturePruning(remap_from_mask(keep), dim=dims[f])
+    folder = save_pruning(tmp_path / "pruned", PruningPlan(full_dim=DIM, features=features))
+    torch.manual_seed(0)
+    layer = build_embedding_layer(fm, EmbeddingConfig(kind="pruned", dim=DIM, params={
+        "path": str(folder), "pruned_vector": "oov"}))
+    assert isinstance(layer, PrunedLayer)
+    return layer
+
+
+def test_pruned_tables_of_searched_widths_5_and_10_pad_and_keep_their_twin(tmp_path: Path) -> None:
+    dims = {"small": 5, "mid": 10, "big": 4}
+    layer = pruned_layer(tmp_path, dims)
+    layer.eval()
+    ids = random_ids(feature_map(False), batch=64, seed=4)
+    with torch.no_grad():
+        before = layer(as_kjt(ids)).to_dict()
+    assert {f: v.shape[1] for f, v in before.items()} == dims
+    unpadded = layer.parameter_bytes()
+    assert pad_for_fbgemm(layer) == {"ebc.embedding_bags.p_small.weight": 5, "ebc.embedding_bags.p_mid.weight": 10}
+    assert all(t.embedding_dim % 4 == 0 for t in layer.physical_tables)
+    kept = layer.kept_rows
+    assert layer.padding_bytes() == (kept["small"] * 3 + kept["mid"] * 2) * 4
+    assert layer.parameter_bytes() == unpadded + layer.padding_bytes()
+    with torch.no_grad():
+        for t in layer.tables:  # what the padding columns hold never reaches a vector
+            layer.ebc.embedding_bags[t.name].weight[:, t.embedding_dim:].fill_(123.0)
+        after = layer(as_kjt(ids)).to_dict()
+    tables, dense = weights(layer)
+    widths = {t.name: t.dim for t in layer.plan.tables}
+    tables = {n: v[:, :widths[n]] for n, v in tables.items()}  # as a checkpoint and a bundle hold them
+    for f in layer.features:
+        assert torch.equal(after[f], before[f])
+        np.testing.assert_allclose(lookup(layer.plan, tables, dense, f, *ids[f]), before[f].numpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=f)
+
+
+def search_config(prepared: Path, tmp_path: Path, *overrides: str) -> ExperimentConfig:
+    return load_experiment(CONFIGS / "experiments" / "optembed_synthetic_ctr.yaml", [
+        f"data_dir={prepared}", f"train.output_dir={tmp_path / 'runs'}", *SMALL_RUN,
+        f"model.params={SMALL_MODEL_PARAMS['dcnv2']}", "train.eval_every_steps=4",
+        "embedding.params.threshold_init=0.02", "search.supernet_max_steps=4", "search.retrain_max_steps=4",
+        "search.population=4", "search.generations=1", "search.valid_rows=1000", "search.bytes_penalty=1.0",
+        f"cluster.mlflow_uri=sqlite:///{tmp_path / 'mlruns.db'}", *overrides,
+    ])
+
+
+@pytest.mark.usefixtures("no_process_group")
+def test_a_dim_step_that_does_not_divide_the_dim_is_refused_before_a_run(prepared_ctr: Path, tmp_path: Path) -> None:
+    import pipelines.search as search
+
+    cfg = search_config(prepared_ctr, tmp_path, "embedding.dim=10")  # dim_step 4
+    with pytest.raises(ConfigError, match=r"dim_step=4: set dim_step to a divisor of 10 \(1, 2, 5, 10\)"):
+        search.run_search(cfg)
+    assert list_runs(cfg.cluster.mlflow_uri) == []
+
+
+@pytest.mark.usefixtures("no_process_group")
+def test_search_at_dim_10_pads_every_stage(prepared_ctr: Path, tmp_path: Path) -> None:
+    """Supernet at dim 10 (tables held 12 wide), search on the 10 plan columns, retrain on compact tables
+    of widths 5 or 10 (held 8 or 12 wide), their bytes counted padded."""
+    import pipelines.search as search
+
+    cfg = search_config(prepared_ctr, tmp_path, "embedding.dim=10", "embedding.params.dim_step=5")
+    summary = search.run_search(cfg)
+    found, retrain = summary["search"], summary["retrain"]
+    assert set(found["dims"].values()) <= {5, 10}
+    padding = sum(found["kept_rows"][f] * (fbgemm_width(d) - d) * 4 for f, d in found["dims"].items())
+    assert padding > 0 and found["table_padding_bytes"] == padding
+    assert found["table_bytes"] == sum(found["kept_rows"][f] * fbgemm_width(d) * 4 for f, d in found["dims"].items())
+    assert retrain["steps"] == 4 and 0 < retrain["test"]["auc"] < 1  # four steps: it runs, learning is shown above
+    assert retrain["embedding_bytes"] < retrain["full_bytes"]
+    root = tmp_path / "runs" / cfg.expid / "search"
+    initial = load_file(str(root / "initial_tables.safetensors"))
+    assert {v.shape[1] for v in initial.values()} == {DIM}  # the supernet's plan width, not 12
+    compact = load_file(str(root / "pruned_initial.safetensors"))
+    assert {f: v.shape[1] for f, v in compact.items()} == {f: d for f, d in found["dims"].items() if f in compact}

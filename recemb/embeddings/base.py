@@ -587,7 +587,8 @@ class TableEmbeddingLayer(EmbeddingLayer):
 
 
 def pad_for_fbgemm(model: nn.Module) -> dict[str, int]:
-    """``TableEmbeddingLayer.pad_for_fbgemm`` on every table layer of ``model`` (before sharding).
+    """``TableEmbeddingLayer.pad_for_fbgemm`` on every table layer of ``model`` (before sharding), and
+    on the layers with a collection of their own that pad it alike (``PrunedLayer``).
 
     Returns the model state key of every padded table's weight (``<layer>.ebc.embedding_bags.
     <table>.weight``) with its plan width, for checkpoints to keep that width.
@@ -598,7 +599,7 @@ def pad_for_fbgemm(model: nn.Module) -> dict[str, int]:
     """
     out: dict[str, int] = {}
     for name, module in model.named_modules():
-        if isinstance(module, TableEmbeddingLayer):
+        if isinstance(module, EmbeddingLayer) and callable(getattr(module, "pad_for_fbgemm", None)):
             prefix = f"{name}." if name else ""
             for table, width in module.pad_for_fbgemm().items():
                 out[f"{prefix}ebc.embedding_bags.{table}.weight"] = width

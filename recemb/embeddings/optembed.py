@@ -39,7 +39,8 @@ class OptEmbedParams:
     the thresholds (their own optimizer); ``threshold_init``: start value; ``threshold_scope``:
     ``field`` (one per feature) or ``global`` (one shared); ``ste_slope``: slope k of the
     sigmoid whose derivative is the straight-through gradient of the row mask; ``dim_step``:
-    candidate dims are ``dim_step, 2*dim_step, ..., dim`` (multiples of 4 keep FBGEMM widths);
+    candidate dims are ``dim_step, 2*dim_step, ..., dim`` (it must divide ``dim``; multiples of 4
+    need no FBGEMM padding, other widths are padded in training);
     ``pruned_vector``: what a pruned row returns, ``zero`` or a learned per-field ``oov`` vector.
     """
 
@@ -53,9 +54,20 @@ class OptEmbedParams:
 
 
 def candidate_dims(dim: int, step: int) -> list[int]:
-    """``[step, 2*step, ..., dim]``: the per-field dims the supernet trains and the search picks from."""
+    """``[step, 2*step, ..., dim]``: the per-field dims the supernet trains and the search picks from.
+
+    Any dim works with a step that divides it; widths FBGEMM cannot run (5 or 10 at ``dim: 10``,
+    ``dim_step: 5``) are held padded in training, the supernet's tables and the ``pruned`` tables alike.
+
+    Example:
+        >>> candidate_dims(16, 4), candidate_dims(10, 5)
+        ([4, 8, 12, 16], [5, 10])
+    """
     if step < 1 or dim % step:
-        raise ConfigError(f"embedding.dim={dim} must be a multiple of embedding.params.dim_step={step}")
+        divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+        raise ConfigError(f"embedding.dim={dim} must be a multiple of embedding.params.dim_step={step}: set "
+                          f"dim_step to a divisor of {dim} ({', '.join(map(str, divisors))}) or embedding.dim "
+                          f"to a multiple of {step}")
     return list(range(step, dim + 1, step))
 
 

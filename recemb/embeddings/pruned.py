@@ -6,6 +6,10 @@ pruned id looks up nothing (zero vector, or a learned per-field OOV vector). The
 remaps and sizes come from a folder ``recemb search`` writes (``pruning.json`` +
 ``remaps.safetensors``; no pickle); ``save_pruning``/``load_pruning`` read and write it.
 
+A searched width FBGEMM cannot run (5 or 10, from a search at ``embedding.dim=10``) is held
+``fbgemm_width`` wide in training and its lookups cut back (``PrunedLayer.pad_for_fbgemm``),
+as every table variant does; the padding counts in the bytes.
+
 Example (YAML):
     embedding: {kind: pruned, dim: 16, params: {path: runs/x/search/pruned}}
 """
@@ -30,9 +34,11 @@ from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     EmbeddingLayer,
     IdTransform,
+    padded_tables,
     register_transform,
     table_configs,
     table_parameter_bytes,
+    unpad,
 )
 from recemb.embeddings.optembed import PrunedVector
 from recemb.embeddings.plan import TransformPlan, VariantPlan
@@ -184,7 +190,8 @@ class PrunedLayer(EmbeddingLayer):
     A layer of its own (``storage: module`` in its plan, assembled by ``assemble_pruned``) rather
     than a ``TableEmbeddingLayer``: a bag whose ids were all pruned takes the OOV vector, which
     needs the remapped lengths, and a feature with no kept rows has no table. Its tables are
-    still torchrec tables (in ``plan.tables``), sharded and run by FBGEMM like any other.
+    still torchrec tables (in ``plan.tables``), sharded and run by FBGEMM like any other, and
+    padded for FBGEMM as a ``TableEmbeddingLayer``'s are (``pad_for_fbgemm``, ``padding_bytes``).
     """
 
     def __init__(self, plan: VariantPlan, device: torch.device | None = None) -> None:
@@ -197,6 +204,8 @@ class PrunedLayer(EmbeddingLayer):
         self.kept_rows = {f: int(pruning[f]["kept_rows"]) for f in self.features}
         self.transform = RemapTransform.from_plan(plan, device)
         self.tables = table_configs(plan)
+        self.physical_tables = list(self.tables)  # pad_for_fbgemm widens them
+        self.widths: dict[str, int] = {}  # features of padded tables -> their plan width
         self.table_features = [t.feature_names[0] for t in self.tables]
         self.ebc = EmbeddingBagCollection(tables=self.tables, device=device) if self.tables else None
         self.init_std = float(plan.params["oov_init_std"])
@@ -220,7 +229,8 @@ class PrunedLayer(EmbeddingLayer):
             keys = physical.keys()
             sub = physical if keys == self.table_features else physical.permute(
                 [keys.index(f) for f in self.table_features])
-            parts = self.ebc(sub).to_dict()
+            pooled = self.ebc(sub)
+            parts = (unpad(pooled, self.widths) if self.widths else pooled).to_dict()
         out = []
         empty = physical.lengths().view(len(physical.keys()), batch) == 0
         row = {k: i for i, k in enumerate(physical.keys())}
@@ -236,7 +246,31 @@ class PrunedLayer(EmbeddingLayer):
 
     def parameter_bytes(self) -> int:
         dense = self.oov.numel() * self.oov.element_size() if self.oov is not None else 0
-        return table_parameter_bytes(self.tables) + self.transform.remap.numel() * 4 + dense
+        return table_parameter_bytes(self.physical_tables) + self.transform.remap.numel() * 4 + dense
+
+    def padding_bytes(self) -> int:
+        """Bytes of the padding columns that searched widths not divisible by 4 need (0 for most layers)."""
+        return table_parameter_bytes(self.physical_tables) - table_parameter_bytes(self.tables)
+
+    def pad_for_fbgemm(self) -> dict[str, int]:
+        """Hold every compact table ``fbgemm_width`` wide (call before sharding); returns the padded
+        tables' plan widths by table name. Weights already in the layer (not on the meta device) are
+        kept in the first columns; lookups are cut back to the plan's widths."""
+        physical = padded_tables(self.tables)
+        if self.ebc is None or physical == self.physical_tables:
+            return {}
+        old = self.ebc
+        self.ebc = EmbeddingBagCollection(tables=physical, device=old.device)
+        if old.device.type != "meta":
+            with torch.no_grad():
+                for t in self.tables:
+                    self.ebc.embedding_bags[t.name].weight[:, :t.embedding_dim].copy_(
+                        old.embedding_bags[t.name].weight)
+        self.physical_tables = physical
+        padded = {t.name: t.embedding_dim for t, p in zip(self.tables, physical, strict=True)
+                  if p.embedding_dim != t.embedding_dim}
+        self.widths = {t.feature_names[0]: t.embedding_dim for t in self.tables if t.name in padded}
+        return padded
 
     def full_bytes(self) -> int:
         """The ``full`` variant's bytes at the configured ``embedding.dim`` (what the pruning saves against)."""
@@ -265,8 +299,8 @@ def plan_pruned(spec: VariantSpec) -> VariantPlan:
         if p.remap.shape[0] != f.num_embeddings:
             raise ConfigError(f"{params.path}: feature '{f.name}' has {p.remap.shape[0]} ids there but "
                               f"{f.num_embeddings} in this dataset (search again on this data)")
-        if p.dim % 4:
-            raise ConfigError(f"{params.path}: dim {p.dim} of '{f.name}' is not a multiple of 4 (FBGEMM)")
+        if p.dim < 1:  # any other width runs: training pads what FBGEMM cannot run (PrunedLayer.pad_for_fbgemm)
+            raise ConfigError(f"{params.path}: dim {p.dim} of '{f.name}' must be >= 1 (search again)")
     names = spec.names
     kept = {f: pruning.features[f].kept_rows for f in names}
     dims = {f: pruning.features[f].dim for f in names}
