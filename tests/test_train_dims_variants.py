@@ -271,3 +271,6 @@ def test_search_at_dim_10_pads_every_stage(prepared_ctr: Path, tmp_path: Path) -
     assert {v.shape[1] for v in initial.values()} == {DIM}  # the supernet's plan width, not 12
     compact = load_file(str(root / "pruned_initial.safetensors"))
     assert {f: v.shape[1] for f, v in compact.items()} == {f: d for f, d in found["dims"].items() if f in compact}
+    bundle = Bundle.open(export_bundle(root / "retrain", tmp_path / "bundle"))  # the searched widths, unpadded
+    stored = {n: t["dim"] for n, t in bundle.manifest["tables"].items() if t["layer"] == "embedding"}
+    assert stored == {f"p_{f}": d for f, d in found["dims"].items() if found["kept_rows"][f]}
