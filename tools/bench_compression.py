@@ -489,6 +489,8 @@ def main() -> None:
         if path.stem in done or path.name == "results.json":
             continue
         res = json.loads(path.read_text())
+        if res.get("spec", {}).get("data_dir", str(data_dir)) != str(data_dir):
+            continue  # a run on other data (another --rows): not this table's
         variant, _, budget = path.stem.partition("@")
         if variant in VARIANTS:
             rows.append({"run": path.stem, "variant": variant, "budget": float(budget) if budget else "-",
