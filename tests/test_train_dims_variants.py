@@ -1,11 +1,14 @@
-"""Any embedding width for the chunked and mixed-width variants (``unified``, ``robe``, ``mde``) and
-for OptEmbed's search and its ``pruned`` tables, at ``embedding.dim=10``.
+"""Any embedding width for the chunked and mixed-width variants (``unified``, ``robe``, ``mde``), for
+the row-budget variants (``hashed``, ``qr``, ``hybrid``, ``tt``'s plain tables) and for OptEmbed's
+search and its ``pruned`` tables, at ``embedding.dim=10``.
 
 Each builds, returns 10 columns per feature and, held for FBGEMM (``pad_for_fbgemm``), pads only
 the tables that need it: unified's 10-wide chunks and mde's full-width tables go 12 wide (padding
 counted in the bytes and reported), ROBE's shared array stays 4 wide (its blocks cover 12 floats,
 the last one cut to the dim). Budgets pay for the padding. The numpy twins of the plans give the
-torch layer's vectors, padded or not, and a trained run's bundle gives the trained model's. The
+torch layer's vectors, padded or not, and a trained run's bundle gives the trained model's.
+hashed, qr and hybrid hold every table ``dim`` wide, tt its plain tables: all are padded at dim 10
+or 6, and their solvers pay for the padding too (the baseline stays at the real width). The
 search (``dim_step: 5``) pads the supernet's and the compact tables, reads and saves the plan's
 columns only, and counts the compact tables' bytes padded.
 """
@@ -23,12 +26,20 @@ from conftest import CONFIGS, SMALL_MODEL_PARAMS, SMALL_RUN
 from dist_utils import in_process_run
 from safetensors.torch import load_file
 from test_export import load_test_split
-from twin_utils import as_kjt, check_lookup_without_torch, check_twins, feature_map, random_ids, weights
+from twin_utils import (
+    VOCAB,
+    as_kjt,
+    check_lookup_without_torch,
+    check_twins,
+    feature_map,
+    random_ids,
+    weights,
+)
 
 from recemb.config.experiment import EmbeddingConfig, ExperimentConfig, load_experiment
 from recemb.data.batch import arrow_to_batch
-from recemb.embeddings.base import TableEmbeddingLayer, fbgemm_width, pad_for_fbgemm
-from recemb.embeddings.budget import budget_bytes
+from recemb.embeddings.base import EmbeddingLayer, TableEmbeddingLayer, fbgemm_width, pad_for_fbgemm
+from recemb.embeddings.budget import BudgetError, budget_bytes
 from recemb.embeddings.pruned import FeaturePruning, PrunedLayer, PruningPlan, remap_from_mask, save_pruning
 from recemb.embeddings.registry import build_embedding_layer
 from recemb.errors import ConfigError
@@ -182,6 +193,73 @@ def test_training_with_dim_10_learns_and_exports_10_wide(kind: str, make_experim
         got = bundle.lookup_ids(f, values, lengths)
         assert got.shape == (512, DIM)
         np.testing.assert_allclose(got, want[f].numpy(), rtol=1e-5, atol=1e-6, err_msg=f)
+
+
+# ----------------------------------------------------------------------------- hashed, qr, hybrid and tt
+
+# (kind, params, multihot): qr's mult takes no bags; tt keeps a plain table where its TT form is not
+# smaller (the 7-id feature; at some budgets the 300-id one too).
+ROW_KINDS = [("hashed", {}, True), ("qr", {"op": "mult"}, False), ("qr", {"op": "add"}, True),
+             ("hybrid", {}, True), ("tt", {}, True)]
+ROW_IDS = ["hashed", "qr-mult", "qr-add", "hybrid", "tt"]
+PADDED_KEY = {"qr": "padded_part_dim"}  # the budget record's key for the width rows were paid at (else padded_dim)
+
+
+def table_layers(layer: EmbeddingLayer) -> list[TableEmbeddingLayer]:
+    """The table layers in ``layer`` (itself, or a grouped layer's: tt's plain tables beside its cores)."""
+    return [m for m in layer.modules() if isinstance(m, TableEmbeddingLayer)]
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.3])
+@pytest.mark.parametrize("dim", [DIM, 6])
+@pytest.mark.parametrize(("kind", "params", "multihot"), ROW_KINDS, ids=ROW_IDS)
+def test_row_budgets_pay_for_the_padding(kind: str, params: dict[str, Any], multihot: bool, dim: int,
+                                         budget: float) -> None:
+    """The padded layer (tables ``fbgemm_width`` wide) is within the budget and uses most of it; the
+    padding is reported, the baseline stays at the real width and the vectors at ``dim`` columns."""
+    fm = feature_map(multihot)
+    torch.manual_seed(0)
+    layer = build_embedding_layer(fm, EmbeddingConfig(kind=kind, dim=dim, seed=3, budget=budget, params=params))
+    kjt = as_kjt(random_ids(fm, batch=16, seed=2))
+    with torch.no_grad():
+        before = layer(kjt).values()
+    assert before.shape == (16, dim * len(layer.features))
+    pad_for_fbgemm(layer)
+    tables = table_layers(layer)
+    assert tables and all(t.embedding_dim % 4 == 0 for sub in tables for t in sub.physical_tables)
+    padding = sum(t.num_embeddings * (fbgemm_width(dim) - dim) * 4 for sub in tables for t in sub.tables)
+    assert padding > 0 and sum(sub.padding_bytes() for sub in tables) == padding
+    for sub in tables:  # the plan records the width its rows were paid at
+        assert sub.plan is not None
+        assert sub.plan.capabilities.budget[PADDED_KEY.get(kind, "padded_dim")] == fbgemm_width(dim)
+    assert layer.full_bytes() == sum(layer.full_rows.values()) * dim * 4  # the baseline at the asked width
+    target = budget_bytes(budget, layer.full_bytes())
+    achieved = layer.parameter_bytes()  # padding included
+    assert 0.8 * target <= achieved <= target, (achieved, padding, target)
+    with torch.no_grad():
+        assert torch.equal(layer(kjt).values(), before)  # weights kept, lookups cut back to dim
+
+
+def test_row_budget_floors_count_the_padding() -> None:
+    """Where a layout floor exceeds the budget, the error names it at the padded width (48 bytes a
+    row at dim 10): hybrid's OOV and cold rows (two per feature) plus one hashed row, and the rows
+    a ``per_feature`` setting takes of hashed's budget."""
+    fm = feature_map(False)
+    floor = (2 * len(VOCAB) + 1) * 48
+    with pytest.raises(BudgetError, match=f"take {floor:,} bytes"):  # 40 bytes a row would have fitted
+        build_embedding_layer(fm, EmbeddingConfig(kind="hybrid", dim=DIM, budget=float(floor - 8)))
+    target = budget_bytes(0.01, sum(VOCAB.values()) * DIM * 4)
+    with pytest.raises(BudgetError, match=rf"takes 50 rows of the budget's {target // 48:,},"):
+        build_embedding_layer(fm, EmbeddingConfig(kind="hashed", dim=DIM, budget=0.01,
+                                                  params={"per_feature": {"mid": 50}}))
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "multihot"), [
+    ("hashed", {"budget": 0.05}, False), ("hashed", {"budget": 0.05}, True), ("qr", {"budget": 0.05}, False),
+    ("qr", {"budget": 0.3, "params": {"op": "add"}}, True), ("hybrid", {"budget": 0.05}, False),
+    ("hybrid", {"budget": 0.05}, True)])
+def test_row_budget_twins_at_dim_10(kind: str, kwargs: dict[str, Any], multihot: bool) -> None:
+    check_twins(kind, multihot, dim=DIM, **kwargs)
 
 
 # ----------------------------------------------------------------------------- pruned and OptEmbed's search

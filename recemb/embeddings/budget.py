@@ -6,7 +6,9 @@ target into its own sizes (rows, chunks, ranks, widths) with a solver that is a
 plain function of integers, so it is tested without building a model. The
 achieved bytes are always computed from what was built and reported next to
 the target; a variant that cannot meet a budget raises ``BudgetError`` saying
-what the smallest feasible budget is.
+what the smallest feasible budget is. Solvers pay for tables as training holds
+them: a width FBGEMM cannot run (10) is held padded (12), so they count rows at
+``padded_row_bytes`` while the full-table baseline stays at the real width.
 
 Example:
     >>> target = budget_bytes(0.01, full=1_000_000)
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from recemb.embeddings.base import BYTES_PER_FLOAT
+from recemb.embeddings.base import BYTES_PER_FLOAT, fbgemm_width
 from recemb.errors import ConfigError
 
 # The relative gap between achieved and target bytes the solvers aim under.
@@ -52,6 +54,19 @@ def check_budget(budget: float) -> None:
 def full_bytes(rows: Sequence[int], dims: Sequence[int]) -> int:
     """fp32 bytes of one table per feature with ``rows[i]`` rows of width ``dims[i]``."""
     return sum(r * d for r, d in zip(rows, dims, strict=True)) * BYTES_PER_FLOAT
+
+
+def padded_row_bytes(dim: int) -> int:
+    """Bytes of one fp32 row of a ``dim``-wide table as training holds it (``fbgemm_width(dim)`` columns).
+
+    A solver that sizes rows with this keeps a padded layer within its budget (``dim: 10``: 48 bytes
+    a row, not 40); at widths divisible by 4 it is ``dim * 4``, so nothing changes there.
+
+    Example:
+        >>> padded_row_bytes(16), padded_row_bytes(10)
+        (64, 48)
+    """
+    return fbgemm_width(dim) * BYTES_PER_FLOAT
 
 
 def largest_at_most(cost: Callable[[int], int], target: int, lo: int, hi: int) -> int | None:

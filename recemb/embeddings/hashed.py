@@ -7,6 +7,10 @@ the rows by water-filling: every feature gets ``min(vocab, R)`` rows with the
 largest cap ``R`` that fits (the remainder one row each to the largest), so
 small features stay exact and large ones share about ``R`` rows.
 
+Any ``embedding.dim`` works: at ``dim: 10`` the tables are held 12 wide in training
+(``TableEmbeddingLayer.pad_for_fbgemm``) and the budget pays for that padding
+(rows cost ``padded_row_bytes``), so the padded layer stays within it.
+
 Example (YAML):
     embedding: {kind: hashed, dim: 16, budget: 0.01}
 """
@@ -19,8 +23,8 @@ from typing import Any
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recemb.embeddings.base import BYTES_PER_FLOAT, IdTransform, jagged, register_transform
-from recemb.embeddings.budget import BudgetError, budget_bytes, full_bytes, water_fill
+from recemb.embeddings.base import IdTransform, fbgemm_width, jagged, register_transform
+from recemb.embeddings.budget import BudgetError, budget_bytes, full_bytes, padded_row_bytes, water_fill
 from recemb.embeddings.hashing import hash_segments, salted_seed, signed_key
 from recemb.embeddings.plan import TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
@@ -38,9 +42,15 @@ class HashedParams:
 def hashed_rows(vocab: dict[str, int], dim: int, budget: float | None, params: HashedParams) -> dict[str, int]:
     """Rows per feature: explicit ``per_feature`` first, then the budget's (or ``rows``') cap.
 
+    The budget is a share of the full tables at ``dim`` and pays for rows as training holds
+    them (``padded_row_bytes``: a 10-wide row costs 12 floats), so fewer rows fit at widths
+    not divisible by 4 and the padded layer stays within the budget.
+
     Example:
         >>> hashed_rows({"a": 10, "b": 1000}, 4, budget=0.1, params=HashedParams())
         {'a': 10, 'b': 91}
+        >>> hashed_rows({"a": 10, "b": 1000}, 10, budget=0.1, params=HashedParams())  # 4,040 bytes: 84 rows of 48
+        {'a': 10, 'b': 74}
     """
     unknown = sorted(set(params.per_feature) - set(vocab))
     if unknown:
@@ -53,11 +63,12 @@ def hashed_rows(vocab: dict[str, int], dim: int, budget: float | None, params: H
     rest = {f: v for f, v in vocab.items() if f not in fixed}
     if budget is not None:
         target = budget_bytes(budget, full_bytes(list(vocab.values()), [dim] * len(vocab)))
-        row_budget = target // (dim * BYTES_PER_FLOAT) - sum(fixed.values())
+        rows_in_budget = target // padded_row_bytes(dim)
+        row_budget = rows_in_budget - sum(fixed.values())
         if fixed and row_budget < len(rest):
             raise BudgetError(
                 f"embedding.params.per_feature takes {sum(fixed.values()):,} rows of the budget's "
-                f"{target // (dim * BYTES_PER_FLOAT):,}, leaving less than one row for each other feature; "
+                f"{rows_in_budget:,}, leaving less than one row for each other feature; "
                 "lower per_feature or raise embedding.budget"
             )
         if not rest:
@@ -121,7 +132,8 @@ def plan_hashed(spec: VariantSpec) -> VariantPlan:
         for i, f in enumerate(spec.names)
     }
     tables = [spec.table(f"h_{f}", rows[f], spec.dim, [f]) for f in spec.names]
-    return spec.plan(
-        "hashed", tables, transform=TransformPlan("hash", {"features": features}),
-        budget={"solver": "water_fill", "budget": spec.budget, "rows_cap": spec.params.rows},
-    )
+    budget: dict[str, Any] = {"solver": "water_fill", "budget": spec.budget, "rows_cap": spec.params.rows}
+    if spec.budget is not None and fbgemm_width(spec.dim) != spec.dim:
+        # The width the rows were paid at; only where training pads, so other plans stay as they were.
+        budget["padded_dim"] = fbgemm_width(spec.dim)
+    return spec.plan("hashed", tables, transform=TransformPlan("hash", {"features": features}), budget=budget)

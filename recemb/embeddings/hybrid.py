@@ -11,6 +11,10 @@ The plan holds each feature's ``K`` as the array ``hot_ids`` and the hash seeds 
 a budget covers the transform's two small buffers too. numpy twin:
 ``recemb.serving.variants.hybrid``.
 
+Any ``embedding.dim`` works: at ``dim: 10`` the tables are held 12 wide in training
+(``TableEmbeddingLayer.pad_for_fbgemm``) and the budget pays for that padding (rows cost
+``padded_row_bytes``), so the padded layer stays within it.
+
 Example (YAML):
     embedding: {kind: hybrid, dim: 16, budget: 0.01, params: {hot_fraction_of_budget: 0.5}}
 """
@@ -31,13 +35,14 @@ from recemb.embeddings.base import (
     Combiner,
     IdTransform,
     by_key,
+    fbgemm_width,
     in_order,
     jagged,
     one_id_per_bag,
     register_combiner,
     register_transform,
 )
-from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
+from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most, padded_row_bytes
 from recemb.embeddings.hashing import buckets_of, hash64_keyed, salted_seed, seed_key
 from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
@@ -107,14 +112,17 @@ def solve_hybrid(
 
     Hot rows get ``hot_fraction`` of the target (at least one OOV and one cold row
     per feature); the hashed table gets every row that is left, so the total is
-    within one row of ``target``. Raises ``BudgetError`` when not even one hashed
-    row is left.
+    within one row of ``target``. Rows cost what training holds (``padded_row_bytes``:
+    a 10-wide row 12 floats), so a padded layer stays within ``target`` too. Raises
+    ``BudgetError`` when not even one hashed row is left.
 
     Example:
         >>> solve_hybrid([5, 100], None, dim=4, target=40 * 16, hot_fraction=0.5)
         ([4, 13], 20)
+        >>> solve_hybrid([5, 100], None, dim=10, target=40 * 48, hot_fraction=0.5)  # 48 bytes a row
+        ([4, 13], 20)
     """
-    row_bytes = dim * BYTES_PER_FLOAT
+    row_bytes = padded_row_bytes(dim)
     hot = solve_hot_ids(vocab, counts, int(hot_fraction * target) // row_bytes)
     used = sum(hot_rows(n, k) for n, k in zip(vocab, hot, strict=True))
     rows = target // row_bytes - used
@@ -322,6 +330,8 @@ def plan_hybrid(spec: VariantSpec) -> VariantPlan:
         budget = {"solver": "solve_hybrid", "budget": spec.budget, "target_bytes": target,
                   "buffer_bytes": reserved, "hot_fraction_of_budget": params.hot_fraction_of_budget,
                   "by_counts": usable is not None, "rows": rows}
+        if fbgemm_width(spec.dim) != spec.dim:  # the width rows were paid at; only where training pads
+            budget["padded_dim"] = fbgemm_width(spec.dim)
     keys = {f: {"hot_key": f"{f}__hot", "cold_key": f"{f}__cold", "seed": salted_seed(spec.seed, i)}
             for i, f in enumerate(names)}
     tables = [spec.table(f"hot_{f}", hot_rows(n, k), spec.dim, [keys[f]["hot_key"]])

@@ -9,6 +9,11 @@ table. A ``budget`` solves one row cap ``R`` over all features and, per
 feature, the modulus whose two tables together come closest to ``R`` rows;
 below QR's minimum of about ``2 sqrt(V)`` rows the ids are hashed first.
 
+Any ``embedding.dim`` works with ``mult`` and ``add``: at ``dim: 10`` the tables are held
+12 wide in training (``TableEmbeddingLayer.pad_for_fbgemm``) and the budget pays for that
+padding (rows cost ``padded_row_bytes``; the achieved-bytes check counts the padded tables).
+``concat`` needs a dim divisible by 8, so its halves never pad.
+
 Example (YAML):
     embedding: {kind: qr, dim: 16, budget: 0.01, params: {op: mult}}
 """
@@ -24,10 +29,10 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
-    BYTES_PER_FLOAT,
     Combiner,
     IdTransform,
     by_key,
+    fbgemm_width,
     jagged,
     register_combiner,
     register_transform,
@@ -38,6 +43,7 @@ from recemb.embeddings.budget import (
     check_achieved,
     full_bytes,
     largest_at_most,
+    padded_row_bytes,
     water_fill,
 )
 from recemb.embeddings.hashing import hash_segments, salted_seed, signed_key
@@ -304,11 +310,16 @@ def plan_qr(spec: VariantSpec) -> VariantPlan:
     part_dim = spec.dim // 2 if params.op == "concat" else spec.dim
     budget: dict[str, Any] = {"solver": "none", "modulus": params.modulus}
     if spec.budget is not None:
+        # The budget is a share of the full tables at the dim; rows are paid as training holds them
+        # (padded to a multiple of 4), so at dim 10 a row costs 12 floats. With concat (dim divisible
+        # by 8) both widths are multiples of 4; with mult/add a full-table row is a part row.
         target = budget_bytes(spec.budget, full_bytes(list(vocab.values()), [spec.dim] * len(vocab)))
-        row_budget = target // (part_dim * BYTES_PER_FLOAT)
-        layout = solve_qr(vocab, row_budget, full_cost=spec.dim // part_dim)
+        row_budget = target // padded_row_bytes(part_dim)
+        layout = solve_qr(vocab, row_budget, full_cost=fbgemm_width(spec.dim) // fbgemm_width(part_dim))
         budget = {"solver": "qr_water_fill", "budget": spec.budget, "target_bytes": target, "row_budget": row_budget,
                   "part_dim": part_dim}
+        if fbgemm_width(part_dim) != part_dim:  # only where training pads: other plans stay as they were
+            budget["padded_part_dim"] = fbgemm_width(part_dim)
     else:
         layout = {}
         for f, v in vocab.items():
@@ -331,6 +342,6 @@ def plan_qr(spec: VariantSpec) -> VariantPlan:
         combiner=CombinerPlan("qr", {"op": params.op, "split": [f for f in names if layout[f].modulus]}),
         multihot=params.op != "mult", budget=budget,
     )
-    if spec.budget is not None:
-        check_achieved("qr", plan.table_bytes(), budget["target_bytes"])
+    if spec.budget is not None:  # the tables as training holds them (padded), as the solver paid for them
+        check_achieved("qr", sum(t.rows * padded_row_bytes(t.dim) for t in plan.tables), budget["target_bytes"])
     return plan

@@ -7,6 +7,11 @@ parameters: the dense optimizer trains them and DDP averages their gradients, so
 this part is data parallel (every rank holds all cores); only the plain tables
 left for small features are sharded by the planner.
 
+Any ``embedding.dim`` works: the cores are dense parameters of any shape, and a plain
+table of a width FBGEMM cannot run (10) is held padded (12) in training
+(``TableEmbeddingLayer.pad_for_fbgemm``); the rank solver pays for that padding, both
+when it compares a TT form with the plain table and when it fits the budget.
+
 The builder plans: the TT features are one ``storage: module`` plan (per feature its
 rank, row and dim factors and init std in ``params``), the plain features a ``tt`` plan
 of ordinary tables (``full``'s layout); each part is assembled from its own plan.
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recemb.embeddings.base import BYTES_PER_FLOAT, EmbeddingLayer, GroupedEmbeddingLayer
+from recemb.embeddings.base import BYTES_PER_FLOAT, EmbeddingLayer, GroupedEmbeddingLayer, fbgemm_width
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
 from recemb.embeddings.full import FullParams, plan_full
 from recemb.embeddings.plan import Capabilities, VariantPlan
@@ -92,13 +97,24 @@ def tt_floats(rows: int, dim: int, rank: int) -> int:
     return n1 * d1 * rank + rank * n2 * d2 * rank + rank * n3 * d3
 
 
+def plain_floats(rows: int, dim: int) -> int:
+    """Floats of a plain ``rows x dim`` table as training holds it (``fbgemm_width(dim)`` columns).
+
+    Example:
+        >>> plain_floats(100, 16), plain_floats(100, 10)
+        (1600, 1200)
+    """
+    return rows * fbgemm_width(dim)
+
+
 def _feature_floats(rows: int, dim: int, rank: int) -> int:
-    return rows * dim if rank == DENSE else tt_floats(rows, dim, rank)
+    return plain_floats(rows, dim) if rank == DENSE else tt_floats(rows, dim, rank)
 
 
 def _rank_or_dense(rows: int, dim: int, rank: int, min_rows: int) -> int:
-    """``rank``, or ``DENSE`` where the feature is small or its TT form is not smaller."""
-    if rows < min_rows or tt_floats(rows, dim, rank) >= rows * dim:
+    """``rank``, or ``DENSE`` where the feature is small or its TT form is not smaller than the plain
+    table as training holds it (padded)."""
+    if rows < min_rows or tt_floats(rows, dim, rank) >= plain_floats(rows, dim):
         return DENSE
     return rank
 
@@ -252,6 +268,8 @@ def plan_tt(spec: VariantSpec) -> VariantPlan | EmbeddingLayer:
                                                  min_rows=params.min_rows), strict=True))
     budget = {"solver": "tt_ranks", "budget": spec.budget, "target_bytes": target, "rank": params.rank,
               "min_rows": params.min_rows, "ranks": ranks}
+    if fbgemm_width(spec.dim) != spec.dim:  # plain tables were weighed padded; only there, so other plans stay
+        budget["padded_dim"] = fbgemm_width(spec.dim)
     parts: dict[str, VariantPlan] = {}
     tt_features = [f for f in spec.features if ranks[f.name] != DENSE]
     if tt_features:
