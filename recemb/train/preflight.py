@@ -71,9 +71,13 @@ def check_run(cfg: ExperimentConfig, feature_map: FeatureMap | None) -> None:
 def check_table_widths(model: nn.Module, kind: str) -> None:
     """Refuse tables FBGEMM cannot run: widths not divisible by 4 that no layer padded.
 
-    Table-backed variants pad such widths themselves (``recemb.embeddings.base.fbgemm_width``);
-    a variant with its own collection (``pruned``) does not, and torchrec would stop with an
-    assertion deep in sharding.
+    Run after ``pad_for_fbgemm`` (as training does). Every layer that holds torchrec tables pads
+    such widths itself today: the table-backed variants (``TableEmbeddingLayer``, also inside
+    grouped and projected layers) and ``pruned`` (``PrunedLayer``, since it pads its compact
+    tables too). What this still guards is any other ``EmbeddingBagCollection`` in the model, one
+    that no layer's ``pad_for_fbgemm`` reaches (a layer added later that keeps a collection and
+    does not pad it): without this check torchrec would stop with an assertion deep in sharding
+    instead of a ``ConfigError`` before the run.
     """
     narrow = [(t.name, t.embedding_dim) for m in model.modules() if isinstance(m, EmbeddingBagCollection)
               for t in m.embedding_bag_configs() if t.embedding_dim % FBGEMM_WIDTH]
