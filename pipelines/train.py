@@ -14,10 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -277,26 +276,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
         world = ray.train.get_context().get_world_size()
         source.open_train(cfg.train.batch_size or auto_batch_size(epoch_train_rows(cfg.train, fm, cfg.data_dir), world))
     tracker = Tracker(config["mlflow_uri"], rank=rank, experiment_name=cfg.dataset_id)
-
-    def resume_run() -> None:
-        tracker.start(cfg, run_id=config["run_id"])
-        if restored is not None:
-            tracker.set_tags({"recemb.restored_from": str(restored.path)})
-        if poster is not None:
-            poster.mark("wtracker")
-
-    # Rank 0's MLflow resume (mlflow's import and the store's open: ~3 s here) runs beside the
-    # model build and the wait for the first batch; the run is first written at the first
-    # evaluation, which waits for it (and raises what it raised).
-    tracker_ready = _in_background(resume_run) if tracker.enabled else _in_background(None)
+    tracker.start(cfg, run_id=config["run_id"])
+    if restored is not None:
+        tracker.set_tags({"recemb.restored_from": str(restored.path)})
+    if poster is not None:
+        poster.mark("wtracker")
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
-        tracker_ready.result()
         tracker.log_metrics(step, metrics, split="valid")
         ray.train.report({f"valid_{k}": v for k, v in metrics.items()})
 
     def on_epoch_end(epoch: int, step: int, path: Path, metrics: dict[str, float]) -> None:
-        tracker_ready.result()
         tracker.log_metrics(step, {f"train_rows_epoch{epoch}": metrics["train_rows"]})
         report = {f"valid_{k}": v for k, v in metrics.items()}
         report.update({"epoch_done": epoch, "step": step, f"train_rows_epoch{epoch}": metrics["train_rows"]})
@@ -308,28 +298,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     result = train(cfg, resume=resume, on_metrics=on_metrics, source=source, on_epoch_end=on_epoch_end,
                    on_start=on_start)
-    tracker_ready.result()
     if rank == 0:
         tracker.log_dict(result.to_dict(), "result_worker.json")
-
-
-def _in_background(fn: Callable[[], None] | None) -> Future[None]:
-    """``fn`` started on a daemon thread (its ``Future`` re-raises what it raised); None: done."""
-    done: Future[None] = Future()
-    if fn is None:
-        done.set_result(None)
-        return done
-
-    def body() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # handed to whoever waits on it
-            done.set_exception(exc)
-        else:
-            done.set_result(None)
-
-    threading.Thread(target=body, name="recemb-tracker-start", daemon=True).start()
-    return done
 
 
 def _train_on_ray(
