@@ -210,6 +210,14 @@ def run_train(
             cfg, fm = loaded, check_experiment(loaded)
         else:
             cfg, fm = _check_while_ray_starts(lambda: loaded, clock, loaded.cluster.address)
+    if not cfg.train.batch_size:
+        # Picked here, before the run is tracked, so that MLflow's train.batch_size is the batch
+        # the run trains with (0 there told nothing), and a Ray run's console shows the line too.
+        from recemb.train.loop import auto_batch_note, auto_batch_size, epoch_train_rows
+
+        rows, world = epoch_train_rows(cfg.train, fm, cfg.data_dir), max(1, cfg.cluster.workers)
+        cfg.train.batch_size = auto_batch_size(rows, world)
+        print(auto_batch_note(rows, cfg.train.batch_size, world), flush=True)
     if cfg.cluster.workers > 0:
         from recemb.train.loop import epoch_train_rows, few_steps_warning
 

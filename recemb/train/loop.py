@@ -311,9 +311,7 @@ def train(
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, batch_size=auto_batch_size(rows_per_epoch, world)))
         tc = cfg.train
         if _is_rank0():
-            print(f"[train] batch_size {tc.batch_size:,} ({rows_per_epoch:,} rows an epoch, "
-                  f"{epoch_steps(rows_per_epoch, tc.batch_size, world):,} steps; train.batch_size=0 picks it)",
-                  flush=True)
+            print(auto_batch_note(rows_per_epoch, tc.batch_size, world), flush=True)
     model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")),
                        embedding_l2=cfg.embedding.l2)
     padded = pad_for_fbgemm(model)  # widths FBGEMM cannot run (embedding.dim=10) are held 12 wide
@@ -516,6 +514,17 @@ def auto_batch_size(rows_per_epoch: int, world_size: int = 1) -> int:
     return batch
 
 
+def auto_batch_note(rows_per_epoch: int, batch_size: int, world_size: int = 1) -> str:
+    """The line a run prints when ``train.batch_size=0`` picked its batch.
+
+    Example:
+        >>> auto_batch_note(40_066, 256)
+        '[train] batch_size 256 (40,066 rows an epoch, 157 steps; train.batch_size=0 picks it)'
+    """
+    return (f"[train] batch_size {batch_size:,} ({rows_per_epoch:,} rows an epoch, "
+            f"{epoch_steps(rows_per_epoch, batch_size, world_size):,} steps; train.batch_size=0 picks it)")
+
+
 def resolved_batch_size(tc: TrainConfig, rows_per_epoch: int, world_size: int = 1) -> int:
     """``train.batch_size``, or the batch ``auto_batch_size`` picks for it when it is 0."""
     return tc.batch_size or auto_batch_size(rows_per_epoch, world_size)
@@ -638,5 +647,5 @@ def _append_results_csv(path: Path, cfg: ExperimentConfig, result: TrainResult) 
 
 
 __all__ = ["TrainModel", "TrainResult", "objective_of", "aux_optimizer", "aux_param_groups", "dense_optimizer", "evaluate",
-           "auto_batch_size", "epoch_train_rows", "few_steps_warning", "monitor_score", "patience_spent",
+           "auto_batch_note", "auto_batch_size", "epoch_train_rows", "few_steps_warning", "monitor_score", "patience_spent",
            "resolved_batch_size", "run_steps", "train"]
