@@ -29,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -333,8 +334,7 @@ def table(rows: list[dict[str, Any]], front: set[str], header: str) -> str:
              "train samples/s | lookup ms (4096 rows, 1 thread) | Pareto |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['budget']} | error: {r['error'].splitlines()[-1][:80]} "
-                         "| | | | | | |")
+            lines.append(f"| {r['variant']} | {r['budget']} | {error_cell(r['error'])} | | | | | | |")
             continue
         lines.append(
             f"| {r['variant']} | {r['budget']} | {r['bytes']:,} | {r['ratio']:.4f} | {r['auc']:.5f} | "
@@ -343,6 +343,24 @@ def table(rows: list[dict[str, Any]], front: set[str], header: str) -> str:
             f"{'*' if r['run'] in front else ''} |"
         )
     return "\n".join(lines) + "\n"
+
+
+_FLOOR = re.compile(r"the smallest embedding\.budget this model \(\w+\) builds with is ([0-9.e-]+)")
+
+
+def error_cell(error: str) -> str:
+    """A failed run's table cell: a budget under the method's floor says so and names the
+    floor (the solver's message ends with it); anything else shows its last line.
+
+    Example:
+        >>> error_cell("...over the budget; the smallest embedding.budget this model (dcnv2) builds with is 0.0626")
+        "below this method's floor: it builds from 0.0626 of full"
+    """
+    found = _FLOOR.search(error)
+    if found:
+        return f"below this method's floor: it builds from {found.group(1).rstrip('.')} of full"
+    lines = error.strip().splitlines()
+    return f"error: {lines[-1][:80] if lines else ''}"
 
 
 def plot(rows: list[dict[str, Any]], front: set[str], path: Path, title: str) -> None:
