@@ -394,13 +394,25 @@ def run_tune(
     tracker.end("FINISHED")
     command = f"recemb train --config {_shown(best_path)}"
     if not isinstance(config, ExperimentConfig):
-        words = [*(overrides or []), *override_words(best.params), f"expid={cfg.expid}"]
-        alternative = f"recemb train --config {config} {' '.join(words)}"
+        alternative = f"recemb train --config {config} {' '.join(reproduce_words(overrides, best.params, cfg.expid))}"
     else:
         alternative = ""
     return TuneResult(parent_run_id=parent_id, out_dir=str(out_dir), trials=rows, best=best,
                       best_config=str(best_path), command=command, overrides_command=alternative,
                       seconds=time.perf_counter() - t0)
+
+
+def reproduce_words(overrides: list[str] | None, params: dict[str, Any], expid: str) -> list[str]:
+    """The ``key=value`` words that reproduce a trial from the experiment file: every trial's
+    overrides, the trial's drawn ``params``, then the tuned run's name (an ``expid`` among the
+    overrides is left out: it would only be repeated).
+
+    Example:
+        >>> reproduce_words(["train.epochs=8", "expid=mine"], {"embedding.lr": 0.01}, "mine_tuned")
+        ['train.epochs=8', 'embedding.lr=0.01', 'expid=mine_tuned']
+    """
+    kept = [w for w in overrides or [] if not w.startswith("expid=")]
+    return [*kept, *override_words(params), f"expid={expid}"]
 
 
 def _shown(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""The examples in the embedding and serving modules' docstrings run and give what they show."""
+"""The examples in the embedding, serving, training-loop and tune modules' docstrings run and give
+what they show."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ MODULES = [f"recemb.embeddings.{name}" for name in (
                                      "recemb.serving.transforms",
                                      "recemb.serving.lookup"] + [
     f"recemb.serving.variants.{name}" for name in (
-        "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec", "optembed", "pruned")]
+        "hashed", "qr", "unified", "robe", "mde", "hybrid", "tt", "dhe", "lowprec", "optembed", "pruned")] + [
+    "recemb.train.loop", "pipelines.tune"]
 
 
 @pytest.mark.parametrize("name", MODULES)
