@@ -573,17 +573,23 @@ class TableEmbeddingLayer(EmbeddingLayer):
         physical = padded_tables(self.tables)
         if physical == self.physical_tables:
             return {}
-        old = self.ebc
-        self.ebc = EmbeddingBagCollection(tables=physical, is_weighted=old.is_weighted(), device=old.device)
-        if old.device.type != "meta":
-            with torch.no_grad():
-                for t in self.tables:
-                    self.ebc.embedding_bags[t.name].weight[:, :t.embedding_dim].copy_(
-                        old.embedding_bags[t.name].weight)
-        self.physical_tables = physical
+        self.ebc, self.physical_tables = repadded(self.ebc, self.tables, physical), physical
         padded = {t.name: t.embedding_dim for t in self.tables if t.embedding_dim != fbgemm_width(t.embedding_dim)}
         self.widths = {k: t.embedding_dim for t in self.tables if t.name in padded for k in t.feature_names}
         return padded
+
+
+def repadded(ebc: EmbeddingBagCollection, tables: list[EmbeddingBagConfig],
+             physical: list[EmbeddingBagConfig]) -> EmbeddingBagCollection:
+    """``ebc`` (holding ``tables``) rebuilt with the ``physical`` (padded) tables, each table's
+    weights in its first columns (nothing to copy on the meta device): the shared step of the
+    layers' ``pad_for_fbgemm``."""
+    out = EmbeddingBagCollection(tables=physical, is_weighted=ebc.is_weighted(), device=ebc.device)
+    if ebc.device.type != "meta":
+        with torch.no_grad():
+            for t in tables:
+                out.embedding_bags[t.name].weight[:, :t.embedding_dim].copy_(ebc.embedding_bags[t.name].weight)
+    return out
 
 
 def pad_for_fbgemm(model: nn.Module) -> dict[str, int]:

@@ -36,6 +36,7 @@ from recemb.embeddings.base import (
     IdTransform,
     padded_tables,
     register_transform,
+    repadded,
     table_configs,
     table_parameter_bytes,
     unpad,
@@ -259,14 +260,7 @@ class PrunedLayer(EmbeddingLayer):
         physical = padded_tables(self.tables)
         if self.ebc is None or physical == self.physical_tables:
             return {}
-        old = self.ebc
-        self.ebc = EmbeddingBagCollection(tables=physical, device=old.device)
-        if old.device.type != "meta":
-            with torch.no_grad():
-                for t in self.tables:
-                    self.ebc.embedding_bags[t.name].weight[:, :t.embedding_dim].copy_(
-                        old.embedding_bags[t.name].weight)
-        self.physical_tables = physical
+        self.ebc, self.physical_tables = repadded(self.ebc, self.tables, physical), physical
         padded = {t.name: t.embedding_dim for t, p in zip(self.tables, physical, strict=True)
                   if p.embedding_dim != t.embedding_dim}
         self.widths = {t.feature_names[0]: t.embedding_dim for t in self.tables if t.name in padded}
