@@ -507,12 +507,15 @@ def test_cli_exports_and_scores_raw_logs_like_the_prepared_split(runs: Runs, pre
                  "--out", str(tmp_path / "prep.parquet")]) == 0
     raw, prep = pq.read_table(tmp_path / "raw.parquet"), pq.read_table(tmp_path / "prep.parquet")
     assert raw.num_rows == 20_000 and prep.column_names == ["shard", "row", "label", "logit", "prob"]
-    # The raw rows that preparation put in the test split score exactly as the prepared split does.
+    # The raw rows that preparation put in the test split score as the prepared split does: the same ids,
+    # rows and labels; a probability may differ in its last bit, since the dense layers' GEMM runs other
+    # kernels on a batch's last rows when the batch sizes differ (20,000 raw rows vs a 2,005-row split).
     split = FeatureMap.load(prepared_ctr)
     lines = raw.column("line").to_numpy()
     test_rows = row_uniform(0, lines, seed=0) >= 0.8 + 0.1  # as preprocess assigns splits (train 0.8, valid 0.1)
     assert int(test_rows.sum()) == split.rows["test"] == prep.num_rows
-    np.testing.assert_array_equal(raw.column("prob").to_numpy()[test_rows], prep.column("prob").to_numpy())
+    np.testing.assert_allclose(raw.column("prob").to_numpy()[test_rows], prep.column("prob").to_numpy(),
+                               rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(raw.column("label").to_numpy()[test_rows], prep.column("label").to_numpy())
     assert main(["score", "--bundle", str(tmp_path / "nope"), "--data", str(raw_file),
                  "--out", str(tmp_path / "x.parquet")]) == 2

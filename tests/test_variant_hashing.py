@@ -24,7 +24,18 @@ from recemb.config.experiment import EmbeddingConfig, EmbeddingGroup
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.budget import BudgetError
 from recemb.embeddings.hashed import HashedParams, hashed_rows
-from recemb.embeddings.hashing import hash64, hash64_np, hash_ids, hash_ids_np, salted_seed
+from recemb.embeddings.hashing import (
+    bucket_ids,
+    bucket_ids_np,
+    hash64,
+    hash64_np,
+    hash_ids,
+    hash_ids_np,
+    hash_keys,
+    hash_segments,
+    mulshift_ids_np,
+    salted_seed,
+)
 from recemb.embeddings.qr import solve_qr
 from recemb.embeddings.registry import build_embedding_layer
 from recemb.embeddings.sharding import load_full_state, shard_model
@@ -90,6 +101,77 @@ def test_hash_buckets_are_uniform_chi_square() -> None:
     assert abs(float((a == b).float().mean()) - 1 / buckets) < 0.003
 
 
+MULSHIFT_IDS = torch.cat([torch.arange(-5, 1000), torch.randint(-(2**62), 2**62, (10_000,))])
+
+
+@pytest.mark.parametrize("buckets", [1, 997, 2**31])
+def test_mulshift_torch_is_bit_exact_with_numpy(buckets: int) -> None:
+    ids = MULSHIFT_IDS
+    seeds = [0, 1, 2**40 + 3]
+    keys = hash_keys(seeds, "mulshift")
+    for i, seed in enumerate(seeds):
+        want = mulshift_ids_np(ids.numpy(), seed, buckets)
+        assert want.min() >= 0 and want.max() < buckets
+        got = bucket_ids(ids, keys[i].expand(len(ids), 2), buckets, "mulshift")
+        assert np.array_equal(got.numpy(), want)
+    # Segments of equal length (the [keys, ids] grid) and of unequal lengths (gathered by segment).
+    for lengths in ([len(ids) // 3] * 3, [7, 1000, len(ids) // 3 * 3 - 1007]):
+        values = ids[:sum(lengths)]
+        got = hash_segments(values, keys, torch.tensor([buckets] * 3), lengths, hash_name="mulshift")
+        parts = np.split(values.numpy(), np.cumsum(lengths)[:-1])
+        want = np.concatenate([bucket_ids_np(p, s, buckets, "mulshift") for p, s in zip(parts, seeds, strict=True)])
+        assert np.array_equal(got.numpy(), want), lengths
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        mulshift_ids_np(ids.numpy(), 0, 2**31 + 1)
+
+
+def test_mulshift_spreads_ids_and_salted_probes_are_independent() -> None:
+    buckets, n = 97, 200_000
+    rng = np.random.default_rng(0)
+    for ids in (np.arange(n), rng.integers(0, 2**32, n)):
+        counts = np.bincount(mulshift_ids_np(ids, 11, buckets), minlength=buckets)
+        expected = n / buckets
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < 146, chi2  # 96 degrees of freedom, 99.9% quantile about 146
+    ids = np.arange(n)
+    a, b = mulshift_ids_np(ids, salted_seed(0, 1, 0), buckets), mulshift_ids_np(ids, salted_seed(0, 1, 1), buckets)
+    assert abs(float((a == b).mean()) - 1 / buckets) < 0.003
+    # Universal over seeds: a fixed pair of ids (neighbours, far apart, id 0) shares a bucket about
+    # 1/buckets of the time, not systematically.
+    seeds = range(4000)
+    for x, y in ((0, 1), (5, 5 + 2**20), (123_456, 7_654_321)):
+        same = np.mean([mulshift_ids_np(np.array([x, y]), s, buckets).tolist().count(
+            int(mulshift_ids_np(np.array([x]), s, buckets)[0])) == 2 for s in seeds])
+        assert same < 2.5 / buckets, (x, y, same)
+
+
+def test_plans_and_checkpoints_from_before_mulshift_keep_splitmix64() -> None:
+    from recemb.config.loader import from_dict
+    from recemb.embeddings.hashed import HashTransform
+    from recemb.embeddings.plan import VariantPlan
+    from recemb.serving.transforms import apply_transform
+    from recemb.train.checkpoint import fill_model_params
+
+    fm = feature_map({"big": 1000})
+    layer = build_embedding_layer(fm, EmbeddingConfig(kind="hashed", dim=8, params={"rows": 50}, seed=4))
+    old = layer.plan.to_dict()
+    del old["transform"]["params"]["hash"]  # as plans were written before embedding.hash
+    plan = VariantPlan.from_dict(old)
+    ids = np.array([999, 3, 500, 0])
+    seed = plan.transform.params["features"]["big"]["seed"]
+    want = hash_ids_np(ids, seed, 50)
+    got = HashTransform.from_plan(plan)(kjt({"big": ids.tolist()})).values().numpy()
+    assert np.array_equal(got, want)
+    assert np.array_equal(apply_transform(plan, "big", ids, np.ones(4, np.int64))[0].values, want)
+    # A checkpoint's config without embedding.hash rebuilds its plans with splitmix64; a new one is explicit.
+    saved = {"model": {"name": "dcnv2"}, "embedding": {"kind": "hashed", "dim": 8, "params": {"rows": 50}, "seed": 4}}
+    embedding = from_dict(EmbeddingConfig, fill_model_params(saved, saved=True)["embedding"], where="test")
+    assert embedding.hash == "splitmix64"
+    rebuilt = build_embedding_layer(fm, embedding)
+    assert np.array_equal(rebuilt.transform(kjt({"big": ids.tolist()})).values().numpy(), want)
+    assert fill_model_params(saved, saved=False)["embedding"]["hash"] == "mulshift"
+
+
 # ---------------------------------------------------------------- solvers and budgets
 
 
@@ -129,7 +211,8 @@ def test_hashed_lookup_reads_the_hashed_row() -> None:
     w = tables(layer)
     assert torch.equal(out["small"], w["h_small"][torch.tensor(ids["small"])])  # fits: identity
     manifest = layer.plan.transform.params["features"]["big"]
-    rows = hash_ids_np(np.array(ids["big"]), manifest["seed"], manifest["rows"])
+    assert layer.plan.transform.params["hash"] == "mulshift"  # embedding.hash's default
+    rows = bucket_ids_np(np.array(ids["big"]), manifest["seed"], manifest["rows"], "mulshift")
     assert torch.equal(out["big"], w["h_big"][torch.from_numpy(rows)])
     json.dumps(layer.plan.to_dict())
 
@@ -161,7 +244,7 @@ def test_unified_concatenates_salted_probes_over_round_robin_tables() -> None:
     probes = layer.plan.transform.params["features"]
     assert [c["table"] for c in probes["a"]["chunks"] + probes["b"]["chunks"]] == [0, 1, 0, 1, 0]
     for f in ("a", "b"):
-        blocks = [w[f"u{c['table']}"][torch.from_numpy(hash_ids_np(np.array(ids[f]), c["seed"], 64))]
+        blocks = [w[f"u{c['table']}"][torch.from_numpy(bucket_ids_np(np.array(ids[f]), c["seed"], 64, "mulshift"))]
                   for c in probes[f]["chunks"]]
         assert torch.equal(out[f], torch.cat(blocks, 1))
     assert torch.equal(out["tiny"], w["t_tiny"][torch.tensor(ids["tiny"])])
@@ -173,7 +256,7 @@ def test_unified_one_chunk_without_collisions_equals_a_full_table() -> None:
     uni = build_embedding_layer(feature_map(vocab), cfg)
     full = build_embedding_layer(feature_map(vocab), EmbeddingConfig(kind="full", dim=8))
     seed = uni.plan.transform.params["features"]["f"]["chunks"][0]["seed"]
-    rows = hash_ids_np(np.arange(40), seed, 1 << 20)
+    rows = bucket_ids_np(np.arange(40), seed, 1 << 20, "mulshift")
     assert len(set(rows.tolist())) == 40, "the test needs a collision-free hash of the 40 ids"
     with torch.no_grad():
         tables(uni)["u0"][torch.from_numpy(rows)] = tables(full)["t_f"]

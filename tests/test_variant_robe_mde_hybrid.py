@@ -23,7 +23,7 @@ from recemb.config.experiment import EmbeddingConfig
 from recemb.data.schema import FeatureInfo, FeatureMap
 from recemb.embeddings.base import TableEmbeddingLayer
 from recemb.embeddings.budget import BudgetError
-from recemb.embeddings.hashing import hash64_np, hash_ids_np, salted_seed
+from recemb.embeddings.hashing import bucket_ids_np, hash64_np, hash_ids_np, salted_seed
 from recemb.embeddings.hybrid import HybridParams, hot_rows, solve_hot_ids, solve_hybrid
 from recemb.embeddings.mde import (
     MdeParams,
@@ -167,7 +167,8 @@ def test_hybrid_rows_match_numpy() -> None:
         v = _array(ids.values())
         assert np.array_equal(_array(out[f"{name}__hot"].values()), np.minimum(v, k + 1))
         cold = out[f"{name}__cold"]
-        assert np.array_equal(_array(cold.values()), hash_ids_np(v[v > k], salted_seed(3, fi), 29))
+        assert np.array_equal(_array(cold.values()), bucket_ids_np(v[v > k], salted_seed(3, fi), 29,
+                                                                     layer.plan.transform.params["hash"]))
         bags = np.split(v, np.cumsum(_array(ids.lengths()))[:-1])
         assert _array(cold.lengths()).tolist() == [int((bag > k).sum()) for bag in bags]
     tables = {t.name: t.num_embeddings for t in layer.tables}
@@ -184,7 +185,8 @@ def test_mde_rows_match_numpy() -> None:
     assert torch.equal(layer.transform(kjt).values(), build("mde").transform(kjt).values())
     for t in tables:
         v = _array(kjt.to_dict()[t["feature"]].values()) - t["start"]
-        want = hash_ids_np(v, salted_seed(3, list(SMALL).index(t["feature"]), 0), t["rows"]) if t["hashed"] else v
+        seed = salted_seed(3, list(SMALL).index(t["feature"]), 0)
+        want = bucket_ids_np(v, seed, t["rows"], layer.plan.transform.params["hash"]) if t["hashed"] else v
         assert np.array_equal(_array(out[t["key"]].values()), want)
 
 

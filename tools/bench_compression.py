@@ -235,6 +235,7 @@ def speed_child(spec: dict[str, Any]) -> dict[str, Any]:
     for run_name, kind, budget, params in spec["runs"]:
         cfg = load_experiment(REPO / "configs/experiments" / f"{spec['model']}_synthetic_ctr.yaml")
         cfg.embedding.kind, cfg.embedding.budget, cfg.embedding.params = kind, budget, params
+        cfg.embedding.hash = spec.get("hash", "mulshift")
         torch.manual_seed(0)
         try:
             model = TrainModel(build_model(cfg.model, fm, cfg.embedding, device=torch.device("meta")),
@@ -400,7 +401,7 @@ def speed_pass(args: argparse.Namespace, model: str, data_dir: Path, out: Path) 
             continue
         for budget in (args.budgets if takes_budget else [None]):
             runs.append([f"{variant}@{budget}" if budget is not None else variant, kind, budget, params])
-    res = run({"kind": "speed", "model": model, "data_dir": str(data_dir), "runs": runs, "warmup": 3,
+    res = run({"kind": "speed", "model": model, "data_dir": str(data_dir), "runs": runs, "warmup": 3, "hash": args.hash,
                "steps": args.steps, "repeats": args.repeats or args.steps, "lookup_only": args.lookup_only})
     if "error" in res:
         raise SystemExit(res["error"])
@@ -438,6 +439,8 @@ def main() -> None:
                     help="speed pass: time the lookups only, no training steps (writes speed_lookup.md)")
     ap.add_argument("--repeats", type=int, default=0,
                     help="speed pass: interleaved lookup rounds (after 3 warm-up; 0 = --steps)")
+    ap.add_argument("--hash", choices=["mulshift", "splitmix64"], default="mulshift",
+                    help="embedding.hash of every run (splitmix64 runs go to <dataset>-splitmix64/)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -463,7 +466,9 @@ def main() -> None:
             return
         data_dir = found
         header = f"criteo-10k.txt, model {ds['model']}"
-    out = OUT / args.dataset
+    # Runs of the older hash keep their own folder (and cache): the same names, another map of ids to rows.
+    out = OUT / (args.dataset if args.hash == "mulshift" else f"{args.dataset}-{args.hash}")
+    ds = {**ds, "settings": {**ds["settings"], "embedding.hash": args.hash}}
     out.mkdir(parents=True, exist_ok=True)
     if args.speed:
         speed_pass(args, ds["model"], data_dir, out)

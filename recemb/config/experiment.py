@@ -64,7 +64,12 @@ class EmbeddingConfig:
     tables' optimizer's own decay (FBGEMM's fused row-wise Adagrad: ``l2`` adds
     ``weight_decay * w`` to each touched row's gradient, ``decoupled`` shrinks the row
     after the update); FBGEMM's CPU kernel ignores it, so on CPU it is refused for
-    fused tables in favour of ``l2``.
+    fused tables in favour of ``l2``. ``hash`` is the bucket hash of the hashing variants
+    (``hashed``, ``unified``, ``qr``, ``hybrid``, ``mde``): ``mulshift`` (multiply-add-shift, the
+    default: four passes over the ids) or ``splitmix64`` (what runs saved before ``mulshift``
+    existed were trained with; their checkpoints keep it). ``robe`` and ``dhe`` always use
+    ``splitmix64``: they read more of the hash's bits (a sign, uniform floats) than
+    multiply-add-shift mixes well.
     """
 
     kind: str = "full"
@@ -82,6 +87,7 @@ class EmbeddingConfig:
     params: dict[str, Any] = field(default_factory=dict)
     groups: list[EmbeddingGroup] = field(default_factory=list)
     seed: int = 0
+    hash: Literal["splitmix64", "mulshift"] = "mulshift"
 
     def __post_init__(self) -> None:
         if self.dim < 1:

@@ -129,10 +129,17 @@ def mask_bytes(slots: int, dim: int) -> int:
     return slots * math.ceil(dim / 8)
 
 
+_SCORE_STEPS = float(1 << 20)  # ``select_dims`` orders scores in steps of 2**-20
+
+
 def select_dims(score: torch.Tensor, cost: torch.Tensor, cap: int, threshold: float) -> torch.Tensor:
     """Bool ``[A, dim]``: entries of ``score`` (``[A, dim]``) in descending order (ties to the lowest flat
     index) while their ``cost`` (bytes of a column of row ``a``: ``cost[a]``) fits ``cap``; an entry that
     does not fit is skipped and smaller ones are still tried; scores ``<= threshold`` are never taken.
+
+    Scores are ordered at a resolution of ``2**-20`` (about 1e-6): closer ones count as tied. Weights
+    that hardly moved from their common start are near-ties, and a gradient summed in another order
+    (two ranks against one process) moves them by 1e-8, which must not pick other dims.
 
     Example:
         >>> select_dims(torch.tensor([[3.0, 1.0], [2.0, 0.5]]), torch.tensor([40, 8]), 56, 0.0).tolist()
@@ -140,7 +147,7 @@ def select_dims(score: torch.Tensor, cost: torch.Tensor, cap: int, threshold: fl
     """
     flat = score.reshape(-1)
     costs = cost.repeat_interleave(score.shape[1]).tolist()
-    order = torch.sort(-flat, stable=True).indices.tolist()
+    order = torch.sort(-(flat.double() * _SCORE_STEPS).round(), stable=True).indices.tolist()
     values = flat.tolist()
     taken = torch.zeros(flat.numel(), dtype=torch.bool)
     used = 0

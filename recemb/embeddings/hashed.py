@@ -1,8 +1,8 @@
 """The ``hashed`` variant: the hashing trick, one table of fewer rows per feature.
 
 Each feature whose vocabulary is larger than its row count maps id ``x`` to row
-``hash_ids(x, seed_f, rows_f)`` (seeded splitmix64, bit-exact in numpy for
-serving); features that fit keep their ids (no collisions). A ``budget`` picks
+``bucket_ids_np(x, seed_f, rows_f, hash)`` (seeded multiply-add-shift by default,
+``embedding.hash``; bit-exact in numpy for serving); features that fit keep their ids (no collisions). A ``budget`` picks
 the rows by water-filling: every feature gets ``min(vocab, R)`` rows with the
 largest cap ``R`` that fits (the remainder one row each to the largest), so
 small features stay exact and large ones share about ``R`` rows.
@@ -25,7 +25,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recemb.embeddings.base import IdTransform, fbgemm_width, jagged, register_transform
 from recemb.embeddings.budget import BudgetError, budget_bytes, full_bytes, padded_row_bytes, water_fill
-from recemb.embeddings.hashing import hash_segments, salted_seed, signed_key
+from recemb.embeddings.hashing import hash_keys, hash_segments, salted_seed
 from recemb.embeddings.plan import TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -87,26 +87,28 @@ class HashTransform(IdTransform):
     feature's, gathered by segment, and one hash and one modulo run over all ids; the pass-through
     features' ids are copied back. The KJT keeps the input's keys and lengths.
 
-    Plan params: ``features: {f: {hashed, seed, rows}}`` (twin: ``recemb.serving.transforms.hash_np``).
+    Plan params: ``features: {f: {hashed, seed, rows}}`` and ``hash`` (``idhash.HASHES``; absent in
+    plans written before it: ``splitmix64``); twin: ``recemb.serving.variants.hashed``.
     """
 
-    def __init__(self, features: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, features: dict[str, dict[str, Any]], hash_name: str = "splitmix64") -> None:
         super().__init__()
         self.spec = {f: dict(v) for f, v in features.items()}
+        self.hash_name = hash_name
         self._constants: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> HashTransform:
-        return cls(plan.transform.params["features"])
+        return cls(plan.transform.params["features"], plan.transform.params.get("hash", "splitmix64"))
 
     def _per_key(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Seed keys and row counts per input key (0 and 1 where it passes through), and the
+        """Hash constants (``hash_keys``) and row counts per input key (0 and 1 where it passes through), and the
         indices of the pass-through keys; cached per key order."""
         found = self._constants.get(tuple(keys))
         if found is None:
             hashed = [self.spec[k]["hashed"] for k in keys]
-            salts = torch.tensor([signed_key(self.spec[k]["seed"]) if h else 0 for k, h in zip(keys, hashed,
-                                                                                             strict=True)])
+            salts = hash_keys([self.spec[k]["seed"] if h else None for k, h in zip(keys, hashed, strict=True)],
+                              self.hash_name)
             rows = torch.tensor([self.spec[k]["rows"] if h else 1 for k, h in zip(keys, hashed, strict=True)])
             found = (salts, rows, [i for i, h in enumerate(hashed) if not h])
             self._constants[tuple(keys)] = found
@@ -118,7 +120,7 @@ class HashTransform(IdTransform):
         if len(passed) == len(keys):
             return kjt
         lengths_per_key = kjt.length_per_key()
-        hashed = hash_segments(kjt.values(), salts, rows, lengths_per_key, keep=passed)
+        hashed = hash_segments(kjt.values(), salts, rows, lengths_per_key, keep=passed, hash_name=self.hash_name)
         return jagged(keys, hashed, kjt.lengths(), kjt.stride(), lengths_per_key)
 
 
@@ -136,4 +138,5 @@ def plan_hashed(spec: VariantSpec) -> VariantPlan:
     if spec.budget is not None and fbgemm_width(spec.dim) != spec.dim:
         # The width the rows were paid at; only where training pads, so other plans stay as they were.
         budget["padded_dim"] = fbgemm_width(spec.dim)
-    return spec.plan("hashed", tables, transform=TransformPlan("hash", {"features": features}), budget=budget)
+    return spec.plan("hashed", tables, transform=TransformPlan("hash", {"features": features, "hash": spec.hash_name}),
+                     budget=budget)

@@ -9,6 +9,11 @@ only) reproduces every physical row (``hash_ids_np``).
 
 Python's ``hash`` is never used (it is salted per process for strings).
 
+New plans of ``hashed``, ``unified``, ``qr``, ``hybrid`` and ``mde`` bucket ids with
+``mulshift`` (multiply-add-shift, ``recemb.embeddings.idhash``: four passes instead of a
+dozen and a division); ``hash_keys`` builds either hash's per-segment constants and the
+bucket functions take the plan's hash by name.
+
 Example:
     >>> ids = torch.tensor([0, 1, 2, 3])
     >>> hash_ids(ids, seed=7, buckets=10).tolist() == hash_ids_np(ids.numpy(), 7, 10).tolist()
@@ -22,7 +27,18 @@ import itertools
 import torch
 
 from recemb.embeddings.base import by_key
-from recemb.embeddings.idhash import hash64_np, hash_ids_np, hash_unit_np, salted_seed, seed_key
+from recemb.embeddings.idhash import (
+    HASHES,
+    MULSHIFT_MAX_BUCKETS,
+    bucket_ids_np,
+    hash64_np,
+    hash_ids_np,
+    hash_unit_np,
+    mulshift_ids_np,
+    mulshift_key,
+    salted_seed,
+    seed_key,
+)
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
@@ -130,6 +146,49 @@ def hash_ids(ids: torch.Tensor, seed: int, buckets: int) -> torch.Tensor:
     return buckets_of(hash64(ids, seed), buckets)
 
 
+def hash_keys(seeds: list[int | None], hash_name: str = "splitmix64") -> torch.Tensor:
+    """Per-segment constants of ``hash_name`` for seeds (None: a segment copied through unhashed):
+    ``[segments]`` xor keys for ``splitmix64`` (``signed_key``), ``[segments, 2]`` multipliers and
+    addends for ``mulshift`` (``mulshift_key``, as int64 bits). What ``hash_segments`` and
+    ``bucket_ids`` take as ``keys``.
+
+    Example:
+        >>> hash_keys([1, None]).shape, hash_keys([1, None], "mulshift").shape
+        (torch.Size([2]), torch.Size([2, 2]))
+    """
+    if hash_name == "splitmix64":
+        return torch.tensor([0 if s is None else signed_key(s) for s in seeds], dtype=torch.int64)
+    if hash_name == "mulshift":
+        pairs = [(1, 0) if s is None else tuple(_signed(v) for v in mulshift_key(s)) for s in seeds]
+        return torch.tensor(pairs, dtype=torch.int64).view(len(seeds), 2)
+    raise ValueError(f"unknown id hash '{hash_name}' (known: {', '.join(HASHES)})")
+
+
+def mulshift_buckets_(z: torch.Tensor, buckets: torch.Tensor | int) -> torch.Tensor:
+    """Buckets from ``z = a * id + b`` (int64 bits, consumed in place): the top 32 bits times
+    ``buckets`` (an int or a tensor broadcast against ``z``), shifted down by 32."""
+    return z.bitwise_right_shift_(32).bitwise_and_(0xFFFFFFFF).mul_(buckets).bitwise_right_shift_(32)
+
+
+def bucket_ids(ids: torch.Tensor, keys: torch.Tensor, buckets: torch.Tensor | int,
+               hash_name: str = "splitmix64") -> torch.Tensor:
+    """Ids hashed into ``buckets`` rows with one key per id (``hash_keys``' rows gathered per id,
+    e.g. by feature or table) and ``buckets`` an int or one count per id: bit for bit
+    ``bucket_ids_np`` of each id with its seed.
+
+    Example:
+        >>> ids = torch.tensor([5, 6])
+        >>> keys = hash_keys([1, 2], "mulshift")
+        >>> bucket_ids(ids, keys, 10, "mulshift").tolist() == [*bucket_ids_np(ids[:1].numpy(), 1, 10, "mulshift"),
+        ...                                                     *bucket_ids_np(ids[1:].numpy(), 2, 10, "mulshift")]
+        True
+    """
+    if hash_name == "mulshift":
+        z = ids.to(torch.int64) * keys[:, 0]
+        return mulshift_buckets_(z.add_(keys[:, 1]), buckets)
+    return buckets_of(hash64_keyed(ids, keys), buckets)
+
+
 def _equal_segments(length_per_key: list[int]) -> int | None:
     """The one segment length when every key has as many ids (single-hot batches), else None."""
     width = length_per_key[0] if length_per_key else 0
@@ -160,11 +219,12 @@ def hash64_segments(values: torch.Tensor, keys: torch.Tensor, length_per_key: li
 
 
 def hash_segments(values: torch.Tensor, keys: torch.Tensor, buckets: torch.Tensor | int, length_per_key: list[int],
-                  keep: list[int] | None = None) -> torch.Tensor:
-    """``hash64_segments`` into ``buckets`` rows (an int, or a tensor with one count per segment);
-    segments listed in ``keep`` are copied through unhashed.
+                  keep: list[int] | None = None, hash_name: str = "splitmix64") -> torch.Tensor:
+    """Consecutive segments of ids (``length_per_key[k]`` each) hashed into ``buckets`` rows (an int,
+    or a tensor with one count per segment), segment ``k`` with ``keys[k]`` (``hash_keys`` of the
+    seeds, for ``hash_name``); segments listed in ``keep`` are copied through unhashed.
 
-    Bit for bit ``hash_ids(ids_k, seed_k, rows_k)`` on each segment.
+    Bit for bit ``bucket_ids_np(ids_k, seed_k, rows_k, hash_name)`` on each segment.
 
     Example:
         >>> ids = torch.tensor([1, 2, 3])
@@ -172,18 +232,47 @@ def hash_segments(values: torch.Tensor, keys: torch.Tensor, buckets: torch.Tenso
         >>> out.tolist() == [*hash_ids(ids[:2], 5, 10).tolist(), 3]
         True
     """
-    hashed = hash64_segments(values, keys, length_per_key)
     width = _equal_segments(length_per_key)
+    if hash_name == "mulshift":
+        out = _mulshift_segments(values, keys, buckets, length_per_key, width)
+    elif hash_name == "splitmix64":
+        out = _splitmix_segments(values, keys, buckets, length_per_key, width)
+    else:
+        raise ValueError(f"unknown id hash '{hash_name}' (known: {', '.join(HASHES)})")
+    if keep:
+        starts = [0, *itertools.accumulate(length_per_key)]
+        for k in keep:
+            out[starts[k]:starts[k + 1]] = values[starts[k]:starts[k + 1]]
+    return out
+
+
+def _mulshift_segments(values: torch.Tensor, keys: torch.Tensor, buckets: torch.Tensor | int,
+                       length_per_key: list[int], width: int | None) -> torch.Tensor:
+    """``hash_segments`` with ``mulshift``: each segment's multiplier, addend and row count broadcast
+    along its row of the ``[keys, ids]`` view (equal segments) or gathered by segment."""
+    device = values.device
+    if width is not None:
+        n = len(length_per_key)
+        z = values.to(torch.int64).view(n, width) * keys[:, 0].to(device).view(-1, 1)
+        z.add_(keys[:, 1].to(device).view(-1, 1))
+        rows = buckets if isinstance(buckets, int) else buckets.to(device).view(-1, 1)
+        return mulshift_buckets_(z, rows).view(-1)
+    z = values.to(torch.int64) * by_key(keys[:, 0], length_per_key, device)
+    z.add_(by_key(keys[:, 1], length_per_key, device))
+    rows = buckets if isinstance(buckets, int) else by_key(buckets, length_per_key, device)
+    return mulshift_buckets_(z, rows)
+
+
+def _splitmix_segments(values: torch.Tensor, keys: torch.Tensor, buckets: torch.Tensor | int,
+                       length_per_key: list[int], width: int | None) -> torch.Tensor:
+    """``hash_segments`` with ``splitmix64`` (``hash64_segments``, then the buckets)."""
+    hashed = hash64_segments(values, keys, length_per_key)
     if isinstance(buckets, int):
         out = buckets_of(hashed, buckets)
     elif width is not None:
         out = buckets_of(hashed.view(len(length_per_key), width), buckets.to(values.device).view(-1, 1)).view(-1)
     else:
         out = buckets_of(hashed, by_key(buckets, length_per_key, values.device))
-    if keep:
-        starts = [0, *itertools.accumulate(length_per_key)]
-        for k in keep:
-            out[starts[k]:starts[k + 1]] = values[starts[k]:starts[k + 1]]
     return out
 
 
@@ -192,6 +281,7 @@ def hash_unit(ids: torch.Tensor, seed: int) -> torch.Tensor:
     return _shr(hash64(ids, seed), 40).to(torch.float32) * (1.0 / (1 << 24))
 
 
-__all__ = ["buckets_of", "hash64", "hash64_keyed", "hash64_np", "hash_ids", "hash_ids_np", "hash_segments",
-           "hash64_segments", "hash_unit",
-           "hash_unit_np", "mix64_keyed", "mix64_torch", "salted_seed", "seed_key", "signed_key"]
+__all__ = ["HASHES", "MULSHIFT_MAX_BUCKETS", "bucket_ids", "bucket_ids_np", "buckets_of", "hash64", "hash64_keyed",
+           "hash64_np", "hash64_segments", "hash_ids", "hash_ids_np", "hash_keys", "hash_segments", "hash_unit",
+           "hash_unit_np", "mix64_keyed", "mix64_torch", "mulshift_buckets_", "mulshift_ids_np", "mulshift_key",
+           "salted_seed", "seed_key", "signed_key"]

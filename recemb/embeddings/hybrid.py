@@ -43,10 +43,10 @@ from recemb.embeddings.base import (
     register_transform,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most, padded_row_bytes
-from recemb.embeddings.hashing import buckets_of, hash64_keyed, salted_seed, seed_key
+from recemb.embeddings.hashing import bucket_ids, hash_keys, salted_seed
 from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
-from recemb.embeddings.robe import ordered_by, signed64
+from recemb.embeddings.robe import ordered_by
 from recemb.errors import ConfigError
 
 
@@ -138,25 +138,27 @@ def solve_hybrid(
 @register_transform("frequency_hybrid")
 class HybridTransform(IdTransform):
     """id -> hot row ``min(id, K_f + 1)`` (``K_f + 1`` is the cold row) and, for cold ids,
-    hashed row ``hash_ids_np(id, seed_f, rows)`` with ``seed_f = salted_seed(seed, f)``.
+    hashed row ``bucket_ids_np(id, seed_f, rows, hash)`` with ``seed_f = salted_seed(seed, f)``.
 
     Output keys: every feature's hot key (the input's lengths), then every feature's cold
-    key holding only the cold ids of each bag. Plan params: ``rows`` and ``features: {f:
-    {hot_key, cold_key, seed}}``; plan array ``hot_ids`` (``K_f`` per feature, int64).
+    key holding only the cold ids of each bag. Plan params: ``rows``, ``features: {f:
+    {hot_key, cold_key, seed}}`` and ``hash`` (``idhash.HASHES``; absent in plans written before
+    it: ``splitmix64``); plan array ``hot_ids`` (``K_f`` per feature, int64).
 
     ``K_f`` and the hash keys are non-persistent buffers made from the plan, refilled by
     ``reset_buffers`` (a meta-device build gets them back as zeros).
     """
 
     def __init__(self, features: dict[str, dict[str, Any]], hot_ids: np.ndarray, rows: int,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, hash_name: str = "splitmix64") -> None:
         super().__init__()
         self.features = list(features)
         self.rows = rows
+        self.hash_name = hash_name
         self.keys = [features[f]["hot_key"] for f in self.features] + [features[f]["cold_key"] for f in self.features]
         self._sources = {
             "hot_ids": np.asarray(hot_ids, dtype=np.int64),
-            "hash_keys": np.array([signed64(seed_key(features[f]["seed"])) for f in self.features], dtype=np.int64),
+            "hash_keys": hash_keys([features[f]["seed"] for f in self.features], hash_name).numpy(),
         }
         for name, source in self._sources.items():
             self.register_buffer(name, torch.empty(source.shape, dtype=torch.int64, device=device), persistent=False)
@@ -166,7 +168,7 @@ class HybridTransform(IdTransform):
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> HybridTransform:
         p = plan.transform.params
-        return cls(p["features"], plan.arrays["hot_ids"], p["rows"], device)
+        return cls(p["features"], plan.arrays["hot_ids"], p["rows"], device, p.get("hash", "splitmix64"))
 
     def reset_buffers(self) -> None:
         """Refill the buffers from the plan's data (after a meta-device build)."""
@@ -212,8 +214,8 @@ class HybridTransform(IdTransform):
             at_offsets = seen.index_select(0, kjt.offsets().to(torch.int64))
             out_lengths[bags:] = at_offsets[1:] - at_offsets[:-1]
             cold_per_key = out_lengths[bags:].view(len(per_key), -1).sum(1).tolist()
-        hashed = hash64_keyed(values.index_select(0, where), self.hash_keys.index_select(0, feature))
-        out[n:] = buckets_of(hashed, self.rows)
+        out[n:] = bucket_ids(values.index_select(0, where), self.hash_keys.index_select(0, feature), self.rows,
+                             self.hash_name)
         return jagged(self.keys, out, out_lengths, kjt.stride(), per_key + cold_per_key)
 
 
@@ -292,17 +294,18 @@ class HotPlusCold(Combiner):
         return [ebc.embedding_bags[table[k]].weight.detach() for k in self.keys]
 
 
-def buffer_bytes(num_features: int) -> int:
-    """Bytes of the transform's buffers: ``K_f`` and a hash key per feature (int64 each).
+def buffer_bytes(num_features: int, hash_name: str = "splitmix64") -> int:
+    """Bytes of the transform's buffers: ``K_f`` and the hash constants per feature (int64 each:
+    one key for ``splitmix64``, a multiplier and an addend for ``mulshift``).
 
     The budget covers them (achieved bytes count every buffer), so the solver gets the
     target less these.
 
     Example:
-        >>> buffer_bytes(26)
-        416
+        >>> buffer_bytes(26), buffer_bytes(26, "mulshift")
+        (416, 624)
     """
-    return 2 * 8 * num_features
+    return (3 if hash_name == "mulshift" else 2) * 8 * num_features
 
 
 @register_variant("hybrid", HybridParams)
@@ -325,7 +328,7 @@ def plan_hybrid(spec: VariantSpec) -> VariantPlan:
         counts = [spec.id_counts(f) for f in names]
         usable = None if any(c is None for c in counts) else counts
         target = budget_bytes(spec.budget, sum(vocab) * spec.dim * BYTES_PER_FLOAT)
-        reserved = buffer_bytes(len(names))
+        reserved = buffer_bytes(len(names), spec.hash_name)
         hot, rows = solve_hybrid(vocab, usable, spec.dim, target - reserved, params.hot_fraction_of_budget)
         budget = {"solver": "solve_hybrid", "budget": spec.budget, "target_bytes": target,
                   "buffer_bytes": reserved, "hot_fraction_of_budget": params.hot_fraction_of_budget,
@@ -339,7 +342,8 @@ def plan_hybrid(spec: VariantSpec) -> VariantPlan:
     tables.append(spec.table("hashed", rows, spec.dim, [keys[f]["cold_key"] for f in names]))
     return spec.plan(
         "hybrid", tables,
-        transform=TransformPlan("frequency_hybrid", {"rows": rows, "features": keys}, arrays=["hot_ids"]),
+        transform=TransformPlan("frequency_hybrid", {"rows": rows, "features": keys, "hash": spec.hash_name},
+                                arrays=["hot_ids"]),
         combiner=CombinerPlan("hot_plus_cold", {"parts": {f: [keys[f]["hot_key"], keys[f]["cold_key"]] for f in names},
                                                 "dim": spec.dim}),
         arrays={"hot_ids": np.asarray(hot, dtype=np.int64)},

@@ -43,10 +43,10 @@ from recemb.embeddings.base import (
     register_transform,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes, largest_at_most
-from recemb.embeddings.hashing import buckets_of, hash64_keyed, salted_seed, seed_key
+from recemb.embeddings.hashing import bucket_ids, hash_keys, salted_seed
 from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
-from recemb.embeddings.robe import ordered_by, signed64
+from recemb.embeddings.robe import ordered_by
 from recemb.errors import ConfigError
 
 MIN_DIM = FBGEMM_WIDTH  # narrower widths are multiples of this, so only a full-width table ever pads
@@ -181,20 +181,22 @@ def solve_mde(
     return d0_widths, cap
 
 
-def buffer_bytes(num_features: int, max_blocks: int, num_tables: int) -> int:
+def buffer_bytes(num_features: int, max_blocks: int, num_tables: int, hash_name: str = "splitmix64") -> int:
     """Bytes of the transform's buffers when it needs them (blocks or capped tables): the first
-    id and table index of each (feature, block) and four ints per table, all int64.
+    id and table index of each (feature, block) and, per table, its start, rows, whether it hashes
+    and its hash constants (one int for ``splitmix64``, two for ``mulshift``), all int64.
 
     Example:
-        >>> buffer_bytes(26, 1, 26)
-        1248
+        >>> buffer_bytes(26, 1, 26), buffer_bytes(26, 1, 26, "mulshift")
+        (1248, 1456)
     """
-    return 8 * (2 * num_features * max_blocks + 4 * num_tables)
+    per_table = 5 if hash_name == "mulshift" else 4
+    return 8 * (2 * num_features * max_blocks + per_table * num_tables)
 
 
 def solve_mde_with_buffers(
     sizes: Sequence[int], probs: Sequence[float], dim: int, alpha: float, target: int | None,
-    num_features: int, max_blocks: int,
+    num_features: int, max_blocks: int, hash_name: str = "splitmix64",
 ) -> tuple[np.ndarray, int | None, int]:
     """``solve_mde`` with the transform's buffers inside ``target``: widths, row cap and the
     buffer bytes reserved (0 when the layout needs no buffers: one block per feature, no cap).
@@ -202,7 +204,7 @@ def solve_mde_with_buffers(
     Achieved bytes count every buffer, so a layout that needs them is solved for the target
     less their bytes.
     """
-    reserve = buffer_bytes(num_features, max_blocks, len(sizes))
+    reserve = buffer_bytes(num_features, max_blocks, len(sizes), hash_name)
     if target is None:
         widths, cap = solve_mde(sizes, probs, dim, alpha, None)
         return widths, cap, 0
@@ -223,17 +225,19 @@ class MdeTransform(IdTransform):
 
     Output keys are one per table (``{feature}__m{block}``); each sample's ids go to the key
     of their block (so a key's bag may be empty). A capped table's row is
-    ``hash_ids_np(id - start, seed, rows)`` with ``seed = salted_seed(spec_seed, f, block)``.
+    ``bucket_ids_np(id - start, seed, rows, hash)`` with ``seed = salted_seed(spec_seed, f, block)``.
 
     Plan params: ``tables: [{key, feature, block, start, size, rows, hashed, seed}]``,
-    feature-major. With blocks or capped tables the lookup constants are non-persistent
+    feature-major, and ``hash`` (``idhash.HASHES``; absent in plans written before it: ``splitmix64``). With blocks or capped tables the lookup constants are non-persistent
     buffers made from the plan and refilled by ``reset_buffers`` (a meta-device build gets
     them back as zeros); one uncapped table per feature needs none.
     """
 
-    def __init__(self, features: list[str], tables: list[dict[str, Any]], device: torch.device | None = None) -> None:
+    def __init__(self, features: list[str], tables: list[dict[str, Any]], device: torch.device | None = None,
+                 hash_name: str = "splitmix64") -> None:
         super().__init__()
         self.features = list(features)
+        self.hash_name = hash_name
         self.keys = [t["key"] for t in tables]
         self.max_blocks = max(t["block"] for t in tables) + 1
         self._plain = self.max_blocks == 1 and not any(t["hashed"] for t in tables)
@@ -245,8 +249,9 @@ class MdeTransform(IdTransform):
             for i, t in enumerate(tables):
                 starts[fidx[t["feature"]], t["block"]] = t["start"]
                 index[fidx[t["feature"]], t["block"]] = i
-            per_table = np.array([[t["start"], t["rows"], int(t["hashed"]), signed64(seed_key(t["seed"]))]
-                                  for t in tables], dtype=np.int64)
+            constants = hash_keys([t["seed"] for t in tables], hash_name).view(len(tables), -1).numpy()
+            per_table = np.concatenate([np.array([[t["start"], t["rows"], int(t["hashed"])] for t in tables],
+                                                 dtype=np.int64), constants], axis=1)
             self._sources = {"starts": starts, "index": index, "per_table": per_table}
         for name, source in self._sources.items():
             self.register_buffer(name, torch.empty(source.shape, dtype=torch.int64, device=device), persistent=False)
@@ -258,7 +263,7 @@ class MdeTransform(IdTransform):
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> MdeTransform:
-        return cls(plan.features, plan.transform.params["tables"], device)
+        return cls(plan.features, plan.transform.params["tables"], device, plan.transform.params.get("hash", "splitmix64"))
 
     def reset_buffers(self) -> None:
         """Refill the buffers from the plan's data (after a meta-device build)."""
@@ -298,10 +303,12 @@ class MdeTransform(IdTransform):
             slot = torch.searchsorted(self.starts.index_select(0, feature), values.view(-1, 1), right=True).view(-1)
             slot.sub_(1).add_(first_slot.index_select(0, feature))
         table = self.index.view(-1).index_select(0, slot.view(-1))
-        start, rows, hashed, keys = self.per_table.unbind(1)
+        start, rows, hashed = self.per_table[:, :3].unbind(1)
         local = values - start.index_select(0, table)
         if self._hashed:
-            h = buckets_of(hash64_keyed(local, keys.index_select(0, table)), rows.index_select(0, table))
+            keys = self.per_table[:, 3:].index_select(0, table)
+            h = bucket_ids(local, keys if self.hash_name == "mulshift" else keys.view(-1), rows.index_select(0, table),
+                           self.hash_name)
             local = torch.where(hashed.bool().index_select(0, table), h, local)
         bags = len(self.keys) * batch
         if single:
@@ -356,6 +363,9 @@ class ProjectSum(Combiner):
 
         Without autograd every feature's sum is built in place in its columns of the output
         (no side-by-side copy of the features after); with it, out of place, then laid side by side.
+        A projection's input is made contiguous first: blocks cut from one pooled tensor (a padded or
+        sharded collection's output) are column views, and BLAS sums a strided input in another
+        order, so the same rows would project to values a bit apart from the direct lookup's.
         """
         parts = dict(zip(keys, blocks, strict=True))
         if torch.is_grad_enabled():  # autograd takes no out= arguments
@@ -367,6 +377,7 @@ class ProjectSum(Combiner):
                     if proj is None:
                         vec = x if vec is None else vec + x
                     else:
+                        x = x.contiguous()
                         w = self.proj[proj].weight
                         vec = F.linear(x, w) if vec is None else torch.addmm(vec, x, w.t())
                 if vec is not None:
@@ -380,7 +391,9 @@ class ProjectSum(Combiner):
                 x = parts[key]
                 if proj is None:
                     vec.add_(x) if j else vec.copy_(x)
-                elif j:
+                    continue
+                x = x.contiguous()
+                if j:
                     vec.addmm_(x, self.proj[proj].weight.t())
                 else:
                     torch.mm(x, self.proj[proj].weight.t(), out=vec)
@@ -411,7 +424,7 @@ def plan_mde(spec: VariantSpec) -> VariantPlan:
         try:
             widths, cap, reserved = solve_mde_with_buffers(
                 [s for _, _, _, s, _ in layout], [p for *_, p in layout], spec.dim, params.alpha, target,
-                len(names), max_blocks,
+                len(names), max_blocks, spec.hash_name,
             )
             break
         except BudgetError:
@@ -435,7 +448,7 @@ def plan_mde(spec: VariantSpec) -> VariantPlan:
     return spec.plan(
         "mde",
         [spec.table(f"mde_{names[t.feature]}_{t.block}", t.rows, t.width, [k]) for k, t in zip(keys, tables, strict=True)],
-        transform=TransformPlan("mixed_dim", {"tables": transform}),
+        transform=TransformPlan("mixed_dim", {"tables": transform, "hash": spec.hash_name}),
         combiner=CombinerPlan("project_sum", {"dim": spec.dim, "inputs": inputs},
                               dense=[f"proj.{t['proj']}.weight" for t in inputs if t["proj"]]),
         budget={"solver": "solve_mde", "budget": spec.budget, "target_bytes": target, "buffer_bytes": reserved,

@@ -46,7 +46,7 @@ from recemb.embeddings.budget import (
     padded_row_bytes,
     water_fill,
 )
-from recemb.embeddings.hashing import hash_segments, salted_seed, signed_key
+from recemb.embeddings.hashing import hash_keys, hash_segments, salted_seed
 from recemb.embeddings.plan import CombinerPlan, TablePlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -146,17 +146,19 @@ class QrTransform(IdTransform):
     full-table features pass through.
 
     Plan params: ``features: {f: {modulus, buckets, seed}}`` (``modulus`` 0 = full table, ``buckets`` 0 =
-    no hash first); twin: ``recemb.serving.variants.qr``.
+    no hash first) and ``hash`` (``idhash.HASHES``; absent in plans written before it: ``splitmix64``);
+    twin: ``recemb.serving.variants.qr``.
     """
 
-    def __init__(self, features: dict[str, dict[str, int]]) -> None:
+    def __init__(self, features: dict[str, dict[str, int]], hash_name: str = "splitmix64") -> None:
         super().__init__()
         self.spec = {f: dict(v) for f, v in features.items()}
+        self.hash_name = hash_name
         self._layouts: dict[tuple[str, ...], _QrLayout] = {}
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> QrTransform:
-        return cls(plan.transform.params["features"])
+        return cls(plan.transform.params["features"], plan.transform.params.get("hash", "splitmix64"))
 
     def _layout(self, keys: list[str]) -> _QrLayout:
         """The per-key constants and output keys for an input key order (cached per order)."""
@@ -173,7 +175,7 @@ class QrTransform(IdTransform):
                     planes.append((0, i))
             found = _QrLayout(
                 out_keys=out_keys, planes=planes,
-                salts=torch.tensor([signed_key(s["seed"]) if s["buckets"] else 0 for s in spec], dtype=torch.int64),
+                salts=hash_keys([s["seed"] if s["buckets"] else None for s in spec], self.hash_name),
                 buckets=torch.tensor([s["buckets"] or 1 for s in spec], dtype=torch.int64),
                 unhashed=[i for i, s in enumerate(spec) if not s["buckets"]],
                 moduli=torch.tensor([s["modulus"] or 1 for s in spec], dtype=torch.int64),
@@ -187,7 +189,7 @@ class QrTransform(IdTransform):
         lay = self._layout(kjt.keys())
         values, per_key, starts = kjt.values(), kjt.length_per_key(), kjt.offset_per_key()
         if len(lay.unhashed) < len(per_key):
-            values = hash_segments(values, lay.salts, lay.buckets, per_key, keep=lay.unhashed)
+            values = hash_segments(values, lay.salts, lay.buckets, per_key, keep=lay.unhashed, hash_name=self.hash_name)
         width = per_key[0] if per_key and all(n == per_key[0] for n in per_key) else None
         if width:
             return self._grid(kjt, lay, values.view(len(per_key), width))
@@ -223,7 +225,7 @@ class QrTransform(IdTransform):
 @dataclass(frozen=True)
 class _QrLayout:
     """``QrTransform``'s constants for one input key order: output keys, the (plane, input key) each
-    output reads (plane 0 the ids, 1 the quotient, 2 the remainder), per-key seed keys, buckets
+    output reads (plane 0 the ids, 1 the quotient, 2 the remainder), per-key hash constants (``hash_keys``), buckets
     (1 where no hash), moduli (1 for full tables) and the keys not hashed."""
 
     out_keys: list[str]
@@ -338,7 +340,7 @@ def plan_qr(spec: VariantSpec) -> VariantPlan:
     features = {f: {"modulus": layout[f].modulus, "buckets": layout[f].buckets, "seed": salted_seed(spec.seed, i)}
                 for i, f in enumerate(names)}
     plan = spec.plan(
-        "qr", tables, transform=TransformPlan("qr", {"features": features}),
+        "qr", tables, transform=TransformPlan("qr", {"features": features, "hash": spec.hash_name}),
         combiner=CombinerPlan("qr", {"op": params.op, "split": [f for f in names if layout[f].modulus]}),
         multihot=params.op != "mult", budget=budget,
     )

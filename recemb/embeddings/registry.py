@@ -36,7 +36,8 @@ class VariantSpec:
     ``prefix`` makes physical table names unique across groups; ``sharding``
     is recorded on the layer for the planner (see ``recemb.embeddings.sharding``).
     ``extra`` carries ``embedding.lr``, ``eps`` and ``initial_accumulator`` for variants that update their own
-    storage (``lowprec``).
+    storage (``lowprec``). ``hash_name`` is ``embedding.hash``: the bucket hash the hashing variants
+    write into their plans (``recemb.embeddings.idhash.HASHES``).
     """
 
     features: list[FeatureInfo]
@@ -50,6 +51,7 @@ class VariantSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     feature_map: FeatureMap | None = None
     seed: int = 0
+    hash_name: str = "mulshift"
 
     def id_counts(self, name: str) -> np.ndarray | None:
         """Training counts per id of feature ``name`` (``None`` when unknown), for frequency-aware variants."""
@@ -263,7 +265,7 @@ def _group_specs(
         spec = VariantSpec(
             features=[feature_map.feature(f) for f in feats], dim=dim, budget=budget, params=typed,
             init_std=cfg.init_std, sharding=sharding, prefix=name_prefix + ("" if name == "default" else f"{name}_"),
-            device=device, feature_map=feature_map, seed=cfg.seed, extra={"lr": cfg.lr, "eps": cfg.eps, "initial_accumulator": cfg.initial_accumulator},
+            device=device, feature_map=feature_map, seed=cfg.seed, hash_name=cfg.hash, extra={"lr": cfg.lr, "eps": cfg.eps, "initial_accumulator": cfg.initial_accumulator},
         )
         out.append((name, kind, spec))
     return out

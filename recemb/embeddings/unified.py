@@ -42,7 +42,14 @@ from recemb.embeddings.base import (
     regroup,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes
-from recemb.embeddings.hashing import buckets_of, hash_segments, mix64_keyed, salted_seed, signed_key
+from recemb.embeddings.hashing import (
+    buckets_of,
+    hash_keys,
+    hash_segments,
+    mix64_keyed,
+    mulshift_buckets_,
+    salted_seed,
+)
 from recemb.embeddings.plan import CombinerPlan, TablePlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -175,39 +182,42 @@ def probe_plan(features: list[str], layout: UnifiedLayout, seed: int) -> dict[st
 class MultiProbeTransform(IdTransform):
     """Each shared feature -> one key per chunk, ids hashed with a seed salted by (feature, chunk).
 
-    Plan params: ``rows`` (of every shared table) and ``features`` (``probe_plan``); twin:
+    Plan params: ``rows`` (of every shared table), ``features`` (``probe_plan``) and ``hash``
+    (``idhash.HASHES``; absent in plans written before it: ``splitmix64``); twin:
     ``recemb.serving.variants.unified``.
     """
 
-    def __init__(self, rows: int, features: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, rows: int, features: dict[str, dict[str, Any]], hash_name: str = "splitmix64") -> None:
         super().__init__()
         self.rows = rows
+        self.hash_name = hash_name
         self.exempt = {f for f, p in features.items() if p["exempt"]}
         self.probes = {f: [(c["key"], c["seed"]) for c in p["chunks"]] for f, p in features.items() if not p["exempt"]}
         self._layouts: dict[tuple[str, ...], tuple[list[str], list[int], torch.Tensor, list[int]]] = {}
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> MultiProbeTransform:
-        return cls(plan.transform.params["rows"], plan.transform.params["features"])
+        p = plan.transform.params
+        return cls(p["rows"], p["features"], p.get("hash", "splitmix64"))
 
     def _layout(self, keys: list[str]) -> tuple[list[str], list[int], torch.Tensor, list[int]]:
-        """For an input key order: the output keys, the input key each copies, each one's seed key
-        (0 when exempt) and the exempt outputs' positions; cached per key order."""
+        """For an input key order: the output keys, the input key each copies, each one's hash
+        constants (``hash_keys``; none when exempt) and the exempt outputs' positions; cached per key order."""
         found = self._layouts.get(tuple(keys))
         if found is None:
-            out_keys, sources, salts, exempt = [], [], [], []
+            out_keys, sources, seeds, exempt = [], [], [], []
             for i, f in enumerate(keys):  # input order
                 if f in self.exempt:
                     exempt.append(len(out_keys))
                     out_keys.append(f)
                     sources.append(i)
-                    salts.append(0)
+                    seeds.append(None)
                     continue
                 for key, seed in self.probes[f]:
                     out_keys.append(key)
                     sources.append(i)
-                    salts.append(signed_key(seed))
-            found = (out_keys, sources, torch.tensor(salts, dtype=torch.int64), exempt)
+                    seeds.append(seed)
+            found = (out_keys, sources, hash_keys(seeds, self.hash_name), exempt)
             self._layouts[tuple(keys)] = found
         return found
 
@@ -216,21 +226,25 @@ class MultiProbeTransform(IdTransform):
         each chunk with its own seed (``hash_segments``); exempt features' ids pass through.
 
         When every key has as many ids (single-hot batches) the copies are one gather of the rows
-        of the ``[keys, ids]`` grid, hashed in place (the xor, the finaliser, the buckets), and the
-        exempt rows copied back from the grid: no second buffer for the xor."""
+        of the ``[keys, ids]`` grid, hashed in place (multiply-add-shift, or splitmix64's xor, finaliser
+        and buckets), and the exempt rows copied back from the grid: no second buffer."""
         out_keys, sources, salts, exempt = self._layout(kjt.keys())
         per_feature = kjt.length_per_key()
         width = per_feature[0] if per_feature and all(n == per_feature[0] for n in per_feature) else None
         if width is None or width == 0:
             values, lengths, per_key = regroup(kjt, sources)
-            return jagged(out_keys, hash_segments(values, salts, self.rows, per_key, keep=exempt), lengths,
-                          kjt.stride(), per_key)
+            hashed = hash_segments(values, salts, self.rows, per_key, keep=exempt, hash_name=self.hash_name)
+            return jagged(out_keys, hashed, lengths, kjt.stride(), per_key)
         device = kjt.values().device
         grid = kjt.values().to(torch.int64).view(len(per_feature), width)
         index = torch.tensor(sources, device=device)
         z = grid.index_select(0, index)
-        z.bitwise_xor_(salts.to(device).view(-1, 1))
-        out = buckets_of(mix64_keyed(z.view(-1)), self.rows).view_as(z)
+        salts = salts.to(device)
+        if self.hash_name == "mulshift":
+            out = mulshift_buckets_(z.mul_(salts[:, :1]).add_(salts[:, 1:]), self.rows)
+        else:
+            z.bitwise_xor_(salts.view(-1, 1))
+            out = buckets_of(mix64_keyed(z.view(-1)), self.rows).view_as(z)
         if exempt:
             kept = torch.tensor(exempt, device=device)
             out.index_copy_(0, kept, grid.index_select(0, index.index_select(0, kept)))
@@ -300,7 +314,7 @@ def plan_unified(spec: VariantSpec) -> VariantPlan:
     padded = {"padded_chunk": fbgemm_width(layout.chunk)} if fbgemm_width(layout.chunk) != layout.chunk else {}
     return spec.plan(
         "unified", tables, dims={f: layout.chunks[f] * layout.chunk for f in names},
-        transform=TransformPlan("multi_probe", {"rows": layout.rows, "features": probes}),
+        transform=TransformPlan("multi_probe", {"rows": layout.rows, "features": probes, "hash": spec.hash_name}),
         combiner=CombinerPlan("concat_chunks", {"groups": groups}),
         budget={"solver": "none" if spec.budget is None else "exempt_then_even_split", "budget": spec.budget,
                 "exempt_share": params.exempt_share, "tables": layout.tables, "rows": layout.rows,

@@ -256,10 +256,14 @@ def _read_meta_bytes(folder: Path) -> tuple[bytes, bool]:
 # value those runs were trained with. DeepFM, WDL and FM took their first-order term from separate
 # tables until ``first_order: embedding`` became the default.
 LEGACY_MODEL_PARAMS: dict[tuple[str, str], Any] = {(m, "first_order"): "table" for m in ("deepfm", "wdl", "fm")}
+# Embedding keys likewise: the hashing variants bucketed ids with splitmix64 until ``embedding.hash``
+# (default ``mulshift``) existed; a saved config without it rebuilds its plans with splitmix64.
+LEGACY_EMBEDDING_KEYS: dict[str, Any] = {"hash": "splitmix64"}
 
 
 def fill_model_params(config: dict[str, Any], saved: bool) -> dict[str, Any]:
-    """``config`` with every ``LEGACY_MODEL_PARAMS`` param its model lacks written out.
+    """``config`` with every ``LEGACY_MODEL_PARAMS`` param its model lacks, and every
+    ``LEGACY_EMBEDDING_KEYS`` key its embedding block lacks, written out.
 
     A checkpoint's config (``saved``) without the param predates its default's change, so it gets
     the value that run was trained with; a config being saved or compared (``saved=False``) gets
@@ -271,7 +275,18 @@ def fill_model_params(config: dict[str, Any], saved: bool) -> dict[str, Any]:
         {'name': 'deepfm', 'params': {'first_order': 'table'}}
         >>> fill_model_params({"model": {"name": "dcnv2"}}, saved=True)
         {'model': {'name': 'dcnv2'}}
+        >>> fill_model_params({"model": {"name": "dcnv2"}, "embedding": {"kind": "hashed"}}, saved=True)["embedding"]
+        {'kind': 'hashed', 'hash': 'splitmix64'}
     """
+    embedding = config.get("embedding")
+    if isinstance(embedding, dict) and any(k not in embedding for k in LEGACY_EMBEDDING_KEYS):
+        if saved:
+            filled = dict(LEGACY_EMBEDDING_KEYS)
+        else:
+            from recemb.config.experiment import EmbeddingConfig
+
+            filled = {k: getattr(EmbeddingConfig(), k) for k in LEGACY_EMBEDDING_KEYS}
+        config = {**config, "embedding": {**embedding, **{k: v for k, v in filled.items() if k not in embedding}}}
     model = config.get("model")
     if not isinstance(model, dict):
         return config

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from recemb.embeddings.idhash import hash_ids_np
+from recemb.embeddings.idhash import bucket_ids_np
 from recemb.embeddings.plan import VariantPlan
 from recemb.serving.transforms import PhysicalIds, register_np_transform
 
 
 @register_np_transform("hash")
 def hash_np(plan: VariantPlan, feature: str, values: np.ndarray, lengths: np.ndarray) -> list[PhysicalIds]:
-    """``hashed``: ``hash_ids(x, seed_f, rows_f)`` where the feature is hashed, else identity."""
+    """``hashed``: ``bucket_ids_np(x, seed_f, rows_f, hash)`` where the feature is hashed, else identity
+    (``hash``: the plan's, ``splitmix64`` in plans that name none)."""
     spec = plan.transform.params["features"][feature]
     if spec.get("hashed"):
-        values = hash_ids_np(values, spec["seed"], spec["rows"])
+        values = bucket_ids_np(values, spec["seed"], spec["rows"], plan.transform.params.get("hash", "splitmix64"))
     return [PhysicalIds(feature, values, lengths)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recemb.embeddings.idhash import hash_ids_np
+from recemb.embeddings.idhash import bucket_ids_np
 from recemb.embeddings.plan import VariantPlan
 from recemb.serving.lookup import Arrays, register_np_combiner
 from recemb.serving.transforms import PhysicalIds, register_np_transform
@@ -15,7 +15,7 @@ from recemb.serving.transforms import PhysicalIds, register_np_transform
 def frequency_hybrid_np(plan: VariantPlan, feature: str, values: np.ndarray,
                         lengths: np.ndarray) -> list[PhysicalIds]:
     """Hot key: ``min(id, K_f + 1)`` for every id (``K_f + 1`` is the shared cold row); cold
-    key: ``hash_ids(id, seed_f, rows)`` for the ids above ``K_f`` only, bag by bag."""
+    key: ``bucket_ids_np(id, seed_f, rows, hash)`` for the ids above ``K_f`` only, bag by bag."""
     params = plan.transform.params
     spec = params["features"][feature]
     k = int(plan.arrays["hot_ids"][plan.features.index(feature)])
@@ -24,7 +24,8 @@ def frequency_hybrid_np(plan: VariantPlan, feature: str, values: np.ndarray,
     cold_lengths = np.bincount(bag[cold], minlength=len(lengths)).astype(np.int64)
     return [
         PhysicalIds(spec["hot_key"], np.minimum(values, k + 1), lengths),
-        PhysicalIds(spec["cold_key"], hash_ids_np(values[cold], spec["seed"], params["rows"]), cold_lengths),
+        PhysicalIds(spec["cold_key"], bucket_ids_np(values[cold], spec["seed"], params["rows"],
+                                                   params.get("hash", "splitmix64")), cold_lengths),
     ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recemb.embeddings.idhash import hash_ids_np
+from recemb.embeddings.idhash import bucket_ids_np
 from recemb.embeddings.plan import VariantPlan
 from recemb.serving.lookup import Arrays, register_np_combiner
 from recemb.serving.transforms import PhysicalIds, register_np_transform
@@ -15,8 +15,9 @@ from recemb.serving.transforms import PhysicalIds, register_np_transform
 @register_np_transform("mixed_dim")
 def mixed_dim_np(plan: VariantPlan, feature: str, values: np.ndarray, lengths: np.ndarray) -> list[PhysicalIds]:
     """One key per block table of ``feature``: the ids in ``[start, start + size)``, as
-    ``id - start`` or, in a capped table, ``hash_ids(id - start, seed, rows)``."""
+    ``id - start`` or, in a capped table, ``bucket_ids_np(id - start, seed, rows, hash)``."""
     tables = [t for t in plan.transform.params["tables"] if t["feature"] == feature]
+    hash_name = plan.transform.params.get("hash", "splitmix64")
     starts = np.array([t["start"] for t in tables], dtype=np.int64)
     block = np.searchsorted(starts, values, side="right") - 1
     bag = np.repeat(np.arange(len(lengths)), lengths)
@@ -24,7 +25,7 @@ def mixed_dim_np(plan: VariantPlan, feature: str, values: np.ndarray, lengths: n
     for b, t in enumerate(tables):
         mine = block == b
         local = values[mine] - t["start"]
-        rows = hash_ids_np(local, t["seed"], t["rows"]) if t["hashed"] else local
+        rows = bucket_ids_np(local, t["seed"], t["rows"], hash_name) if t["hashed"] else local
         out.append(PhysicalIds(t["key"], rows, np.bincount(bag[mine], minlength=len(lengths)).astype(np.int64)))
     return out
 

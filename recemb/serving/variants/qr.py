@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recemb.embeddings.idhash import hash_ids_np
+from recemb.embeddings.idhash import bucket_ids_np
 from recemb.embeddings.plan import VariantPlan
 from recemb.serving.lookup import Arrays, register_np_combiner
 from recemb.serving.transforms import PhysicalIds, register_np_transform
@@ -16,7 +16,7 @@ def qr_np(plan: VariantPlan, feature: str, values: np.ndarray, lengths: np.ndarr
     (``x % m``); a feature with modulus 0 keeps its ids (a full table)."""
     spec = plan.transform.params["features"][feature]
     if spec["buckets"]:
-        values = hash_ids_np(values, spec["seed"], spec["buckets"])
+        values = bucket_ids_np(values, spec["seed"], spec["buckets"], plan.transform.params.get("hash", "splitmix64"))
     m = spec["modulus"]
     if not m:
         return [PhysicalIds(feature, values, lengths)]
