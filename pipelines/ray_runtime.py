@@ -42,8 +42,11 @@ apply_quiet_env()
 
 
 def worker_env() -> dict[str, str]:
-    """Environment for Ray workers (runtime_env): quiet logs, loopback only."""
-    return dict(QUIET_ENV)
+    """Environment for Ray workers (runtime_env): quiet logs, loopback only, and the heap settings
+    of ``recemb.heap`` (glibc reads them when a worker process starts)."""
+    from recemb.heap import heap_env
+
+    return {**QUIET_ENV, **heap_env()}
 
 
 def init_ray(address: str = "", num_cpus: int | None = None, object_store_mb: int = 512) -> str:

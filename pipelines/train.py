@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pipelines.ray_runtime  # noqa: F401  (sets Ray's environment before anything imports ray)
-from pipelines.ray_progress import ProgressWatch, StartupClock, start_board
+from pipelines.ray_progress import BoardTracker, ProgressWatch, StartupClock, TrackingRelay, start_board
 from recemb.config.experiment import ClusterConfig, ExperimentConfig, load_experiment
 from recemb.config.loader import from_dict
 from recemb.data.schema import FeatureMap
@@ -241,7 +241,7 @@ def run_train(
 
             result = train(cfg, resume=resume, on_metrics=tracker.metrics_hook("valid"))
         else:
-            result = _train_on_ray(cfg, run_id, tracker.uri, resume, fail, clock)
+            result = _train_on_ray(cfg, tracker, resume, fail, clock)
         _finish_tracking(tracker, cfg, result)
     except BaseException:
         tracker.end("FAILED")
@@ -283,12 +283,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
         # (every rank opens it: they share one streaming split).
         world = ray.train.get_context().get_world_size()
         source.open_train(cfg.train.batch_size or auto_batch_size(epoch_train_rows(cfg.train, fm, cfg.data_dir), world))
-    tracker = Tracker(config["mlflow_uri"], rank=rank, experiment_name=cfg.dataset_id)
-    tracker.start(cfg, run_id=config["run_id"])
+    # Rank 0's MLflow records go to the driver through the progress board (the driver writes them
+    # to its run): no MLflow import or store in the workers.
+    tracker = BoardTracker(config.get("progress") if rank == 0 else None)
+    tracker.resumed()
     if restored is not None:
         tracker.set_tags({"recemb.restored_from": str(restored.path)})
-    if poster is not None:
-        poster.mark("wtracker")
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(step, metrics, split="valid")
@@ -306,12 +306,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     result = train(cfg, resume=resume, on_metrics=on_metrics, source=source, on_epoch_end=on_epoch_end,
                    on_start=on_start)
-    if rank == 0:
-        tracker.log_dict(result.to_dict(), "result_worker.json")
+    tracker.log_dict(result.to_dict(), "result_worker.json")
+    tracker.flush()
 
 
 def _train_on_ray(
-    cfg: ExperimentConfig, run_id: str, mlflow_uri: str, resume: str | Path | None,
+    cfg: ExperimentConfig, tracker: Tracker, resume: str | Path | None,
     fail: dict[str, Any] | None, clock: StartupClock | None = None,
 ) -> TrainResult:
     import ray
@@ -337,7 +337,7 @@ def _train_on_ray(
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
-            "cfg": cfg.to_dict(), "run_id": run_id, "mlflow_uri": mlflow_uri,
+            "cfg": cfg.to_dict(),
             "resume": str(resume) if resume else None, "fail": fail, "progress": progress,
         },
         scaling_config=ScalingConfig(
@@ -348,18 +348,22 @@ def _train_on_ray(
         run_config=RunConfig(
             # A unique name per run: Ray Train restores a run whose name and storage it
             # finds again, which would silently reuse an earlier run's checkpoint.
-            name=f"{cfg.expid}-{run_id[:12]}", storage_path=storage,
+            name=f"{cfg.expid}-{(tracker.run_id or 'untracked')[:12]}", storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             worker_runtime_env={"env_vars": worker_env()},
         ),
         datasets=datasets,
     )
     watch = ProgressWatch(progress, cfg.cluster.workers, cfg.cluster.cpus_per_worker)
+    relay = TrackingRelay(progress, tracker, cfg)
     watch.start()
+    relay.start()
+    tracking_error: BaseException | None = None
     try:
         ray_result = trainer.fit()
     finally:
         watch.stop()
+        tracking_error = relay.stop()  # rank 0's last records written before the board goes
         try:
             print(clock.line(ray.get(progress.read_marks.remote(), timeout=10)), flush=True)
         except Exception:  # the line is informative only: a lost board never fails the run
@@ -367,6 +371,9 @@ def _train_on_ray(
         ray.kill(progress)
     if ray_result.error is not None:
         raise RecembError(f"Ray training of {cfg.expid} failed: {ray_result.error}")
+    if tracking_error is not None:
+        raise RecembError(f"{cfg.expid}: writing rank 0's records to MLflow failed: {tracking_error}") \
+            from tracking_error
     result_path = Path(cfg.train.output_dir) / cfg.expid / "result.json"
     data = json.loads(result_path.read_text(encoding="utf-8"))
     from recemb.train.loop import TrainResult

@@ -319,6 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``recemb`` console script."""
+    from recemb.heap import keep_freed_heap
+
+    keep_freed_heap()  # big per-step tensors reuse freed heap instead of faulting fresh pages in
     args = parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:

@@ -178,3 +178,45 @@ def test_reaper_never_signals_a_process_that_reused_a_pid() -> None:
     finally:
         if sleeper.poll() is None:
             sleeper.kill()
+
+
+def test_rank0_records_reach_the_drivers_mlflow_run_through_the_board(ray_local: object, make_experiment,
+                                                                      tmp_path: Path) -> None:
+    """What rank 0 would have written to MLflow arrives in the driver's run, in order; a write that fails
+    comes back from ``stop`` instead of being lost."""
+    import ray
+
+    from pipelines.ray_progress import BoardTracker, TrackingRelay
+    from recemb.tracking import Tracker, resolve_run
+
+    cfg = make_experiment("dcnv2", "train.epochs=1")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlruns.db'}", rank=0)
+    run_id = tracker.start(cfg)
+    board = start_board()
+    relay = TrackingRelay(board, tracker, cfg, every_s=0.2)
+    relay.start()
+
+    @ray.remote(num_cpus=0)
+    def rank0(board: object) -> None:
+        posted = BoardTracker(board)
+        posted.resumed()
+        posted.set_tags({"recemb.restored_from": "/x/last"})
+        for step in (10, 20):
+            posted.log_metrics(step, {"auc": step / 100}, split="valid")
+        posted.log_dict({"steps": 20}, "result_worker.json")
+        posted.flush()
+
+    ray.get(rank0.remote(board))
+    BoardTracker(None).log_metrics(1, {"auc": 9.0})  # other ranks post nothing
+    assert relay.stop() is None
+    run = resolve_run(tracker.uri, run_id)
+    assert run["tags"]["recemb.restored_from"] == "/x/last"
+    assert run["tags"]["recemb.resumes"] == "1"
+    history = tracker.client.get_metric_history(run_id, "valid_auc")
+    assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.2)]
+    assert "result_worker.json" in {a.path for a in tracker.client.list_artifacts(run_id)}
+    # A record the driver cannot write is returned by stop(), not dropped.
+    broken = TrackingRelay(board, None, cfg)
+    ray.get(board.post.remote(("tags", {"a": "b"})))
+    assert isinstance(broken.stop(), AttributeError)
+    ray.kill(board)

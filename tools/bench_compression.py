@@ -444,6 +444,9 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        from recemb.heap import keep_freed_heap
+
+        keep_freed_heap()  # as `recemb train` runs (RECEMB_MALLOC=default: glibc's own settings)
         print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
         return
 

@@ -476,6 +476,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
+        from recemb.heap import keep_freed_heap
+
+        keep_freed_heap()  # as `recemb train` runs (RECEMB_MALLOC=default: glibc's own settings)
         print("RESULT " + json.dumps(run_setting(args.settings[0], args.rows, args)), flush=True)
         return
     resolve_device(args.device)  # refuse cuda without a GPU before any data is made
