@@ -25,6 +25,7 @@ from recemb.embeddings.base import TableEmbeddingLayer
 from recemb.embeddings.budget import BudgetError
 from recemb.embeddings.hashing import bucket_ids_np, hash64_np, hash_ids_np, salted_seed
 from recemb.embeddings.hybrid import HybridParams, hot_rows, solve_hot_ids, solve_hybrid
+from recemb.embeddings.idhash import mulshift_rows_np, mulshift_z_np
 from recemb.embeddings.mde import (
     MdeParams,
     frequency_blocks,
@@ -32,8 +33,9 @@ from recemb.embeddings.mde import (
     power_law_widths,
     solve_mde,
 )
+from recemb.embeddings.plan import VariantPlan
 from recemb.embeddings.registry import VariantSpec, build_embedding_layer, build_variant
-from recemb.embeddings.robe import RobeParams, robe_rows
+from recemb.embeddings.robe import RobeParams, RobeTransform, robe_rows
 from recemb.embeddings.sharding import load_full_state, shard_model
 from recemb.errors import ConfigError
 
@@ -150,11 +152,29 @@ def test_robe_rows_and_signs_match_numpy() -> None:
         for j in range(2):
             seed = salted_seed(3, fi, j)
             part = got[f"{name}__b{j}"]
-            assert np.array_equal(_array(part.values()), hash_ids_np(_array(ids.values()), seed, 23))
-            sign = 1.0 - 2.0 * (hash64_np(_array(ids.values()), seed) & np.uint64(1)).astype(np.float32)
+            assert a.plan.transform.params["hash"] == "mulshift"
+            z = mulshift_z_np(_array(ids.values()), seed)
+            assert np.array_equal(_array(part.values()), mulshift_rows_np(z, 23))
+            sign = 1.0 - 2.0 * ((z >> np.uint64(31)) & np.uint64(1)).astype(np.float32)
             assert np.array_equal(_array(part.weights()), sign)
             assert torch.equal(part.lengths(), ids.lengths())
     assert {1.0, -1.0} == set(_array(out.weights()).tolist())
+
+
+def test_robe_plans_without_a_hash_keep_splitmix64_rows_and_signs() -> None:
+    kjt = batch(2)
+    layer = build("robe")
+    old = layer.plan.to_dict()
+    del old["transform"]["params"]["hash"]  # as plans were written before embedding.hash
+    transform = RobeTransform.from_plan(VariantPlan.from_dict(old))
+    got = transform(kjt).to_dict()
+    for fi, (name, ids) in enumerate(kjt.to_dict().items()):
+        for j in range(2):
+            seed = salted_seed(3, fi, j)
+            part = got[f"{name}__b{j}"]
+            assert np.array_equal(_array(part.values()), hash_ids_np(_array(ids.values()), seed, 23))
+            sign = 1.0 - 2.0 * (hash64_np(_array(ids.values()), seed) & np.uint64(1)).astype(np.float32)
+            assert np.array_equal(_array(part.weights()), sign)
 
 
 def test_hybrid_rows_match_numpy() -> None:

@@ -9,6 +9,7 @@ Each runs in a fresh subprocess so its peak RSS (ru_maxrss) and CPU time (user+s
 own; the load average is printed with each figure, since wall time on a shared machine is
 only comparable under the same load.
 Usage: ``python tools/bench_prepare.py --rows 1000000 5000000 [--workdir /tmp/recemb-bench]``.
+``ours`` runs with ``recemb.heap.keep_freed_heap`` as the ``recemb`` command does.
 
 Measured 2026-12-02 on the shared 2-core machine (load 22-35, so wall times are ~3-4x a
 quiet machine's; CPU time is the steadier figure), before -> after the ValueTable fit and
@@ -179,6 +180,9 @@ def worker(args: argparse.Namespace) -> None:
     out = Path(args.workdir) / f"out-{args.worker}"
     path = Path(args.input)
     if args.worker == "ours":
+        from recemb.heap import keep_freed_heap
+
+        keep_freed_heap()  # as `recemb prepare` runs (RECEMB_MALLOC=default: glibc's own settings)
         info = run_ours(path, out, args.block_bytes)
     elif args.worker == "arrow":
         info = run_arrow(path)

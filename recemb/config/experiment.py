@@ -65,11 +65,10 @@ class EmbeddingConfig:
     ``weight_decay * w`` to each touched row's gradient, ``decoupled`` shrinks the row
     after the update); FBGEMM's CPU kernel ignores it, so on CPU it is refused for
     fused tables in favour of ``l2``. ``hash`` is the bucket hash of the hashing variants
-    (``hashed``, ``unified``, ``qr``, ``hybrid``, ``mde``): ``mulshift`` (multiply-add-shift, the
-    default: four passes over the ids) or ``splitmix64`` (what runs saved before ``mulshift``
-    existed were trained with; their checkpoints keep it). ``robe`` and ``dhe`` always use
-    ``splitmix64``: they read more of the hash's bits (a sign, uniform floats) than
-    multiply-add-shift mixes well.
+    (``hashed``, ``unified``, ``qr``, ``robe``, ``hybrid``, ``mde``): ``mulshift``
+    (multiply-add-shift, the default: four passes over the ids) or ``splitmix64`` (what runs
+    saved before ``mulshift`` existed were trained with; their checkpoints keep it). ``dhe``
+    always uses ``splitmix64``: it reads 24 uniform bits from each of several hashes of an id.
     """
 
     kind: str = "full"

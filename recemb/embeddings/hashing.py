@@ -9,7 +9,7 @@ only) reproduces every physical row (``hash_ids_np``).
 
 Python's ``hash`` is never used (it is salted per process for strings).
 
-New plans of ``hashed``, ``unified``, ``qr``, ``hybrid`` and ``mde`` bucket ids with
+New plans of ``hashed``, ``unified``, ``qr``, ``robe``, ``hybrid`` and ``mde`` bucket ids with
 ``mulshift`` (multiply-add-shift, ``recemb.embeddings.idhash``: four passes instead of a
 dozen and a division); ``hash_keys`` builds either hash's per-segment constants and the
 bucket functions take the plan's hash by name.

@@ -86,9 +86,19 @@ def mulshift_ids_np(ids: np.ndarray, seed: int, buckets: int) -> np.ndarray:
     """
     if not 1 <= buckets <= MULSHIFT_MAX_BUCKETS:
         raise ValueError(f"buckets must be in [1, 2**31] for mulshift, got {buckets}")
+    return mulshift_rows_np(mulshift_z_np(ids, seed), buckets)
+
+
+def mulshift_z_np(ids: np.ndarray, seed: int) -> np.ndarray:
+    """``a * id + b`` mod 2^64 (uint64) for ``seed``'s constants: what ``mulshift`` buckets take
+    their top 32 bits from (ROBE's sign is bit 31, the highest one they do not use)."""
     a, b = mulshift_key(seed)
     with np.errstate(over="ignore"):  # arithmetic mod 2^64 is the point
-        z = np.asarray(ids).astype(np.int64).view(np.uint64) * np.uint64(a) + np.uint64(b)
+        return np.asarray(ids).astype(np.int64).view(np.uint64) * np.uint64(a) + np.uint64(b)
+
+
+def mulshift_rows_np(z: np.ndarray, buckets: int) -> np.ndarray:
+    """Rows ``[0, buckets)`` (int64) from ``mulshift_z_np``'s values: ``((z >> 32) * buckets) >> 32``."""
     return (((z >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)).astype(np.int64)
 
 

@@ -39,6 +39,7 @@ from recemb.embeddings.base import (
     BYTES_PER_FLOAT,
     Combiner,
     IdTransform,
+    by_key,
     fbgemm_width,
     in_order,
     jagged,
@@ -48,7 +49,14 @@ from recemb.embeddings.base import (
     regroup,
 )
 from recemb.embeddings.budget import BudgetError, budget_bytes
-from recemb.embeddings.hashing import buckets_of, hash64_segments, mix64_keyed, salted_seed, seed_key
+from recemb.embeddings.hashing import (
+    buckets_of,
+    hash64_segments,
+    hash_keys,
+    mix64_keyed,
+    mulshift_buckets_,
+    salted_seed,
+)
 from recemb.embeddings.plan import CombinerPlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
 from recemb.errors import ConfigError
@@ -119,16 +127,19 @@ class RobeTransform(IdTransform):
     """Logical ids -> one physical row per (feature, block): ``hash(id, salt=(f, j)) % rows``.
 
     Output keys are ``{feature}__b{j}``, feature-major, each with the feature's
-    lengths. With ``signed`` the lowest hash bit (unused by the row, which takes the
-    top 63 bits) gives the value's weight ±1. The row of block ``j`` of feature index
-    ``f`` equals ``hash_ids_np(ids, salted_seed(seed, f, j), rows)``.
+    lengths. The row of block ``j`` of feature index ``f`` is ``bucket_ids_np(ids,
+    salted_seed(seed, f, j), rows, hash)``. With ``signed`` a hash bit the row does not use
+    gives the value's weight ±1: splitmix64's lowest bit (the row takes the top 63), or
+    bit 31 of multiply-add-shift's ``a * id + b`` (the row takes bits 32-63).
 
-    Plan params: ``rows``, ``signed`` and ``blocks: {feature: [{key, seed}, ...]}`` (every
-    feature has the same number of blocks). The per-block hash keys are python ints from
-    the seeds, a CPU tensor moved to the input's device at each call (a few dozen values).
+    Plan params: ``rows``, ``signed``, ``blocks: {feature: [{key, seed}, ...]}`` (every
+    feature has the same number of blocks) and ``hash`` (``idhash.HASHES``; absent in plans
+    written before it: ``splitmix64``). The per-block hash constants are a CPU tensor made
+    from the seeds, moved to the input's device at each call (a few dozen values).
     """
 
-    def __init__(self, blocks: dict[str, list[dict[str, Any]]], rows: int, signed: bool) -> None:
+    def __init__(self, blocks: dict[str, list[dict[str, Any]]], rows: int, signed: bool,
+                 hash_name: str = "splitmix64") -> None:
         super().__init__()
         self.features = list(blocks)
         self.blocks = len(next(iter(blocks.values())))
@@ -136,15 +147,15 @@ class RobeTransform(IdTransform):
             raise ValueError("robe_z: every feature must have the same number of blocks")
         self.rows = rows
         self.signed = signed
+        self.hash_name = hash_name
         self.keys = [b["key"] for f in self.features for b in blocks[f]]
-        self._hash_keys = [signed64(seed_key(b["seed"])) for f in self.features for b in blocks[f]]
-        self._key_tensor = torch.tensor(self._hash_keys, dtype=torch.int64)
+        self._key_tensor = hash_keys([b["seed"] for f in self.features for b in blocks[f]], hash_name)
         self._sources = [i for i in range(len(self.features)) for _ in range(self.blocks)]
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> RobeTransform:
         p = plan.transform.params
-        return cls(p["blocks"], p["rows"], p["signed"])
+        return cls(p["blocks"], p["rows"], p["signed"], p.get("hash", "splitmix64"))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Each feature's ids once per block, then one hash of them all, each block with its own key;
@@ -155,6 +166,8 @@ class RobeTransform(IdTransform):
         per-block copies and the hash's first pass one pass; else the copies come from ``regroup``
         and ``hash64_segments`` hashes them."""
         kjt = ordered_by(kjt, self.features)
+        if self.hash_name == "mulshift":
+            return self._mulshift(kjt)
         per_feature = kjt.length_per_key()
         width = per_feature[0] if per_feature and all(n == per_feature[0] for n in per_feature) else None
         if width is not None:
@@ -169,6 +182,30 @@ class RobeTransform(IdTransform):
             h = hash64_segments(values, self._key_tensor, per_key)
         weights = _SIGNS.to(h.device).index_select(0, h & 1) if self.signed else None
         return jagged(self.keys, buckets_of(h, self.rows), lengths, kjt.stride(), per_key, weights)
+
+    def _mulshift(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """``forward`` with multiply-add-shift: ``z = a * id + b`` per block, the sign from bit 31 of
+        ``z``, the row from its top 32 bits. Single-hot batches broadcast ``[features, 1, ids]``
+        against ``[features, blocks, 1]`` constants (the copies per block and the multiply are one
+        pass); otherwise the copies come from ``regroup`` and the constants by segment."""
+        per_feature = kjt.length_per_key()
+        width = per_feature[0] if per_feature and all(n == per_feature[0] for n in per_feature) else None
+        keys = self._key_tensor.to(kjt.values().device)
+        if width is not None:
+            features = len(self.features)
+            z = kjt.values().to(torch.int64).view(features, 1, width) * keys[:, 0].view(features, self.blocks, 1)
+            z = z.add_(keys[:, 1].view(features, self.blocks, 1)).view(-1)
+            lengths = kjt.lengths().view(features, 1, -1).expand(-1, self.blocks, -1).reshape(-1)
+            per_key = [width] * (features * self.blocks)
+        else:
+            values, lengths, per_key = regroup(kjt, self._sources)
+            z = values.to(torch.int64) * by_key(keys[:, 0], per_key, values.device)
+            z.add_(by_key(keys[:, 1], per_key, values.device))
+        weights = None
+        if self.signed:
+            bit = torch.bitwise_right_shift(z, 31).bitwise_and_(1)
+            weights = _SIGNS.to(z.device).index_select(0, bit)
+        return jagged(self.keys, mulshift_buckets_(z, self.rows), lengths, kjt.stride(), per_key, weights)
 
 
 _SIGNS = torch.tensor([1.0, -1.0])  # the weight of a block by its hash's lowest bit
@@ -276,7 +313,8 @@ def plan_robe(spec: VariantSpec) -> VariantPlan:
     }
     return spec.plan(
         "robe", [spec.table("robe", rows, z, keys)],
-        transform=TransformPlan("robe_z", {"rows": rows, "signed": params.signed, "blocks": blocks},
+        transform=TransformPlan("robe_z", {"rows": rows, "signed": params.signed, "blocks": blocks,
+                                           "hash": spec.hash_name},
                                 weighted=params.signed),
         combiner=CombinerPlan("block_concat", {"blocks": {f: [b["key"] for b in blocks[f]] for f in spec.names},
                                                "width": z, **({"dim": spec.dim} if covered != spec.dim else {})}),
