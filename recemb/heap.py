@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import Any
 
 # glibc's largest mmap threshold on 64-bit (blocks above it are still mapped, and unmapped on free).
 MMAP_THRESHOLD = 32 << 20
@@ -31,6 +32,27 @@ TRIM_THRESHOLD = (1 << 31) - 1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 _USER_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
 _applied = False
+
+
+def _libc_function(name: str, argtypes: list[type], restype: type) -> Any | None:
+    """glibc's function ``name`` with its C signature, or None where there is none (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        function = getattr(libc, name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
+
+
+_MALLOC_TRIM = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the kernel now (glibc's ``malloc_trim(0)``; a no-op
+    elsewhere). ``recemb prepare`` calls it when its RSS has grown, to keep its memory flat."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _chosen_elsewhere() -> bool:
@@ -48,12 +70,9 @@ def keep_freed_heap() -> bool:
         return True
     if _chosen_elsewhere():
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
 
@@ -71,4 +90,4 @@ def heap_env() -> dict[str, str]:
     return {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "heap_env", "keep_freed_heap"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "heap_env", "keep_freed_heap", "trim_heap"]

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
-import ctypes.util
 import json
 import logging
 import math
@@ -72,6 +70,7 @@ from recemb.data.sources import (
 )
 from recemb.data.value_table import ValueTable, ValueTables
 from recemb.errors import ConfigError, DataError, OutputExistsError
+from recemb.heap import trim_heap
 from recemb.io import replace_folder, write_text_atomic
 
 log = logging.getLogger("recemb.data")
@@ -86,25 +85,9 @@ _REJECT_EXAMPLES = 5
 _F32_MAX = float(np.finfo(np.float32).max)  # label, count and dense columns are written as float32
 
 
-def _load_malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``, or a no-op where there is none (musl, macOS)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-
-    def trim_heap() -> None:
-        trim(0)
-
-    return trim_heap
-
-
 # The freed block-sized temporaries (numpy arrays, the reader's chunks, made on several
 # threads) otherwise stay in glibc's arenas, and RSS would creep with the input instead of
-# staying at the live working set.
-_trim_heap_now = _load_malloc_trim()
+# staying at the live working set: ``_HeapTrimmer`` gives them back (``recemb.heap.trim_heap``).
 _TRIM_SLACK = 48 << 20
 
 
@@ -130,7 +113,7 @@ class _HeapTrimmer:
         with self._lock:
             if not force and rss is not None and self._after is not None and rss < self._after + _TRIM_SLACK:
                 return
-            _trim_heap_now()
+            trim_heap()
             self._after = _rss_bytes()
 
 
