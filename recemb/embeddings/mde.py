@@ -228,7 +228,8 @@ class MdeTransform(IdTransform):
     ``bucket_ids_np(id - start, seed, rows, hash)`` with ``seed = salted_seed(spec_seed, f, block)``.
 
     Plan params: ``tables: [{key, feature, block, start, size, rows, hashed, seed}]``,
-    feature-major, and ``hash`` (``idhash.HASHES``; absent in plans written before it: ``splitmix64``). With blocks or capped tables the lookup constants are non-persistent
+    feature-major, and ``hash`` (``idhash.HASHES``; absent in plans written before it:
+    ``splitmix64``). With blocks or capped tables the lookup constants are non-persistent
     buffers made from the plan and refilled by ``reset_buffers`` (a meta-device build gets
     them back as zeros); one uncapped table per feature needs none.
     """
@@ -263,7 +264,8 @@ class MdeTransform(IdTransform):
 
     @classmethod
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> MdeTransform:
-        return cls(plan.features, plan.transform.params["tables"], device, plan.transform.params.get("hash", "splitmix64"))
+        p = plan.transform.params
+        return cls(plan.features, p["tables"], device, p.get("hash", "splitmix64"))
 
     def reset_buffers(self) -> None:
         """Refill the buffers from the plan's data (after a meta-device build)."""
