@@ -102,3 +102,59 @@ def test_mde_combine_keeps_gradients() -> None:
     want = grads(sum(v.square().sum() for v in sums.values()))
     for k in params:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def single_hot(layer: TableEmbeddingLayer, batch: int, seed: int) -> tuple[KeyedJaggedTensor, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    ids = {f: rng.integers(0, layer.full_rows[f], batch).astype(np.int64) for f in layer.features}
+    kjt = KeyedJaggedTensor(keys=list(ids), values=torch.from_numpy(np.concatenate(list(ids.values()))),
+                            lengths=torch.ones(batch * len(ids), dtype=torch.int64))
+    return kjt, ids
+
+
+MDE_CASES: dict[str, dict[str, Any]] = {
+    "blocks-capped": {"budget": 0.05, "blocks": 3},
+    "blocks": {"budget": None, "blocks": 3},
+    "capped": {"budget": 0.05},
+    "plain": {"budget": None},
+    "blocks-capped-splitmix64": {"budget": 0.05, "blocks": 3, "hash_name": "splitmix64"},
+}
+
+
+@pytest.mark.parametrize("batch", [37, 2000], ids=["sorted", "stacked"])
+@pytest.mark.parametrize("case", list(MDE_CASES))
+def test_mde_direct_lookup_is_the_pooled_path(case: str, batch: int) -> None:
+    """Single-hot eval batches skip the physical KJT (``ProjectSum.lookup_logical``): its output equals
+    the transform -> collection -> combiner path (to MKL's last bit: a product over fewer rows may
+    take another kernel) and the numpy twin, and it is taken. A small batch gathers and projects
+    its ids' rows (more table rows than ids), a large one projects the tables whole."""
+    settings = dict(MDE_CASES[case])
+    hash_name = settings.pop("hash_name", "mulshift")
+    fm_layer = counted_layer("mde", False, **settings)
+    if hash_name != "mulshift":  # the same layout under the older hash (plans written before mulshift)
+        params = fm_layer.plan.transform.params
+        fm_layer.transform = type(fm_layer.transform)(fm_layer.plan.features, params["tables"], hash_name="splitmix64")
+    layer = fm_layer.eval()
+    blocks = max(t["block"] for t in layer.plan.transform.params["tables"]) + 1
+    hashed = any(t["hashed"] for t in layer.plan.transform.params["tables"])
+    assert (blocks > 1) == ("blocks" in case) and hashed == ("capped" in case), (blocks, hashed)
+    stacked = sum(t.rows for t in layer.plan.tables) <= batch * len(layer.features)
+    assert stacked == (batch == 2000), "the batch sizes no longer pick the two ways"
+    kjt, ids = single_hot(layer, batch=batch, seed=1)
+    with torch.no_grad():
+        direct = layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt)
+        assert direct is not None, "the single-hot path was not taken"
+        assert torch.equal(kjt.values(), torch.from_numpy(np.concatenate(list(ids.values())))), "ids changed"
+        out = layer(kjt)
+        want = in_order(layer.combiner(layer.ebc(layer.transform(kjt))), layer.features)
+    torch.testing.assert_close(out.values(), want.values(), rtol=1e-6, atol=1e-8, msg=case)
+    if hash_name == "mulshift":
+        tables, dense = weights(layer)
+        parts = out.to_dict()
+        for f in layer.features:
+            np.testing.assert_allclose(lookup(layer.plan, tables, dense, f, ids[f], np.ones(batch, dtype=np.int64)),
+                                       parts[f].numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{case} {f}")
+    multi = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values()[:-1],
+                              lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
+    with torch.no_grad():
+        assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None

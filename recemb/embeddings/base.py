@@ -90,6 +90,18 @@ class Combiner(nn.Module):
         blocks = gathered_blocks(ebc, kjt)
         return None if blocks is None else self.combine(kjt.keys(), blocks)
 
+    def lookup_logical(self, transform: IdTransform, ebc: EmbeddingBagCollection,
+                       kjt: KeyedJaggedTensor) -> KeyedTensor | None:
+        """The layer's output on the *logical* ``kjt`` (before ``transform``) computed directly from
+        the unsharded ``ebc``, or None to run the transform and ``lookup``/``combine``.
+
+        For a variant whose physical KJT is costly to build and to pool (MDE's frequency blocks
+        give every id one of several tables, so most of the physical bags are empty): without
+        autograd it may route the ids and gather their rows itself. It must return what the
+        transform, the collection and ``combine`` give (the same sums; BLAS may round a product
+        over fewer rows differently in the last bit). None by default."""
+        return None
+
 
 _TRANSFORMS: dict[str, type[IdTransform]] = {}
 _COMBINERS: dict[str, type[Combiner]] = {"identity": Combiner}
@@ -434,6 +446,28 @@ def gathered_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list
     return blocks
 
 
+def key_weights(ebc: EmbeddingBagCollection, keys: list[str]) -> list[torch.Tensor] | None:
+    """The weight of the table that reads each of ``keys`` in the unsharded ``ebc`` (the parameter
+    itself: for lookups without autograd); None where a key feeds two tables or none (cached per
+    collection and key order, as ``pooled_blocks``' runs are).
+
+    Example:
+        >>> key_weights(layer.ebc, ["user__m0"])[0].shape                         # doctest: +SKIP
+        torch.Size([165, 4])
+    """
+    known = _RUNS.setdefault(ebc, {})
+    order = tuple(keys)
+    if order not in known:
+        known[order] = _lookup_runs(ebc, list(order))
+    runs = known[order]
+    if runs is None:
+        return None
+    out: list[torch.Tensor] = []
+    for run in runs:
+        out += [ebc.embedding_bags[run.table].weight] * (run.last - run.first)
+    return out
+
+
 def pooled_blocks(ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor) -> list[torch.Tensor] | None:
     """``ebc(kjt)``'s pooled blocks, one ``[B, width]`` per key of ``kjt`` in its key order, with
     one ``embedding_bag`` per run of a table's adjacent keys; None where ``ebc`` must run itself
@@ -540,12 +574,17 @@ class TableEmbeddingLayer(EmbeddingLayer):
         self._identity = isinstance(self.transform, IdentityTransform)
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
-        physical = kjt if self._identity else self.transform(kjt)
         # Unsharded, the collection is torchrec's reference module (a Python loop over keys with a
         # JaggedTensor per key); pooled_blocks runs the same embedding_bag calls, a table's adjacent
         # keys in one, and hands the blocks to the combiner. DistributedModelParallel swaps in a
         # sharded collection (and padding comes with sharding): that runs as it is.
-        if type(self.ebc) is EmbeddingBagCollection and not self.widths:
+        direct_ok = type(self.ebc) is EmbeddingBagCollection and not self.widths
+        if direct_ok and not self._identity and not torch.is_grad_enabled():
+            fused = self.combiner.lookup_logical(self.transform, self.ebc, kjt)
+            if fused is not None:
+                return in_order(fused, self.features)
+        physical = kjt if self._identity else self.transform(kjt)
+        if direct_ok:
             direct = self.combiner.lookup(self.ebc, physical)
             if direct is not None:
                 return in_order(direct, self.features)

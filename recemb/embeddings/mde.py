@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
@@ -38,6 +39,7 @@ from recemb.embeddings.base import (
     IdTransform,
     by_key,
     jagged,
+    key_weights,
     one_id_per_bag,
     register_combiner,
     register_transform,
@@ -275,16 +277,12 @@ class MdeTransform(IdTransform):
                 buffer.copy_(torch.from_numpy(source))
 
     def forward(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """One pass over all ids: each id's block from its feature's block starts, its table's
-        constants gathered by table, one hash for the capped tables, each (table, sample) bag's
-        count, then one stable sort by table (on the smallest integer type that holds the table
-        count: a radix sort).
+        """One pass over all ids (``route``), each (table, sample) bag's count, then one stable sort
+        by table (on the smallest integer type that holds the table count: a radix sort).
 
-        When every bag holds one id (single-hot batches) the ids lie (feature, sample) in a
-        ``[features, batch]`` grid: the block is a comparison per block boundary against each
-        row's starts, each id's bag is its table's row plus its column, and the counts are ones
-        written at the bags (no count over all ``tables x batch`` bags). Otherwise the starts are
-        searched per id and the bags counted.
+        When every bag holds one id (single-hot batches) each id's bag is its table's row plus its
+        column of the ``[features, batch]`` grid, and the counts are ones written at the bags (no
+        count over all ``tables x batch`` bags); otherwise the bags are counted.
         """
         kjt = ordered_by(kjt, self.features)
         values, lengths, per_key = kjt.values().to(torch.int64), kjt.lengths(), kjt.length_per_key()
@@ -292,26 +290,8 @@ class MdeTransform(IdTransform):
         if self._plain:
             return jagged(self.keys, values, lengths, batch, per_key)
         device, n, features = values.device, values.numel(), len(self.features)
-        # One id per bag needs every length to be 1, not only as many bags as ids ([2, 0] has two).
         single = one_id_per_bag(lengths, n)
-        first_slot = torch.arange(features, device=device).mul_(self.max_blocks)
-        if single:  # a comparison per block boundary, each feature's row of ids against its start
-            grid = values.view(features, batch)
-            slot = first_slot.view(-1, 1).expand(-1, batch).contiguous()
-            for b in range(1, self.max_blocks):
-                slot += grid >= self.starts[:, b:b + 1]
-        else:
-            feature = by_key(torch.arange(features, device=device), per_key, device)
-            slot = torch.searchsorted(self.starts.index_select(0, feature), values.view(-1, 1), right=True).view(-1)
-            slot.sub_(1).add_(first_slot.index_select(0, feature))
-        table = self.index.view(-1).index_select(0, slot.view(-1))
-        start, rows, hashed = self.per_table[:, :3].unbind(1)
-        local = values - start.index_select(0, table)
-        if self._hashed:
-            keys = self.per_table[:, 3:].index_select(0, table)
-            h = bucket_ids(local, keys if self.hash_name == "mulshift" else keys.view(-1), rows.index_select(0, table),
-                           self.hash_name)
-            local = torch.where(hashed.bool().index_select(0, table), h, local)
+        table, local = self.route(values, lengths, per_key, batch, single)
         bags = len(self.keys) * batch
         if single:
             bag = (table.view(features, batch) * batch).add_(torch.arange(batch, device=device)).view(-1)
@@ -325,6 +305,61 @@ class MdeTransform(IdTransform):
             local = local.index_select(0, order)
         out_per_key = torch.bincount(table, minlength=len(self.keys)).tolist()
         return jagged(self.keys, local, out_lengths, batch, out_per_key)
+
+    def route(self, values: torch.Tensor, lengths: torch.Tensor, per_key: list[int], batch: int,
+              single: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each id's table (index into ``keys``) and row in it, in the KJT's (feature, sample) order,
+        for int64 ``values`` ordered by ``features``; ``single``: every bag holds one id.
+
+        Single-hot, the ids lie in a ``[features, batch]`` grid and an id's block is a comparison
+        per block boundary against its row's starts; otherwise the starts are searched per id.
+        Under ``mulshift`` every id then takes the same five passes (``_slot_constants``: an
+        unhashed table's constants make the hash return ``id - start``) instead of hashing all
+        ids and choosing per id.
+        """
+        device, features = values.device, len(self.features)
+        if self._plain:
+            table = by_key(torch.arange(features, device=device), per_key, device)
+            return table, values
+        first_slot = torch.arange(features, device=device).mul_(self.max_blocks)
+        if single:
+            grid = values.view(features, batch)
+            slot = first_slot.view(-1, 1).expand(-1, batch).contiguous()
+            for b in range(1, self.max_blocks):
+                slot += grid >= self.starts[:, b:b + 1]
+            slot = slot.view(-1)
+        else:
+            feature = by_key(torch.arange(features, device=device), per_key, device)
+            slot = torch.searchsorted(self.starts.index_select(0, feature), values.view(-1, 1), right=True).view(-1)
+            slot.sub_(1).add_(first_slot.index_select(0, feature))
+        if self._hashed and self.hash_name == "mulshift":
+            c = self._slot_constants().index_select(0, slot)
+            rows = (values - c[:, 1]).mul_(c[:, 2]).add_(c[:, 3])
+            rows.bitwise_right_shift_(32).bitwise_and_(0xFFFFFFFF).mul_(c[:, 4]).bitwise_right_shift_(c[:, 5])
+            return c[:, 0].contiguous(), rows
+        table = self.index.view(-1).index_select(0, slot)
+        start, rows, hashed = self.per_table[:, :3].unbind(1)
+        local = values - start.index_select(0, table)
+        if self._hashed:
+            keys = self.per_table[:, 3:].index_select(0, table)
+            h = bucket_ids(local, keys.view(-1), rows.index_select(0, table), self.hash_name)
+            local = torch.where(hashed.bool().index_select(0, table), h, local)
+        return table, local
+
+    def _slot_constants(self) -> torch.Tensor:
+        """Per (feature, block) slot: its table, start, and the ``mulshift`` multiplier, addend, row
+        count and final shift that give its row, ``[features * max_blocks, 6]``. A capped table's
+        are its hash's (shift 32: ``mulshift_buckets_``); an uncapped table's are ``2**32``, 0, 1
+        and 0, so ``((x * 2**32) >> 32) * 1 >> 0`` is ``x = id - start`` (ids are below ``2**31``).
+        Built per call from the buffers (a few ops on ~100 numbers), so nothing goes stale."""
+        index = self.index.view(-1)
+        per = self.per_table.index_select(0, index)
+        hashed = per[:, 2].bool()
+        return torch.stack([
+            index, per[:, 0],
+            torch.where(hashed, per[:, 3], 1 << 32), torch.where(hashed, per[:, 4], 0),
+            torch.where(hashed, per[:, 1], 1), hashed.to(torch.int64) * 32,
+        ], 1)
 
 
 @register_combiner("project_sum")
@@ -355,6 +390,86 @@ class ProjectSum(Combiner):
     def from_plan(cls, plan: VariantPlan, device: torch.device | None = None) -> ProjectSum:
         p = plan.combiner.params
         return cls(plan.features, p["inputs"], p["dim"], device)
+
+    def lookup_logical(self, transform: IdTransform, ebc: EmbeddingBagCollection,
+                       kjt: KeyedJaggedTensor) -> KeyedTensor | None:
+        """Single-hot batches without autograd, straight from the logical ids (each id's table and
+        row: ``MdeTransform.route``), one of two ways:
+
+        - small tables (fewer rows in all than ids in the batch, as under a tight budget): every
+          table projected whole into one stacked ``[rows, dim]`` buffer, then one gather of every
+          id's row of it, in output order;
+        - otherwise the ids sorted by table (one radix sort; none with one table per feature),
+          each table's rows gathered and projected into their run of an ``[ids, dim]`` buffer,
+          and one gather puts them in output order.
+
+        The transform's path gives every table a bag per sample, most of them empty with blocks
+        (4 blocks: 4x the bags, pooled to zeros and projected); this touches each id once.
+        The same sums as that path (a bag of one id pools to its row; a feature's other blocks
+        add zeros), up to BLAS rounding: a projection over another number of rows may take another
+        MKL kernel (a last-bit difference). None (the transform's path) for multi-hot batches or
+        other transforms.
+
+        Example:
+            >>> with torch.no_grad():                                               # doctest: +SKIP
+            ...     out = layer(kjt)  # TableEmbeddingLayer calls this first
+        """
+        if not isinstance(transform, MdeTransform) or not all(self._groups):
+            return None
+        kjt = ordered_by(kjt, transform.features)
+        values, lengths = kjt.values().to(torch.int64), kjt.lengths()
+        weights = key_weights(ebc, transform.keys)
+        if weights is None or not one_id_per_bag(lengths, values.numel()):
+            return None
+        batch, features = kjt.stride(), len(transform.features)
+        table, local = transform.route(values, lengths, kjt.length_per_key(), batch, single=True)
+        projections = [None if proj is None else self.proj[proj].weight.t() for _key, _owner, proj in self.parts]
+        if sum(w.shape[0] for w in weights) <= values.numel():
+            buf, index = self._stacked(weights, projections, table, local)
+        else:
+            buf, index = self._sorted(weights, projections, table, local, transform._sort_dtype)
+        # index is in (feature, sample) order; the output wants (sample, feature)
+        out = buf.index_select(0, index.view(features, batch).t().reshape(-1)).view(batch, features * self.dim)
+        return KeyedTensor(keys=list(self.features), length_per_key=[self.dim] * features, values=out)
+
+    def _stacked(self, weights: list[torch.Tensor], projections: list[torch.Tensor | None], table: torch.Tensor,
+                 local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every table projected whole into its rows of one buffer; each id's row of the buffer."""
+        starts = [0]
+        for w in weights:
+            starts.append(starts[-1] + w.shape[0])
+        buf = weights[0].new_empty(starts[-1], self.dim)
+        for weight, proj, lo, hi in zip(weights, projections, starts[:-1], starts[1:], strict=True):
+            if proj is None:
+                buf[lo:hi].copy_(weight)
+            else:
+                torch.mm(weight, proj, out=buf[lo:hi])
+        first_row = torch.tensor(starts[:-1], dtype=torch.int64, device=local.device)
+        return buf, local + first_row.index_select(0, table)  # local may be the caller's ids: not in place
+
+    def _sorted(self, weights: list[torch.Tensor], projections: list[torch.Tensor | None], table: torch.Tensor,
+                local: torch.Tensor, sort_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids' rows gathered and projected table by table into runs of one buffer (ids sorted by
+        table); where each id's row went."""
+        order = None
+        if len(weights) > len(self.features):  # one table per feature: the ids are in table order already
+            order = torch.sort(table.to(sort_dtype), stable=True).indices
+            local = local.index_select(0, order)
+        counts = torch.bincount(table, minlength=len(weights)).tolist()
+        buf = weights[0].new_empty(local.numel(), self.dim)
+        pos = 0
+        for weight, proj, count in zip(weights, projections, counts, strict=True):
+            if count:
+                rows, dest = local[pos:pos + count], buf[pos:pos + count]
+                if proj is None:
+                    torch.index_select(weight, 0, rows, out=dest)
+                else:
+                    torch.mm(weight.index_select(0, rows), proj, out=dest)
+                pos += count
+        n = local.numel()
+        if order is None:
+            return buf, torch.arange(n, device=local.device)
+        return buf, torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         return self.combine(pooled.keys(), list(pooled.values().split(pooled.length_per_key(), dim=1)))
