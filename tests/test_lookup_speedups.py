@@ -158,3 +158,83 @@ def test_mde_direct_lookup_is_the_pooled_path(case: str, batch: int) -> None:
                               lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
     with torch.no_grad():
         assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None
+
+
+@pytest.mark.parametrize("batch", [20, 300], ids=["per-feature", "stacked"])
+@pytest.mark.parametrize("hash_name", ["mulshift", "splitmix64"])
+@pytest.mark.parametrize("budget", [0.05, 0.3])
+def test_hybrid_direct_lookup_is_the_pooled_path_bit_for_bit(budget: float, hash_name: str, batch: int) -> None:
+    """Single-hot eval batches skip the physical KJT (``HotPlusCold.lookup_logical``): hot rows plus the
+    shared row where the id is cold equals the transform -> collection -> combiner path exactly and
+    the numpy twin closely; a multi-hot batch takes the transform's path."""
+    layer = counted_layer("hybrid", False, budget=budget).eval()
+    if hash_name != "mulshift":  # the same layout under the older hash (plans written before mulshift)
+        plan = layer.plan
+        layer.transform = type(layer.transform)(plan.transform.params["features"], plan.arrays["hot_ids"],
+                                                plan.transform.params["rows"], hash_name="splitmix64")
+    hot_rows = sum(t.rows for t in layer.plan.tables if t.name != layer.plan.tables[-1].name)
+    assert (hot_rows <= batch * len(layer.features)) == (batch == 300), "the batches no longer pick the two ways"
+    kjt, ids = single_hot(layer, batch=batch, seed=2)
+    cold = [int((ids[f] > k).sum()) for f, k in zip(layer.features, layer.plan.arrays["hot_ids"].tolist(), strict=True)]
+    assert 0 < sum(cold) < batch * len(cold), "the batch should mix hot and cold ids"
+    with torch.no_grad():
+        direct = layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt)
+        assert direct is not None, "the single-hot path was not taken"
+        out = layer(kjt)
+        want = in_order(layer.combiner(layer.ebc(layer.transform(kjt))), layer.features)
+    assert torch.equal(out.values(), want.values())
+    if hash_name == "mulshift":
+        tables, dense = weights(layer)
+        parts = out.to_dict()
+        for f in layer.features:
+            np.testing.assert_allclose(lookup(layer.plan, tables, dense, f, ids[f], np.ones(batch, dtype=np.int64)),
+                                       parts[f].numpy(), rtol=1e-6, atol=1e-7, err_msg=f)
+    multi = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values()[:-1],
+                              lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
+    with torch.no_grad():
+        assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None
+
+
+QR_CASES: dict[str, dict[str, Any]] = {
+    "mult": {"budget": 0.2},
+    "mult-hashed-first": {"budget": 0.02},
+    "add": {"budget": 0.2, "params": {"op": "add"}},
+    "concat": {"budget": 0.2, "params": {"op": "concat"}},
+    "mult-splitmix64": {"budget": 0.02, "hash": "splitmix64"},
+}
+
+
+@pytest.mark.parametrize("batch", [20, 400], ids=["per-feature", "stacked"])
+@pytest.mark.parametrize("case", list(QR_CASES))
+def test_qr_direct_lookup_is_the_pooled_path_bit_for_bit(case: str, batch: int) -> None:
+    """Single-hot eval batches skip the physical KJT (``QrCombiner.lookup_logical``): every feature's
+    ``q op r`` (or full row) equals the transform -> collection -> combiner path exactly and the numpy
+    twin closely; a multi-hot batch takes the transform's path. A small batch gathers feature by
+    feature (more table rows than ids), a large one from the stacked tables (not ``concat``)."""
+    torch.manual_seed(0)
+    layer = build_embedding_layer(feature_map(False), EmbeddingConfig(kind="qr", dim=8, seed=3, **QR_CASES[case]))
+    assert isinstance(layer, TableEmbeddingLayer)
+    layer.eval()
+    specs = layer.plan.transform.params["features"].values()
+    assert any(s["modulus"] for s in specs) and any(not s["modulus"] for s in specs), "want split and full features"
+    assert any(s["buckets"] for s in specs) == ("hashed" in case or "splitmix" in case)
+    stacked = QR_CASES[case].get("params", {}).get("op") != "concat" and (
+        sum(t.rows for t in layer.plan.tables) <= batch * len(layer.features))
+    assert stacked == (batch == 400 and case != "concat"), "the batch sizes no longer pick the two ways"
+    kjt, ids = single_hot(layer, batch=batch, seed=4)
+    with torch.no_grad():
+        direct = layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt)
+        assert direct is not None, "the single-hot path was not taken"
+        assert torch.equal(kjt.values(), torch.from_numpy(np.concatenate(list(ids.values())))), "ids changed"
+        out = layer(kjt)
+        want = in_order(layer.combiner(layer.ebc(layer.transform(kjt))), layer.features)
+    assert torch.equal(out.values(), want.values())
+    tables, dense = weights(layer)
+    parts = out.to_dict()
+    for f in layer.features:
+        np.testing.assert_allclose(lookup(layer.plan, tables, dense, f, ids[f], np.ones(batch, dtype=np.int64)),
+                                   parts[f].numpy(), rtol=1e-6, atol=1e-7, err_msg=f)
+    multi = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values()[:-1],
+                              lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
+    with torch.no_grad():
+        assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None

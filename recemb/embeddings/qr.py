@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recemb.embeddings.base import (
@@ -34,6 +35,8 @@ from recemb.embeddings.base import (
     by_key,
     fbgemm_width,
     jagged,
+    key_weights,
+    one_id_per_bag,
     register_combiner,
     register_transform,
 )
@@ -49,6 +52,7 @@ from recemb.embeddings.budget import (
 from recemb.embeddings.hashing import hash_keys, hash_segments, salted_seed
 from recemb.embeddings.plan import CombinerPlan, TablePlan, TransformPlan, VariantPlan
 from recemb.embeddings.registry import VariantSpec, register_variant
+from recemb.embeddings.robe import ordered_by
 from recemb.errors import ConfigError
 
 QrOp = Literal["mult", "add", "concat"]
@@ -257,6 +261,99 @@ class QrCombiner(Combiner):
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
         return self.combine(pooled.keys(), list(pooled.values().split(pooled.length_per_key(), dim=1)))
+
+    def lookup_logical(self, transform: IdTransform, ebc: EmbeddingBagCollection,
+                       kjt: KeyedJaggedTensor) -> KeyedTensor | None:
+        """Without autograd, for single-hot batches, straight from the logical ids: the optional hash
+        and the quotients and remainders on the ``[features, batch]`` grid, then per feature its
+        rows gathered into its output columns (the quotient's; for ``mult``/``add`` the remainder's
+        rows multiplied or added in place). None (the transform's path) for multi-hot or weighted
+        batches and other transforms.
+
+        Bit for bit the transform -> collection -> ``combine`` path (the same rows, one product or
+        sum each); it builds no physical KJT (three planes of ids, a gather of them, the lengths of
+        every quotient and remainder key) and writes no intermediate ``[batch, dim]`` blocks.
+
+        Example:
+            >>> with torch.no_grad():                                               # doctest: +SKIP
+            ...     out = layer(kjt)  # TableEmbeddingLayer calls this first
+        """
+        if not isinstance(transform, QrTransform) or kjt.weights_or_none() is not None:
+            return None
+        kjt = ordered_by(kjt, self.features)
+        values = kjt.values().to(torch.int64)
+        if not one_id_per_bag(kjt.lengths(), values.numel()):
+            return None
+        lay = transform._layout(self.features)
+        weights = key_weights(ebc, lay.out_keys)
+        if weights is None:
+            return None
+        features, batch = len(self.features), kjt.stride()
+        if len(lay.unhashed) < features:
+            values = hash_segments(values, lay.salts, lay.buckets, [batch] * features, keep=lay.unhashed,
+                                   hash_name=transform.hash_name)
+        grid = values.view(features, batch)
+        if (self.op != "concat" and len({w.shape[1] for w in weights}) == 1
+                and sum(w.shape[0] for w in weights) <= values.numel()):
+            return self._stacked(lay, weights, grid)
+        moduli = lay.moduli.to(grid.device).view(-1, 1)
+        quotient = torch.div(grid, moduli, rounding_mode="floor")
+        remainder = grid - quotient * moduli
+        source = {f"{f}__q": quotient[i] for i, f in enumerate(self.features) if f in self.split}
+        source |= {f"{f}__r": remainder[i] for i, f in enumerate(self.features) if f in self.split}
+        source |= {f: grid[i] for i, f in enumerate(self.features) if f not in self.split}
+        table = dict(zip(lay.out_keys, weights, strict=True))
+        widths = [table[f].shape[1] if f not in self.split else
+                  table[f"{f}__q"].shape[1] * (2 if self.op == "concat" else 1) for f in self.features]
+        out = weights[0].new_empty(batch, sum(widths))
+        col = 0
+        for f, width in zip(self.features, widths, strict=True):
+            dest = out[:, col:col + width]
+            col += width
+            if f not in self.split:
+                torch.index_select(table[f], 0, source[f], out=dest)
+                continue
+            q, r = f"{f}__q", f"{f}__r"
+            if self.op == "concat":
+                torch.index_select(table[q], 0, source[q], out=dest[:, :width // 2])
+                torch.index_select(table[r], 0, source[r], out=dest[:, width // 2:])
+            else:
+                torch.index_select(table[q], 0, source[q], out=dest)
+                (dest.mul_ if self.op == "mult" else dest.add_)(table[r].index_select(0, source[r]))
+        return KeyedTensor(keys=list(self.features), length_per_key=widths, values=out)
+
+    def _stacked(self, lay: _QrLayout, weights: list[torch.Tensor], grid: torch.Tensor) -> KeyedTensor:
+        """``lookup_logical`` for ``mult``/``add`` when the tables have fewer rows in all than the batch
+        has ids (QR's tables are small): each feature's first table (its full table or quotient
+        table) stacked into one, its remainder tables into another after one neutral row (ones for
+        ``mult``, zeros for ``add``), then two gathers in (sample, feature) order and one product or
+        sum over the whole output. A full-table feature has modulus 1, so its quotient is its id
+        and its remainder 0: the neutral row (``x * 1`` and ``x + 0`` are ``x``)."""
+        first, second = [], [weights[0].new_full((1, weights[0].shape[1]), 1.0 if self.op == "mult" else 0.0)]
+        first_at, second_at = [], []  # per feature: its first row in each stack
+        rows_first, rows_second = 0, 1
+        for (plane, _), weight in zip(lay.planes, weights, strict=True):
+            if plane == 2:  # the remainder table of the feature just seen (its quotient table came first)
+                second_at[-1] = rows_second
+                second.append(weight)
+                rows_second += weight.shape[0]
+            else:
+                first_at.append(rows_first)
+                second_at.append(0)
+                first.append(weight)
+                rows_first += weight.shape[0]
+        ids = grid.t().contiguous()  # (sample, feature): the output's order
+        moduli = lay.moduli.to(ids.device)
+        quotient = torch.div(ids, moduli, rounding_mode="floor")
+        remainder = ids - quotient * moduli
+        quotient += torch.tensor(first_at, device=ids.device)
+        remainder += torch.tensor(second_at, device=ids.device)
+        out = torch.cat(first).index_select(0, quotient.view(-1))
+        parts = torch.cat(second).index_select(0, remainder.view(-1))
+        out.mul_(parts) if self.op == "mult" else out.add_(parts)
+        batch, dim = ids.shape[0], out.shape[1]
+        return KeyedTensor(keys=list(self.features), length_per_key=[dim] * len(self.features),
+                           values=out.view(batch, -1))
 
     def combine(self, keys: list[str], blocks: list[torch.Tensor]) -> KeyedTensor:
         """``q op r`` straight from the pooled blocks into the output's columns (no side-by-side copy
