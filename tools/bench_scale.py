@@ -5,7 +5,9 @@ global batch size) and reports: wall time of the whole call, startup (call start
 to the first training step done inside the worker), steady-state samples/s
 (training time only, evaluations excluded) and test AUC. Ratios are against the
 single-process run. On a 2-core machine no speed-up is expected; the point is
-what Ray and sharding cost.
+what Ray and sharding cost. Beside them, Ray Train's own floor: the same
+``TorchTrainer`` set-up with a function that returns at once (``ray_floor``),
+timed on the Ray the runs warmed.
 
 Example:
     python tools/bench_scale.py --rows 400000 --epochs 1
@@ -62,6 +64,39 @@ def run(workers: int, data: Path, work: Path, model: str, epochs: int, batch: in
     }
 
 
+def _floor_loop(config: dict) -> None:
+    """A Ray Train worker that does nothing: reports when it was entered (the floor's marks)."""
+    import ray.train
+
+    ray.train.report({"entered": time.time()})
+
+
+def ray_floor(workers: int, work: Path, model: str) -> dict:
+    """Ray Train's own start-up on this machine, as ``run`` starts it (the same scaling, backend and
+    worker environment) with a function that returns at once: seconds from ``fit()`` to the
+    function's entry and to ``fit()``'s return. What no change inside ``_worker_loop`` can remove."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_runtime import init_ray, worker_env
+    from recemb.config.experiment import load_experiment
+
+    cfg = load_experiment(CONFIGS / "experiments" / f"{model}_synthetic_ctr.yaml")
+    init_ray(cfg.cluster.address)
+    trainer = TorchTrainer(
+        _floor_loop,
+        scaling_config=ScalingConfig(num_workers=workers,
+                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name=f"floor-{time.time_ns()}", storage_path=str(work / "ray-floor"),
+                             worker_runtime_env={"env_vars": worker_env()}),
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    done = time.time()
+    return {"workers": workers, "entered_s": result.metrics["entered"] - t0, "fit_s": done - t0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=400_000)
@@ -74,8 +109,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="recemb-bench-scale-"))
     data = prepare(args.rows, work)
     rows = [run(w, data, work, args.model, args.epochs, args.batch, args.sharding) for w in (0, 1, 2)]
+    floor = ray_floor(2, work, args.model)
     base = rows[0]
     print(f"load average at the end: {os.getloadavg()}")
+    print(f"Ray Train's floor, x2 workers that do nothing (warm Ray): function entered {floor['entered_s']:.1f} s "
+          f"after fit(), fit() returned after {floor['fit_s']:.1f} s")
     print(f"{'setting':<16}{'wall s':>9}{'startup s':>11}{'samples/s':>12}{'ratio':>8}{'test AUC':>10}")
     for r in rows:
         name = "single process" if r["workers"] == 0 else f"ray x{r['workers']}"
@@ -84,7 +122,8 @@ def main() -> None:
         print(f"{name:<16}{r['wall_s']:>9.1f}{r['startup_s']:>11.1f}{r['samples_per_s']:>12.0f}"
               f"{ratio:>8.2f}{r['test_auc']:>10.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows, "ray_floor": floor},
+                                   indent=2))
 
 
 if __name__ == "__main__":
