@@ -452,7 +452,7 @@ class ProjectSum(Combiner):
         """The ids' rows gathered and projected table by table into runs of one buffer (ids sorted by
         table); where each id's row went."""
         order = None
-        if len(weights) > len(self.features):  # one table per feature: the ids are in table order already
+        if len(weights) > len(self.features):  # blocks; with one table per feature the ids are in table order
             order = torch.sort(table.to(sort_dtype), stable=True).indices
             local = local.index_select(0, order)
         counts = torch.bincount(table, minlength=len(weights)).tolist()

@@ -267,8 +267,9 @@ class QrCombiner(Combiner):
         """Without autograd, for single-hot batches, straight from the logical ids: the optional hash
         and the quotients and remainders on the ``[features, batch]`` grid, then per feature its
         rows gathered into its output columns (the quotient's; for ``mult``/``add`` the remainder's
-        rows multiplied or added in place). None (the transform's path) for multi-hot or weighted
-        batches and other transforms.
+        rows multiplied or added in place), or, for ``mult``/``add`` with fewer table rows in all
+        than ids in the batch, two gathers from stacked tables (``_stacked``). None (the
+        transform's path) for multi-hot or weighted batches and other transforms.
 
         Bit for bit the transform -> collection -> ``combine`` path (the same rows, one product or
         sum each); it builds no physical KJT (three planes of ids, a gather of them, the lengths of
