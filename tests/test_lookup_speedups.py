@@ -112,6 +112,33 @@ def single_hot(layer: TableEmbeddingLayer, batch: int, seed: int) -> tuple[Keyed
     return kjt, ids
 
 
+def check_direct(layer: TableEmbeddingLayer, kjt: KeyedJaggedTensor, ids: dict[str, np.ndarray], exact: bool,
+                 twin: bool = True) -> None:
+    """The layer's single-hot eval path (``lookup_logical``) is taken, leaves the ids alone, equals the
+    transform -> collection -> combiner path (``exact``: bit for bit, else to the last bit of a
+    product) and the numpy twin; a multi-hot batch is left to the transform's path."""
+    with torch.no_grad():
+        direct = layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt)
+        assert direct is not None, "the single-hot path was not taken"
+        assert torch.equal(kjt.values(), torch.from_numpy(np.concatenate(list(ids.values())))), "ids changed"
+        out = layer(kjt)
+        want = in_order(layer.combiner(layer.ebc(layer.transform(kjt))), layer.features)
+    if exact:
+        assert torch.equal(out.values(), want.values())
+    else:
+        torch.testing.assert_close(out.values(), want.values(), rtol=1e-6, atol=1e-8)
+    if twin:
+        tables, dense = weights(layer)
+        parts = out.to_dict()
+        for f in layer.features:
+            got = lookup(layer.plan, tables, dense, f, ids[f], np.ones(len(ids[f]), dtype=np.int64))
+            np.testing.assert_allclose(got, parts[f].numpy(), rtol=1e-5, atol=1e-6, err_msg=f)
+    multi = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values()[:-1],
+                              lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
+    with torch.no_grad():
+        assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None
+
+
 MDE_CASES: dict[str, dict[str, Any]] = {
     "blocks-capped": {"budget": 0.05, "blocks": 3},
     "blocks": {"budget": None, "blocks": 3},
@@ -141,23 +168,7 @@ def test_mde_direct_lookup_is_the_pooled_path(case: str, batch: int) -> None:
     stacked = sum(t.rows for t in layer.plan.tables) <= batch * len(layer.features)
     assert stacked == (batch == 2000), "the batch sizes no longer pick the two ways"
     kjt, ids = single_hot(layer, batch=batch, seed=1)
-    with torch.no_grad():
-        direct = layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt)
-        assert direct is not None, "the single-hot path was not taken"
-        assert torch.equal(kjt.values(), torch.from_numpy(np.concatenate(list(ids.values())))), "ids changed"
-        out = layer(kjt)
-        want = in_order(layer.combiner(layer.ebc(layer.transform(kjt))), layer.features)
-    torch.testing.assert_close(out.values(), want.values(), rtol=1e-6, atol=1e-8, msg=case)
-    if hash_name == "mulshift":
-        tables, dense = weights(layer)
-        parts = out.to_dict()
-        for f in layer.features:
-            np.testing.assert_allclose(lookup(layer.plan, tables, dense, f, ids[f], np.ones(batch, dtype=np.int64)),
-                                       parts[f].numpy(), rtol=1e-5, atol=1e-6, err_msg=f"{case} {f}")
-    multi = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values()[:-1],
-                              lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
-    with torch.no_grad():
-        assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None
+    check_direct(layer, kjt, ids, exact=False, twin=hash_name == "mulshift")
 
 
 @pytest.mark.parametrize("batch", [20, 300], ids=["per-feature", "stacked"])
@@ -177,22 +188,7 @@ def test_hybrid_direct_lookup_is_the_pooled_path_bit_for_bit(budget: float, hash
     kjt, ids = single_hot(layer, batch=batch, seed=2)
     cold = [int((ids[f] > k).sum()) for f, k in zip(layer.features, layer.plan.arrays["hot_ids"].tolist(), strict=True)]
     assert 0 < sum(cold) < batch * len(cold), "the batch should mix hot and cold ids"
-    with torch.no_grad():
-        direct = layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt)
-        assert direct is not None, "the single-hot path was not taken"
-        out = layer(kjt)
-        want = in_order(layer.combiner(layer.ebc(layer.transform(kjt))), layer.features)
-    assert torch.equal(out.values(), want.values())
-    if hash_name == "mulshift":
-        tables, dense = weights(layer)
-        parts = out.to_dict()
-        for f in layer.features:
-            np.testing.assert_allclose(lookup(layer.plan, tables, dense, f, ids[f], np.ones(batch, dtype=np.int64)),
-                                       parts[f].numpy(), rtol=1e-6, atol=1e-7, err_msg=f)
-    multi = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values()[:-1],
-                              lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
-    with torch.no_grad():
-        assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None
+    check_direct(layer, kjt, ids, exact=True, twin=hash_name == "mulshift")
 
 
 QR_CASES: dict[str, dict[str, Any]] = {
@@ -222,19 +218,4 @@ def test_qr_direct_lookup_is_the_pooled_path_bit_for_bit(case: str, batch: int) 
         sum(t.rows for t in layer.plan.tables) <= batch * len(layer.features))
     assert stacked == (batch == 400 and case != "concat"), "the batch sizes no longer pick the two ways"
     kjt, ids = single_hot(layer, batch=batch, seed=4)
-    with torch.no_grad():
-        direct = layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt)
-        assert direct is not None, "the single-hot path was not taken"
-        assert torch.equal(kjt.values(), torch.from_numpy(np.concatenate(list(ids.values())))), "ids changed"
-        out = layer(kjt)
-        want = in_order(layer.combiner(layer.ebc(layer.transform(kjt))), layer.features)
-    assert torch.equal(out.values(), want.values())
-    tables, dense = weights(layer)
-    parts = out.to_dict()
-    for f in layer.features:
-        np.testing.assert_allclose(lookup(layer.plan, tables, dense, f, ids[f], np.ones(batch, dtype=np.int64)),
-                                   parts[f].numpy(), rtol=1e-6, atol=1e-7, err_msg=f)
-    multi = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values()[:-1],
-                              lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
-    with torch.no_grad():
-        assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None
+    check_direct(layer, kjt, ids, exact=True)
