@@ -116,7 +116,7 @@ def check_direct(layer: TableEmbeddingLayer, kjt: KeyedJaggedTensor, ids: dict[s
                  twin: bool = True) -> None:
     """The layer's single-hot eval path (``lookup_logical``) is taken, leaves the ids alone, equals the
     transform -> collection -> combiner path (``exact``: bit for bit, else to the last bit of a
-    product) and the numpy twin; a multi-hot batch is left to the transform's path."""
+    product) and the numpy twin; a multi-hot batch, or autograd, is left to the transform's path."""
     with torch.no_grad():
         direct = layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt)
         assert direct is not None, "the single-hot path was not taken"
@@ -137,6 +137,8 @@ def check_direct(layer: TableEmbeddingLayer, kjt: KeyedJaggedTensor, ids: dict[s
                               lengths=torch.cat([kjt.lengths()[:-2], torch.tensor([2, 0])]))
     with torch.no_grad():
         assert layer.combiner.lookup_logical(layer.transform, layer.ebc, multi) is None
+    with torch.enable_grad():  # training: the transform's path, whose gradients the tables need
+        assert layer.combiner.lookup_logical(layer.transform, layer.ebc, kjt) is None
 
 
 MDE_CASES: dict[str, dict[str, Any]] = {

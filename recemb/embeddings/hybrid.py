@@ -280,7 +280,7 @@ class HotPlusCold(Combiner):
             >>> with torch.no_grad():                                               # doctest: +SKIP
             ...     out = layer(kjt)  # TableEmbeddingLayer calls this first
         """
-        if (not isinstance(transform, HybridTransform) or transform.features != self.features
+        if (torch.is_grad_enabled() or not isinstance(transform, HybridTransform) or transform.features != self.features
                 or kjt.weights_or_none() is not None):
             return None
         kjt = ordered_by(kjt, transform.features)

@@ -414,7 +414,7 @@ class ProjectSum(Combiner):
             >>> with torch.no_grad():                                               # doctest: +SKIP
             ...     out = layer(kjt)  # TableEmbeddingLayer calls this first
         """
-        if not isinstance(transform, MdeTransform) or not all(self._groups):
+        if torch.is_grad_enabled() or not isinstance(transform, MdeTransform) or not all(self._groups):
             return None
         kjt = ordered_by(kjt, transform.features)
         values, lengths = kjt.values().to(torch.int64), kjt.lengths()

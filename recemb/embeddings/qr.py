@@ -279,7 +279,7 @@ class QrCombiner(Combiner):
             >>> with torch.no_grad():                                               # doctest: +SKIP
             ...     out = layer(kjt)  # TableEmbeddingLayer calls this first
         """
-        if not isinstance(transform, QrTransform) or kjt.weights_or_none() is not None:
+        if torch.is_grad_enabled() or not isinstance(transform, QrTransform) or kjt.weights_or_none() is not None:
             return None
         kjt = ordered_by(kjt, self.features)
         values = kjt.values().to(torch.int64)
