@@ -307,9 +307,11 @@ class MdeTransform(IdTransform):
         return jagged(self.keys, local, out_lengths, batch, out_per_key)
 
     def route(self, values: torch.Tensor, lengths: torch.Tensor, per_key: list[int], batch: int,
-              single: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              single: bool, first_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each id's table (index into ``keys``) and row in it, in the KJT's (feature, sample) order,
-        for int64 ``values`` ordered by ``features``; ``single``: every bag holds one id.
+        for int64 ``values`` ordered by ``features``; ``single``: every bag holds one id. With
+        ``first_rows`` (one per table) each row is offset by its table's: a row of the tables
+        stacked in table order.
 
         Single-hot, the ids lie in a ``[features, batch]`` grid and an id's block is a comparison
         per block boundary against its row's starts; otherwise the starts are searched per id.
@@ -320,7 +322,7 @@ class MdeTransform(IdTransform):
         device, features = values.device, len(self.features)
         if self._plain:
             table = by_key(torch.arange(features, device=device), per_key, device)
-            return table, values
+            return table, values if first_rows is None else values + first_rows.index_select(0, table)
         first_slot = torch.arange(features, device=device).mul_(self.max_blocks)
         if single:
             grid = values.view(features, batch)
@@ -333,9 +335,14 @@ class MdeTransform(IdTransform):
             slot = torch.searchsorted(self.starts.index_select(0, feature), values.view(-1, 1), right=True).view(-1)
             slot.sub_(1).add_(first_slot.index_select(0, feature))
         if self._hashed and self.hash_name == "mulshift":
-            c = self._slot_constants().index_select(0, slot)
+            constants = self._slot_constants()
+            if first_rows is not None:
+                constants = torch.cat([constants, first_rows.index_select(0, constants[:, 0]).view(-1, 1)], 1)
+            c = constants.index_select(0, slot)
             rows = (values - c[:, 1]).mul_(c[:, 2]).add_(c[:, 3])
             rows.bitwise_right_shift_(32).bitwise_and_(0xFFFFFFFF).mul_(c[:, 4]).bitwise_right_shift_(c[:, 5])
+            if first_rows is not None:  # the stacked lookup, which needs no tables
+                return c[:, 0], rows.add_(c[:, 6])
             return c[:, 0].contiguous(), rows
         table = self.index.view(-1).index_select(0, slot)
         start, rows, hashed = self.per_table[:, :3].unbind(1)
@@ -344,7 +351,7 @@ class MdeTransform(IdTransform):
             keys = self.per_table[:, 3:].index_select(0, table)
             h = bucket_ids(local, keys.view(-1), rows.index_select(0, table), self.hash_name)
             local = torch.where(hashed.bool().index_select(0, table), h, local)
-        return table, local
+        return table, local if first_rows is None else local.add_(first_rows.index_select(0, table))
 
     def _slot_constants(self) -> torch.Tensor:
         """Per (feature, block) slot: its table, start, and the ``mulshift`` multiplier, addend, row
@@ -422,30 +429,31 @@ class ProjectSum(Combiner):
         if weights is None or not one_id_per_bag(lengths, values.numel()):
             return None
         batch, features = kjt.stride(), len(transform.features)
-        table, local = transform.route(values, lengths, kjt.length_per_key(), batch, single=True)
+        starts = [0]
+        for w in weights:
+            starts.append(starts[-1] + w.shape[0])
+        stacked = starts[-1] <= values.numel()
+        first_rows = torch.tensor(starts[:-1], device=values.device) if stacked else None
+        table, index = transform.route(values, lengths, kjt.length_per_key(), batch, single=True, first_rows=first_rows)
         projections = [None if proj is None else self.proj[proj].weight.t() for _key, _owner, proj in self.parts]
-        if sum(w.shape[0] for w in weights) <= values.numel():
-            buf, index = self._stacked(weights, projections, table, local)
+        if stacked:
+            buf = self._stacked(weights, projections, starts)
         else:
-            buf, index = self._sorted(weights, projections, table, local, transform._sort_dtype)
+            buf, index = self._sorted(weights, projections, table, index, transform._sort_dtype)
         # index is in (feature, sample) order; the output wants (sample, feature)
         out = buf.index_select(0, index.view(features, batch).t().reshape(-1)).view(batch, features * self.dim)
         return KeyedTensor(keys=list(self.features), length_per_key=[self.dim] * features, values=out)
 
-    def _stacked(self, weights: list[torch.Tensor], projections: list[torch.Tensor | None], table: torch.Tensor,
-                 local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every table projected whole into its rows of one buffer; each id's row of the buffer."""
-        starts = [0]
-        for w in weights:
-            starts.append(starts[-1] + w.shape[0])
+    def _stacked(self, weights: list[torch.Tensor], projections: list[torch.Tensor | None],
+                 starts: list[int]) -> torch.Tensor:
+        """Every table projected whole into its rows (``starts``) of one ``[rows, dim]`` buffer."""
         buf = weights[0].new_empty(starts[-1], self.dim)
         for weight, proj, lo, hi in zip(weights, projections, starts[:-1], starts[1:], strict=True):
             if proj is None:
                 buf[lo:hi].copy_(weight)
             else:
                 torch.mm(weight, proj, out=buf[lo:hi])
-        first_row = torch.tensor(starts[:-1], dtype=torch.int64, device=local.device)
-        return buf, local + first_row.index_select(0, table)  # local may be the caller's ids: not in place
+        return buf
 
     def _sorted(self, weights: list[torch.Tensor], projections: list[torch.Tensor | None], table: torch.Tensor,
                 local: torch.Tensor, sort_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
